@@ -124,7 +124,9 @@ class RandomMonotoneScale(nn.Module):
 
     Randomness: ``generator`` draws from that torch.Generator; ``seed`` makes a private generator (reseeded once per
     DataLoader worker from the seed and the worker's seed, so workers and epochs differ but a run is reproducible
-    after ``torch.manual_seed``); neither uses torch's global RNG, like torchvision's transforms.
+    after ``torch.manual_seed``); with neither, torch's global RNG is used, as torchvision's transforms do.
+    Cost: the inverse map is the expensive part (~19 ms for a 3 x 224 x 224 image on one CPU core, ~2 ms at 64 x 64);
+    for speed apply it to whole batches on the training device.
 
     Args:
         strength: standard deviation of the random segment logits (0: identity).
@@ -208,7 +210,8 @@ class RandomMonotoneScale(nn.Module):
         if self.strength == 0 or self.p == 0:
             return img
         arr = np.asarray(img)
-        chw = torch.from_numpy(arr.astype(np.float32)).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
+        work = np.float64 if arr.dtype.itemsize >= 4 else np.float32  # mode I (int32) needs float64 to stay exact
+        chw = torch.from_numpy(arr.astype(work)).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
         out = self.forward(chw)
         if out is chw:
             return img
