@@ -1,0 +1,767 @@
+"""Publishing ``*_dec`` models: a Hub folder with a model card, the push, and loading back.
+
+A saved folder is what timm's own Hub loader reads (`timm.models.save_for_hf` writes it):
+
+* ``config.json``: ``architecture`` (the ``*_dec`` name), ``num_classes``, ``num_features``, ``label_names``,
+  ``pretrained_cfg`` (preprocessing), and ``model_args``, which ``timm.create_model`` passes back to the entrypoint
+  as keyword arguments -- the DEC options are written there as ``dec_*`` arguments, so loading rebuilds the same
+  model;
+* ``model.safetensors``: the full state dict, DEC parameters under ``dec.``;
+* ``README.md``: the repo-root ``MODEL_CARD.md`` template rendered with the model's name, options and measured
+  metrics, which also go into the card's ``model-index`` metadata.
+
+After ``import timm_dec``, ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` or
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the saved model back; `load_pretrained` does the
+same after checking the folder, with clear errors. ``timm-dec push`` turns a training checkpoint (timm's
+``train.py`` output, a `timm_dec.finetune` checkpoint folder or a ``.safetensors`` file) into such a folder and
+uploads it. Nothing here unpickles arbitrary objects: safetensors are read as tensors, and timm's ``.pth.tar`` with
+``torch.load(weights_only=True)`` (argparse's ``Namespace`` of the training args allowed as plain data).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from torch import nn
+
+from . import __version__
+
+__all__ = [
+    "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "dec_options", "hub_architecture",
+    "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
+    "load_training_checkpoint", "add_arguments", "run",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+README_NAME = "README.md"
+# The card template lives at the repository root, beside README.md, where contributors edit it.
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
+# The json state that `timm_dec.finetune` writes beside the weights of each checkpoint.
+TRAINING_STATE_NAME = "state.json"
+
+PathLike = Union[str, os.PathLike]
+
+
+def _dec_cfg(model: nn.Module) -> Any:
+    """The frozen DEC config of an adapted model (`timm_dec.adapt.AdaptConfig`), or None for a model without DEC."""
+    from .adapt import DECModelMixin  # the models import this module's siblings; keep hub importable on its own
+    if isinstance(model, DECModelMixin):
+        return model.dec_cfg
+    return None
+
+
+def dec_options(model: nn.Module) -> dict[str, Any]:
+    """The static DEC options of a ``*_dec`` model as ``timm.create_model`` keyword arguments.
+
+    Args:
+        model: a model from a ``*_dec`` name or `timm_dec.adapt`.
+
+    Returns:
+        ``{"dec_blocks": [...], "dec_mode": ..., "dec_grid": ..., "dec_<field>": ...}`` for every field of the
+        model's `timm_dec.dec.DECConfig`, JSON-serialisable (tuples become lists); ``{}`` for a model without DEC.
+
+    Example:
+        >>> dec_options(timm.create_model("vit_tiny_dec", dec_grid=8))["dec_grid"]
+        8
+    """
+    cfg = _dec_cfg(model)
+    if cfg is None:
+        return {}
+    options: dict[str, Any] = {"dec_blocks": list(cfg.blocks), "dec_mode": cfg.mode}
+    for field in dataclasses.fields(cfg.dec):
+        options[f"dec_{field.name}"] = _jsonable(getattr(cfg.dec, field.name), f"DEC option {field.name}")
+    return options
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v, what) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{what} = {value} cannot be written to config.json")
+        return value
+    raise TypeError(f"{what} = {value!r} ({type(value).__name__}) cannot be written to config.json")
+
+
+def hub_architecture(model: nn.Module) -> str:
+    """The registered ``*_dec`` name that rebuilds ``model`` with ``timm.create_model``.
+
+    A model from ``timm.create_model("<name>_dec")`` keeps its name; a model adapted in place with `timm_dec.adapt`
+    names its base architecture, and ``<base>_dec`` is used when it is registered.
+
+    Raises:
+        TypeError: the model has no DEC, or is not a timm model (no ``pretrained_cfg``).
+        ValueError: no registered ``*_dec`` name matches it.
+    """
+    if _dec_cfg(model) is None:
+        raise TypeError(
+            f"{type(model).__name__} has no DEC: publish a model from a '*_dec' name or from timm_dec.adapt(model)")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        raise TypeError(f"{type(model).__name__} has no pretrained_cfg['architecture']: create it with timm.create_model")
+    if not arch.endswith("_dec"):
+        arch = f"{arch}_dec"
+    if not timm.is_model(arch):
+        raise ValueError(f"no registered timm_dec architecture {arch!r} rebuilds this model")
+    return arch
+
+
+def _is_dec_name(arch: str) -> bool:
+    from .models import base_model_name
+    try:
+        base_model_name(arch)
+    except ValueError:
+        return False
+    return True
+
+
+def _base_architecture(arch: str) -> str:
+    from .models import base_model_name
+    return base_model_name(arch)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metrics and the model card
+# ---------------------------------------------------------------------------------------------------------------------
+
+_METRIC_KEYS = ("acc", "inv_e", "per_scale_acc", "scales", "num_samples", "scale_bins", "per_bin_acc", "dataset")
+
+
+def _fraction(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"metrics[{what!r}] must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def normalize_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Check measured metrics and keep the ones the card shows.
+
+    Args:
+        metrics: the dict of `timm_dec.metrics.evaluate_scale_consistency` -- ``acc`` and ``per_scale_acc`` as
+            fractions, ``inv_e`` raw, ``scales``, ``num_samples``, optional ``scale_bins`` / ``per_bin_acc`` -- plus
+            an optional ``dataset`` name. Other keys (per-sample tensors, model names) are ignored.
+
+    Returns:
+        The checked subset, JSON-serialisable.
+
+    Raises:
+        TypeError: ``metrics`` is not a mapping.
+        ValueError: ``acc`` or ``inv_e`` missing, a value out of range, or lists of different lengths.
+    """
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping like evaluate_scale_consistency returns, got {type(metrics).__name__}")
+    missing = [k for k in ("acc", "inv_e") if k not in metrics]
+    if missing:
+        raise ValueError(f"metrics lack {missing}; expected the keys of evaluate_scale_consistency: {_METRIC_KEYS}")
+    out: dict[str, Any] = {"acc": _fraction(metrics["acc"], "acc")}
+    inv_e = metrics["inv_e"]
+    if isinstance(inv_e, bool) or not isinstance(inv_e, (int, float)) or not 0.0 <= float(inv_e) <= 2.0:
+        raise ValueError(f"metrics['inv_e'] must be a raw InvE in [0, 2], got {inv_e!r}")
+    out["inv_e"] = float(inv_e)
+    for values_key, labels_key in (("per_scale_acc", "scales"), ("per_bin_acc", "scale_bins")):
+        if values_key not in metrics:
+            continue
+        values, labels = metrics[values_key], metrics.get(labels_key)
+        if not isinstance(values, Sequence) or not isinstance(labels, Sequence) or len(values) != len(labels):
+            raise ValueError(f"metrics[{values_key!r}] needs a {labels_key!r} list of the same length, got "
+                             f"{values!r} and {labels!r}")
+        out[values_key] = [_fraction(v, values_key) for v in values]
+        out[labels_key] = _jsonable(list(labels), f"metrics[{labels_key!r}]")
+    if "num_samples" in metrics:
+        n = metrics["num_samples"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"metrics['num_samples'] must be a positive int, got {n!r}")
+        out["num_samples"] = n
+    if "dataset" in metrics:
+        if not isinstance(metrics["dataset"], str) or not metrics["dataset"]:
+            raise ValueError(f"metrics['dataset'] must be a non-empty string, got {metrics['dataset']!r}")
+        out["dataset"] = metrics["dataset"]
+    return out
+
+
+def _fmt_scale(s: Any) -> str:
+    if isinstance(s, (list, tuple)):
+        return "(" + ", ".join(f"{float(v):g}" for v in s) + ")"
+    return f"{float(s):g}"
+
+
+def _card_metrics(metrics: Mapping[str, Any], dataset: Optional[str]) -> dict[str, Any]:
+    """Metrics formatted for the card template: percentages with two decimals, InvE in 1e-2."""
+    return {
+        "dataset": metrics.get("dataset") or dataset or "the evaluation set",
+        "num_samples": metrics.get("num_samples", "?"),
+        "accuracy": f"{100 * metrics['acc']:.2f}",
+        "inv_e": f"{100 * metrics['inv_e']:.2f}",
+        "per_scale": [(_fmt_scale(s), f"{100 * a:.2f}") for s, a in
+                      zip(metrics.get("scales", []), metrics.get("per_scale_acc", []))],
+        "per_bin": [(f"[{lo:g}, {hi:g}]", f"{100 * a:.2f}") for (lo, hi), a in
+                    zip(metrics.get("scale_bins", []), metrics.get("per_bin_acc", []))],
+    }
+
+
+def render_model_card(
+        model: nn.Module,
+        *,
+        repo_id: Optional[str] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
+        dataset: Optional[str] = None,
+        datasets: Sequence[str] = (),
+        training: Optional[Mapping[str, Any]] = None,
+        license: Optional[str] = None,
+        template: Optional[PathLike] = None,
+) -> str:
+    """The README.md of a ``*_dec`` model: the `MODEL_CARD_TEMPLATE` rendered, with ``model-index`` metadata.
+
+    Args:
+        model: a ``*_dec`` model.
+        repo_id: ``ORG/NAME`` shown in the loading snippet and used as the model's name; default the architecture.
+        metrics: measured metrics (see `normalize_metrics`), shown in the evaluation tables and the metadata.
+        dataset: human-readable name of the fine-tuning / evaluation data.
+        datasets: Hub dataset ids for the metadata header.
+        training: the settings this checkpoint was trained with (shown as a table).
+        license: the card's license; default the base weights' ``pretrained_cfg["license"]``, else apache-2.0.
+        template: a Jinja2 card template; default `MODEL_CARD_TEMPLATE`.
+
+    Returns:
+        The card text, whose metadata header parses with ``huggingface_hub.ModelCard``.
+    """
+    import jinja2
+    from huggingface_hub import EvalResult, ModelCard
+
+    template_path = Path(template) if template is not None else MODEL_CARD_TEMPLATE
+    if not template_path.is_file():
+        raise FileNotFoundError(
+            f"model card template {template_path} not found; pass template= (the repository's MODEL_CARD.md)")
+    arch = hub_architecture(model)
+    cfg = _dec_cfg(model)
+    checked = normalize_metrics(metrics) if metrics is not None else None
+    name = repo_id.split("/")[-1] if repo_id else arch
+    num_params = sum(p.numel() for p in model.parameters())
+    dec_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("dec."))
+    from timm.models._input import get_model_input_config
+    input_size = tuple(get_model_input_config(model)["input_size"])
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    text = env.from_string(template_path.read_text(encoding="utf-8")).render(
+        model_name=name,
+        repo_id=repo_id or "ORG/NAME",
+        architecture=arch,
+        base_architecture=_base_architecture(arch),
+        license=license or model.pretrained_cfg.get("license") or "apache-2.0",
+        datasets=list(datasets),
+        dataset=dataset,
+        num_params=f"{num_params / 1e6:.2f}",
+        dec_params=f"{dec_params / 1e6:.3f}",
+        num_classes=model.num_classes,
+        input_size=" x ".join(str(s) for s in input_size),
+        dec_unit=getattr(model, "dec_unit_name", "block") + ("s" if len(cfg.blocks) > 1 else ""),
+        dec_blocks=", ".join(str(b) for b in cfg.blocks),
+        dec_grid=cfg.dec.grid,
+        dec_mode=cfg.mode,
+        dec_options=list(dec_options(model).items()),
+        timm_dec_version=__version__,
+        training=[(k, v) for k, v in training.items()] if training else None,
+        metrics=_card_metrics(checked, dataset) if checked else None,
+    )
+    card = ModelCard(text)
+    if checked:
+        eval_dataset = checked.get("dataset") or dataset or "evaluation set"
+        slug = re.sub(r"[^a-z0-9]+", "-", eval_dataset.lower()).strip("-") or "evaluation"
+        common = dict(task_type="image-classification", dataset_type=slug, dataset_name=eval_dataset)
+        card.data.model_name = name
+        card.data.eval_results = [
+            EvalResult(metric_type="accuracy", metric_name="Accuracy (%)", metric_value=round(100 * checked["acc"], 4),
+                       **common),
+            EvalResult(metric_type="inv_e", metric_name="InvE (1e-2)", metric_value=round(100 * checked["inv_e"], 4),
+                       **common),
+        ]
+    return str(card)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# saving and pushing
+# ---------------------------------------------------------------------------------------------------------------------
+
+def save_pretrained(
+        model: nn.Module,
+        folder: PathLike,
+        *,
+        metrics: Optional[Mapping[str, Any]] = None,
+        label_names: Optional[Sequence[str]] = None,
+        label_descriptions: Optional[Mapping[str, str]] = None,
+        repo_id: Optional[str] = None,
+        dataset: Optional[str] = None,
+        datasets: Sequence[str] = (),
+        training: Optional[Mapping[str, Any]] = None,
+        data_config: Optional[Mapping[str, Any]] = None,
+        license: Optional[str] = None,
+        card_template: Optional[PathLike] = None,
+) -> Path:
+    """Write a ``*_dec`` model as a Hub folder: ``config.json``, ``model.safetensors`` and a ``README.md`` card.
+
+    The weights and config go through timm's own `timm.models.save_for_hf`; the DEC options are added to the
+    config's ``model_args`` as ``dec_*`` keyword arguments (see `dec_options`), so ``timm.create_model`` rebuilds
+    the same model. Measured ``metrics`` are also kept in ``config.json`` under ``timm_dec.metrics``.
+
+    Args:
+        model: a ``*_dec`` model (from a ``*_dec`` name or `timm_dec.adapt`), unwrapped (no DDP wrapper).
+        folder: output folder; created if missing, files of the same names are replaced.
+        metrics: measured metrics (see `normalize_metrics`), shown in the card.
+        label_names: ``num_classes`` class names, written where timm's loader reads them.
+        label_descriptions: optional ``{label name: description}``.
+        repo_id: the Hub repo the folder is meant for (for the card's loading snippet).
+        dataset, datasets, training, license: shown in the card (see `render_model_card`).
+        data_config: the preprocessing used in training (``input_size``, ``mean``, ``std``, ``crop_pct``,
+            ``interpolation``), recorded in ``pretrained_cfg``; default the model's own.
+        card_template: a Jinja2 card template; default the repository's ``MODEL_CARD.md``.
+
+    Returns:
+        The folder.
+
+    Raises:
+        TypeError: the model has no DEC or is wrapped.
+        ValueError: wrong number of label names, bad metrics, or a DEC option that is not JSON data.
+    """
+    from timm.models import save_for_hf
+
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise TypeError("save_pretrained needs the unwrapped model (model.module), not a DataParallel wrapper")
+    arch = hub_architecture(model)
+    if label_names is not None:
+        label_names = [str(n) for n in label_names]
+        if len(label_names) != model.num_classes:
+            raise ValueError(f"{len(label_names)} label_names for a model with {model.num_classes} classes")
+    checked = normalize_metrics(metrics) if metrics is not None else None
+    readme = render_model_card(
+        model, repo_id=repo_id, metrics=checked, dataset=dataset, datasets=datasets, training=training,
+        license=license, template=card_template)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_config: dict[str, Any] = {
+        "pretrained_cfg": {"architecture": arch},
+        "timm_dec": {"version": __version__, "metrics": checked},
+    }
+    if label_names is not None:
+        model_config["label_names"] = label_names
+    if label_descriptions is not None:
+        model_config["label_descriptions"] = dict(label_descriptions)
+    save_for_hf(
+        model, folder, model_config=model_config, model_args=dec_options(model), safe_serialization=True,
+        data_config=dict(data_config) if data_config is not None else None)
+    (folder / README_NAME).write_text(readme, encoding="utf-8")
+    return folder
+
+
+def push_to_hub(
+        model: nn.Module,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: Optional[str] = None,
+        commit_message: str = "Add timm_dec model",
+        metrics: Optional[Mapping[str, Any]] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+) -> Any:
+    """Save a ``*_dec`` model with `save_pretrained` and upload the folder to the Hub in one commit.
+
+    timm's ``push_to_hf_hub`` is not used as-is: it keeps an existing README.md and writes its generic card, where
+    this card carries the DEC options and the measured metrics and is replaced on every push.
+
+    Args:
+        model: a ``*_dec`` model.
+        repo_id: ``ORG/NAME``; the model repo is created if missing.
+        private: create the repo private (an existing repo keeps its visibility).
+        token: a Hub token; default the locally saved one.
+        commit_message: the commit's summary.
+        metrics: measured metrics for the card.
+        revision: branch to push to; default the main branch.
+        create_pr: open a pull request instead of pushing to the branch.
+        **save_kwargs: `save_pretrained` options (``label_names``, ``dataset``, ``training``, ...).
+
+    Returns:
+        huggingface_hub's ``CommitInfo`` of the upload.
+    """
+    from huggingface_hub import HfApi
+
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
+    api = HfApi(token=token, library_name="timm_dec", library_version=__version__)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = repo_url.repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp, metrics=metrics, repo_id=repo_id, **save_kwargs)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision, create_pr=create_pr,
+            commit_message=commit_message)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checking and loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, reading only its header; ValueError if it is not one."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} is missing (timm_dec reads only {WEIGHTS_NAME})")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    _safetensors_keys(path)
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as e:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _dec_blocks_in(keys: Sequence[str]) -> list[int]:
+    return sorted({int(m.group(1)) for k in keys if (m := re.match(r"dec\.(\d+)\.", k))})
+
+
+def _check_architecture(arch: Any, source: str) -> str:
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"{source} names no architecture")
+    if not timm.is_model(arch):
+        near = timm.list_models(f"*{arch.split('.')[0][-12:]}*")[:5]
+        raise ValueError(
+            f"{source} names architecture {arch!r}, which neither timm nor timm_dec {__version__} registers"
+            + (f" (similar: {near})" if near else "")
+            + "; check the name, or update timm / timm_dec if it comes from a newer version")
+    return arch
+
+
+def check_pretrained(folder: PathLike) -> dict[str, Any]:
+    """Check a saved Hub folder before loading it, with a clear error for each way it can be broken.
+
+    Args:
+        folder: a folder from `save_pretrained` (or a Hub snapshot of one).
+
+    Returns:
+        Its parsed ``config.json``.
+
+    Raises:
+        FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
+        ValueError: unreadable config, unknown architecture, a weights file that is not safetensors, or DEC
+            parameters for other blocks than the config's ``dec_blocks``.
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a folder written by save_pretrained?")
+    config = _read_json(config_path, "config")
+    _check_architecture(config.get("architecture"), f"{config_path}")
+    keys = _safetensors_keys(folder / WEIGHTS_NAME)
+    model_args = config.get("model_args") or {}
+    if "dec_blocks" in model_args:
+        expected, found = sorted(int(b) for b in model_args["dec_blocks"]), _dec_blocks_in(keys)
+        if expected != found:
+            raise ValueError(
+                f"the DEC options of {config_path} (dec_blocks={expected}) do not match {folder / WEIGHTS_NAME}, "
+                f"which holds DEC parameters for blocks {found}")
+    return config
+
+
+def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(source, pretrained=True)`` for a saved ``*_dec`` model, after `check_pretrained`.
+
+    Args:
+        source: ``"hf-hub:ORG/NAME"`` (downloads or reads huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` works),
+            ``"local-dir:FOLDER"`` or a folder path.
+        **kwargs: passed to ``timm.create_model`` (e.g. ``cache_dir``); DEC options come from the config.
+
+    Returns:
+        The model, in eval mode, with the saved weights (loaded strictly, from safetensors only).
+    """
+    source = os.fspath(source)
+    if source.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+        from timm.models._hub import hf_split
+        repo, revision = hf_split(source[len("hf-hub:"):])
+        paths = [hf_hub_download(repo, name, revision=revision, cache_dir=kwargs.get("cache_dir"))
+                 for name in (CONFIG_NAME, WEIGHTS_NAME)]
+        check_pretrained(Path(paths[0]).parent)
+    else:
+        folder = source[len("local-dir:"):] if source.startswith("local-dir:") else source
+        check_pretrained(folder)
+        source = f"local-dir:{folder}"
+    for key in [k for k in kwargs if k.startswith("dec_")]:
+        raise TypeError(f"{key} cannot be changed when loading a saved model; its DEC options come from config.json")
+    return timm.create_model(source, pretrained=True, **kwargs).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _torch_load_checkpoint(path: Path) -> dict[str, Any]:
+    """A timm train.py checkpoint, unpickled with ``weights_only=True`` (tensors and plain data only)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{path} could not be read as a timm checkpoint with torch.load(weights_only=True), which refuses "
+            f"anything but tensors and plain data: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def _split_create_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    dec = {k: v for k, v in kwargs.items() if k.startswith("dec_")}
+    return dec, {k: v for k, v in kwargs.items() if not k.startswith("dec_")}
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    norm = (lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def _read_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], Optional[str], dict[str, Any], str]:
+    """(state dict, architecture or None, recorded create_model kwargs, description) of any supported checkpoint."""
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file() and not (path / TRAINING_STATE_NAME).is_file():
+            config = check_pretrained(path)
+            return (_load_safetensors(path / WEIGHTS_NAME), config["architecture"],
+                    dict(config.get("model_args") or {}), f"Hub folder {path}")
+        if not (path / TRAINING_STATE_NAME).is_file():
+            raise FileNotFoundError(
+                f"{path} is neither a timm_dec.finetune checkpoint ({TRAINING_STATE_NAME} + {WEIGHTS_NAME}) nor a "
+                f"save_pretrained folder ({CONFIG_NAME} + {WEIGHTS_NAME})")
+        state = _read_json(path / TRAINING_STATE_NAME, "training state")
+        return (_load_safetensors(path / WEIGHTS_NAME), state.get("model"), dict(state.get("model_kwargs") or {}),
+                f"timm_dec.finetune checkpoint {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        arch, kwargs = None, {}
+        sibling = path.parent / TRAINING_STATE_NAME
+        if sibling.is_file():
+            state = _read_json(sibling, "training state")
+            arch, kwargs = state.get("model"), dict(state.get("model_kwargs") or {})
+        return _load_safetensors(path), arch, kwargs, f"safetensors file {path}"
+    ckpt = _torch_load_checkpoint(path)
+    key = "state_dict_ema" if use_ema else "state_dict"
+    if key not in ckpt:
+        available = [k for k in ("state_dict", "state_dict_ema") if k in ckpt]
+        raise ValueError(f"{path} has no {key!r} (it has {available or list(ckpt)[:8]})")
+    from timm.models import clean_state_dict
+    state_dict = clean_state_dict(ckpt[key])
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    # what timm's train.py passes to create_model besides its --model-kwargs
+    kwargs = dict(args.get("model_kwargs") or {})
+    for arg_name, kwarg in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("gp", "global_pool")):
+        if args.get(arg_name) is not None:
+            kwargs.setdefault(kwarg, args[arg_name])
+    input_size = args.get("input_size")
+    img_size = args.get("img_size") or (tuple(input_size[1:]) if input_size else None)
+    if img_size is not None:
+        kwargs.setdefault("img_size", img_size)
+    return state_dict, ckpt.get("arch") or args.get("model"), kwargs, f"timm checkpoint {path}"
+
+
+def load_training_checkpoint(
+        path: PathLike,
+        *,
+        model_name: Optional[str] = None,
+        model_kwargs: Optional[Mapping[str, Any]] = None,
+        use_ema: bool = False,
+) -> nn.Module:
+    """Rebuild a model from a training checkpoint and load its weights strictly.
+
+    Supported: timm's ``train.py`` output (``.pth.tar``: a dict with ``state_dict``, ``arch`` and ``args``; read
+    with ``torch.load(weights_only=True)``), a `timm_dec.finetune` checkpoint folder (``model.safetensors`` +
+    ``state.json``), a folder from `save_pretrained`, or a bare ``.safetensors`` file (``model_name`` required
+    unless a ``state.json`` sits beside it).
+
+    Args:
+        path: the checkpoint.
+        model_name: architecture; default the one the checkpoint records.
+        model_kwargs: ``timm.create_model`` kwargs; they extend the recorded ones (``num_classes``, ``dec_*``, ...),
+            and a ``dec_*`` option that contradicts a recorded one is an error.
+        use_ema: take timm's ``state_dict_ema`` instead of ``state_dict``.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        FileNotFoundError: no such checkpoint, or missing weights.
+        ValueError: unreadable or corrupt file, unknown architecture, DEC options that do not match the
+            checkpoint, or weights that do not fit the model.
+    """
+    path = Path(path)
+    state_dict, arch, recorded, what = _read_checkpoint(path, use_ema)
+    arch = model_name or arch
+    if not arch:
+        raise ValueError(f"{what} does not record its architecture; pass model_name (timm-dec push --model NAME)")
+    _check_architecture(arch, f"{what} (model {arch!r})" if not model_name else f"model_name {arch!r}")
+    requested = dict(model_kwargs or {})
+    for key, value in requested.items():
+        if key.startswith("dec_") and key in recorded and not _same_option(recorded[key], value):
+            raise ValueError(
+                f"the DEC options do not match: {what} was trained with {key}={recorded[key]!r}, but {key}={value!r} "
+                f"was asked for")
+    kwargs = {**recorded, **requested}
+    kwargs.pop("pretrained_model_args", None)
+    dec_kwargs = sorted(k for k in kwargs if k.startswith("dec_"))
+    if dec_kwargs and not _is_dec_name(arch):
+        raise ValueError(
+            f"{what} has DEC options ({', '.join(dec_kwargs)}), but {arch} has no DEC; use its '*_dec' name")
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    options = dec_options(model)
+    for key, value in recorded.items():
+        if key.startswith("dec_") and key in options and not _same_option(options[key], value):
+            raise ValueError(
+                f"the DEC options do not match: {what} records {key}={value!r}, but {arch} was built with "
+                f"{key}={options[key]!r}")
+    _load_strict(model, state_dict, what, arch)
+    return model.eval()
+
+
+def _load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, arch: str) -> None:
+    """``model.load_state_dict(state_dict)`` with errors that say whether the DEC options are what differs."""
+    own = model.state_dict()
+    ckpt_dec, model_dec = _dec_blocks_in(list(state_dict)), _dec_blocks_in(list(own))
+    if ckpt_dec != model_dec:
+        if not model_dec:
+            raise ValueError(
+                f"{what} holds DEC parameters for blocks {ckpt_dec}, but {arch} has no DEC; use its '*_dec' name")
+        raise ValueError(
+            f"the DEC options do not match: {what} holds DEC parameters for blocks {ckpt_dec}, but {arch} was built "
+            f"with DEC on blocks {model_dec} (set dec_blocks={ckpt_dec})")
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:4]}")
+        dec_hint = " (DEC parameters differ: check the dec_* options)" if any(
+            k.startswith("dec.") for k in missing + unexpected + [s.split(":")[0] for s in shapes]) else ""
+        raise ValueError(f"{what} does not fit {arch}{dec_hint}: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timm-dec push
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if "," in text:
+            return [_parse_value(t) for t in text.split(",") if t]
+        return text
+
+
+def parse_model_kwargs(items: Optional[Sequence[str]]) -> dict[str, Any]:
+    """``["dec_grid=8", "dec_blocks=0,2"]`` -> ``{"dec_grid": 8, "dec_blocks": [0, 2]}`` (values as JSON, else str).
+
+    Raises:
+        ValueError: an item without ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"model kwargs must be KEY=VALUE, got {item!r}")
+        out[key.replace("-", "_")] = _parse_value(value)
+    return out
+
+
+def _read_metrics_arg(text: Optional[str]) -> Optional[dict[str, Any]]:
+    if text is None:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--metrics is not valid JSON: {e}") from e
+    else:
+        data = _read_json(Path(text), "metrics file")
+    if "metrics" in data and isinstance(data["metrics"], Mapping) and "acc" not in data:
+        data = data["metrics"]
+    return normalize_metrics(data)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``timm-dec push``."""
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="timm train.py checkpoint (.pth.tar), timm_dec.finetune checkpoint folder, "
+                             "save_pretrained folder or .safetensors file")
+    parser.add_argument("--repo-id", metavar="ORG/NAME", help="Hub repo to push to (created if missing)")
+    parser.add_argument("--model", metavar="NAME", help="architecture; default the one the checkpoint records")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="create_model kwargs, e.g. num_classes=10 dec_grid=8 (must agree with the checkpoint)")
+    parser.add_argument("--metrics", metavar="JSON",
+                        help="measured metrics: a JSON file from timm-dec eval / evaluate_scale_consistency, or "
+                             "inline JSON")
+    parser.add_argument("--dataset", help="name of the fine-tuning / evaluation data, for the card")
+    parser.add_argument("--label-names", metavar="FILE", help="text file with one class name per line")
+    parser.add_argument("--use-ema", action="store_true", help="publish timm's EMA weights (state_dict_ema)")
+    parser.add_argument("--output", metavar="DIR", help="also keep the Hub folder here")
+    parser.add_argument("--dry-run", action="store_true", help="write the folder (--output) without pushing")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--token", help="Hub token; default the saved login or $HF_TOKEN")
+    parser.add_argument("--commit-message", default="Add timm_dec model")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``timm-dec push``: checkpoint -> Hub folder with a model card -> one commit on the Hub."""
+    if not args.dry_run and not args.repo_id:
+        raise SystemExit("timm-dec push: --repo-id is required (or --dry-run with --output)")
+    if args.dry_run and not args.output:
+        raise SystemExit("timm-dec push: --dry-run needs --output DIR")
+    model = load_training_checkpoint(
+        args.checkpoint, model_name=args.model, model_kwargs=parse_model_kwargs(args.model_kwargs),
+        use_ema=args.use_ema)
+    save_kwargs: dict[str, Any] = {"metrics": _read_metrics_arg(args.metrics), "dataset": args.dataset}
+    if args.label_names:
+        save_kwargs["label_names"] = [
+            line.strip() for line in Path(args.label_names).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.output:
+        folder = save_pretrained(model, args.output, repo_id=args.repo_id, **save_kwargs)
+        print(f"saved {hub_architecture(model)} to {folder}")
+    if args.dry_run:
+        return 0
+    info = push_to_hub(model, args.repo_id, private=args.private, token=args.token,
+                       commit_message=args.commit_message, **save_kwargs)
+    print(f"pushed {hub_architecture(model)} to {getattr(info, 'commit_url', args.repo_id)}")
+    return 0
