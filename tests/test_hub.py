@@ -18,7 +18,6 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import _http
 
 import timm_dec
-import timm_dec.vit_dec  # noqa: F401  TODO drop once timm_dec/__init__ registers the families
 from timm_dec import hub
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, dec_widths=(8, 16),

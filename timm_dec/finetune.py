@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from timm.utils import ParseKwargs
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["TABLE_A1", "build_parser", "add_arguments", "main", "run", "weights_digest"]
@@ -61,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="vit_tiny_dec", help="any *_dec or base timm model name")
     model.add_argument("--pretrained", action="store_true", help="start from the base model's timm weights")
-    model.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="create_model kwargs, e.g. dec_grid=4 dec_blocks=0,1 img_size=64 drop_path_rate=0.1")
+    model.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                       help="create_model kwargs as timm's train.py parses them (Python literals), e.g. dec_grid=4 "
+                            "dec_blocks=0,1 drop_path_rate=0.1")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="digits",
                       help="'digits' (offline, default) or 'folder:PATH' (PATH/train/<class>/*, PATH/val/<class>/*)")
@@ -143,9 +145,9 @@ def _check_args(args: argparse.Namespace) -> None:
 def _create_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the create_model kwargs that rebuild it (the DEC options included)."""
     import timm
-    from .hub import dec_options, parse_model_kwargs
+    from .hub import dec_options
 
-    kwargs = parse_model_kwargs(args.model_kwargs)
+    kwargs = dict(args.model_kwargs)
     if "num_classes" in kwargs and kwargs["num_classes"] != num_classes:
         raise ValueError(f"num_classes={kwargs['num_classes']} in --model-kwargs, but the data has {num_classes}")
     kwargs["num_classes"] = num_classes

@@ -33,13 +33,14 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "dec_options", "hub_architecture",
-    "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
+    "normalize_metrics", "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
     "load_training_checkpoint", "add_arguments", "run",
 ]
 
@@ -682,30 +683,6 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
 # timm-dec push
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        if "," in text:
-            return [_parse_value(t) for t in text.split(",") if t]
-        return text
-
-
-def parse_model_kwargs(items: Optional[Sequence[str]]) -> dict[str, Any]:
-    """``["dec_grid=8", "dec_blocks=0,2"]`` -> ``{"dec_grid": 8, "dec_blocks": [0, 2]}`` (values as JSON, else str).
-
-    Raises:
-        ValueError: an item without ``=``.
-    """
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"model kwargs must be KEY=VALUE, got {item!r}")
-        out[key.replace("-", "_")] = _parse_value(value)
-    return out
-
-
 def _read_metrics_arg(text: Optional[str]) -> Optional[dict[str, Any]]:
     if text is None:
         return None
@@ -728,8 +705,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "save_pretrained folder or .safetensors file")
     parser.add_argument("--repo-id", metavar="ORG/NAME", help="Hub repo to push to (created if missing)")
     parser.add_argument("--model", metavar="NAME", help="architecture; default the one the checkpoint records")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="create_model kwargs, e.g. num_classes=10 dec_grid=8 (must agree with the checkpoint)")
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                        help="create_model kwargs as timm's train.py parses them, e.g. num_classes=10 dec_grid=8 "
+                             "(must agree with the checkpoint)")
     parser.add_argument("--metrics", metavar="JSON",
                         help="measured metrics: a JSON file from timm-dec eval / evaluate_scale_consistency, or "
                              "inline JSON")
@@ -750,7 +728,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.output:
         raise SystemExit("timm-dec push: --dry-run needs --output DIR")
     model = load_training_checkpoint(
-        args.checkpoint, model_name=args.model, model_kwargs=parse_model_kwargs(args.model_kwargs),
+        args.checkpoint, model_name=args.model, model_kwargs=args.model_kwargs,
         use_ema=args.use_ema)
     save_kwargs: dict[str, Any] = {"metrics": _read_metrics_arg(args.metrics), "dataset": args.dataset}
     if args.label_names:
