@@ -1,0 +1,351 @@
+"""Latent canonicalisation of timm models: a DEC in front of chosen blocks (paper eq. 21 and 22).
+
+An adapted block k runs as ``knots = dec[k](F)``, ``F' = S^{-1}(F; knots)``, ``out = block(F')`` and, in the
+equivariant mode, ``out = S(out; knots)``. Knots live in normalised coordinates, so the same knots un-canonicalise a
+Swin stage output of another size. Blocks are not wrapped: the DEC modules sit in one ``nn.ModuleDict`` at
+``model.dec`` keyed by block (or Swin stage) index, so the backbone's state-dict keys stay exactly the base model's.
+The family classes (`timm_dec.vit_dec`, `timm_dec.beit_dec`, `timm_dec.swin_dec`) subclass timm's models and drive
+their blocks through `DECModelMixin.dec_block`; `adapt` switches an existing instance to its family class in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from timm.models._manipulate import checkpoint
+
+from .dec import DEC, DECConfig
+from .ops import monotone_warp
+
+__all__ = [
+    "adapt", "AdaptConfig", "DECModelMixin", "MODES", "register_dec_family", "dec_class_for", "split_dec_kwargs",
+    "supported_families",
+]
+
+MODES = ("equivariant", "invariant")
+_ADAPT_OPTIONS = ("blocks", "grid", "mode")
+
+# timm base class -> its DEC subclass; filled by the family modules when they are imported
+_DEC_CLASSES: Dict[type, type] = {}
+_FAMILY_NAMES: Dict[type, str] = {}
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """The static DEC options of an adapted model, stored as ``model.dec_cfg``.
+
+    Attributes:
+        blocks: sorted indices of the adapted blocks (ViT, DeiT, BEiT) or stages (Swin).
+        mode: ``"equivariant"`` (eq. 21, un-canonicalise each adapted block's output) or ``"invariant"`` (eq. 22).
+        dec: the options of every DEC module (grid size G, H widths, solver limits).
+    """
+    blocks: Tuple[int, ...]
+    mode: str
+    dec: DECConfig
+
+
+def register_dec_family(base_cls: type, dec_cls: type, description: str) -> None:
+    """Make `adapt` turn instances of exactly ``base_cls`` into ``dec_cls``.
+
+    Args:
+        base_cls: a timm model class.
+        dec_cls: its subclass mixing in `DECModelMixin`.
+        description: the models of the family, for error messages (e.g. ``"ViT, DeiT, DeiT3, DINOv2"``).
+    """
+    if not (issubclass(dec_cls, base_cls) and issubclass(dec_cls, DECModelMixin)):
+        raise TypeError(f"{dec_cls.__name__} must subclass both {base_cls.__name__} and DECModelMixin")
+    _DEC_CLASSES[base_cls] = dec_cls
+    _FAMILY_NAMES[base_cls] = description
+
+
+def supported_families() -> str:
+    """The supported timm classes and the models they cover, one string for error messages."""
+    return "; ".join(f"{cls.__module__}.{cls.__name__} ({desc})" for cls, desc in _FAMILY_NAMES.items())
+
+
+def dec_class_for(base_cls: type) -> type:
+    """The DEC subclass for the timm class ``base_cls``; `TypeError` naming the supported families otherwise."""
+    dec_cls = _DEC_CLASSES.get(base_cls)
+    if dec_cls is None:
+        raise TypeError(
+            f"timm_dec cannot adapt {base_cls.__module__}.{base_cls.__name__}; supported model classes: "
+            f"{supported_families()}")
+    return dec_cls
+
+
+def split_dec_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Pop the ``dec_*`` keyword arguments of ``create_model`` from ``kwargs`` and return them unprefixed.
+
+    ``dec_blocks``, ``dec_grid``, ``dec_mode`` and ``dec_<field>`` for every `DECConfig` field are accepted.
+
+    Args:
+        kwargs: model keyword arguments; modified in place.
+
+    Returns:
+        The options for `adapt`, e.g. ``{"grid": 8}`` for ``dec_grid=8``.
+    """
+    valid = _ADAPT_OPTIONS + tuple(f.name for f in dataclasses.fields(DECConfig) if f.name != "grid")
+    options = {}
+    for key in [k for k in kwargs if k.startswith("dec_")]:
+        name = key[len("dec_"):]
+        if name not in valid:
+            raise TypeError(f"unknown DEC option {key!r}; valid: {', '.join('dec_' + v for v in valid)}")
+        options[name] = kwargs.pop(key)
+    return options
+
+
+def _make_config(
+        model: nn.Module,
+        blocks: Optional[Union[int, Sequence[int]]],
+        grid: int,
+        mode: str,
+        dec_options: Dict[str, Any],
+) -> AdaptConfig:
+    """Validate the options of `adapt` against ``model`` and freeze them."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    fields = {f.name for f in dataclasses.fields(DECConfig)} - {"grid"}
+    unknown = sorted(set(dec_options) - fields)
+    if unknown:
+        raise TypeError(f"unknown DEC option(s) {unknown}; valid: blocks, grid, mode, {', '.join(sorted(fields))}")
+    dec_cfg = DECConfig(grid=grid, **dec_options)  # checks the values
+
+    num_units = len(model.dec_units())
+    unit = model.dec_unit_name
+    if blocks is None:
+        chosen = tuple(b for b in model.default_dec_blocks if b < num_units)
+    else:
+        if isinstance(blocks, int) and not isinstance(blocks, bool):
+            blocks = (blocks,)
+        try:
+            chosen = tuple(blocks)
+        except TypeError:
+            raise TypeError(f"blocks must be an int or a sequence of ints, got {blocks!r}") from None
+        for b in chosen:
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise TypeError(f"blocks must hold ints, got {b!r} in {blocks!r}")
+            if not -num_units <= b < num_units:
+                raise ValueError(f"{unit} index {b} is out of range for a model with {num_units} {unit}s")
+        chosen = tuple(b % num_units for b in chosen)
+    chosen = tuple(sorted(set(chosen)))
+    if not chosen:
+        raise ValueError(f"blocks must name at least one {unit}, got {blocks!r}")
+    return AdaptConfig(blocks=chosen, mode=mode, dec=dec_cfg)
+
+
+def _attach(model: nn.Module, cfg: AdaptConfig) -> None:
+    """Add ``model.dec`` (identity-initialised DEC modules) and ``model.dec_cfg``."""
+    ref = next(model.parameters(), None)
+    decs = nn.ModuleDict({
+        str(b): DEC(model.dec_in_chans(b), cfg.dec, name=f"dec.{b}") for b in cfg.blocks})
+    if ref is not None:
+        decs = decs.to(device=ref.device, dtype=ref.dtype)
+    decs.train(model.training)  # adapting a model in eval mode gives DECs in eval mode
+    model.dec = decs
+    model.dec_cfg = cfg
+
+
+def adapt(
+        model: nn.Module,
+        *,
+        blocks: Optional[Union[int, Sequence[int]]] = None,
+        grid: int = 4,
+        mode: str = "equivariant",
+        **dec_options: Any,
+) -> nn.Module:
+    """Give a timm model DEC canonicalisers in front of chosen blocks, in place.
+
+    The instance's class is switched to the family's DEC subclass (e.g. ``VisionTransformer`` ->
+    `timm_dec.vit_dec.VisionTransformerDEC`) and the DEC modules are added under ``model.dec``. Every DEC starts
+    at the identity, so the adapted model returns what the model returned before.
+
+    Default ``blocks``: the family class's ``default_dec_blocks`` -- ``(0, 1)`` for ViT, DeiT and BEiT (the first
+    two transformer blocks), ``(0,)`` for Swin (the first stage). They keep the cost of the canonicalisers near a
+    tenth of the forward; adapt more blocks for stronger consistency deeper in the net.
+
+    Args:
+        model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT3, DINOv2 with or without registers),
+            ``VisionTransformerDistilled``, ``Beit`` (BEiT, BEiTv2) or ``SwinTransformer`` (v1).
+        blocks: indices of the transformer blocks (Swin: stages) to adapt; negative indices count from the end.
+        grid: G, the DEC grid of G x G cells.
+        mode: ``"equivariant"`` (eq. 21: ``S(M_k(S^{-1}(F_k)))``) or ``"invariant"`` (eq. 22: ``M_k(S^{-1}(F_k))``).
+        **dec_options: other `timm_dec.dec.DECConfig` fields (``widths``, ``max_iter``, ``tol``, ``backward``, ...).
+
+    Returns:
+        ``model`` itself, now an instance of the family's DEC class.
+
+    Raises:
+        TypeError: the model class is not supported (the message lists the supported ones), or an unknown option.
+        ValueError: the model is already adapted, or an option value is invalid.
+
+    Example:
+        >>> m = adapt(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), blocks=(0,))
+        >>> sorted(m.dec)
+        ['0']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adapt expects a timm model (nn.Module), got {type(model).__name__}")
+    if isinstance(model, DECModelMixin):
+        raise ValueError(f"{type(model).__name__} is already adapted (its DEC blocks: {model.dec_cfg.blocks})")
+    dec_cls = dec_class_for(type(model))
+    dec_cls.check_adaptable(model)
+    # class switch first: the options are checked with the family hooks; a rejected adapt leaves the model as it was
+    model.__class__ = dec_cls
+    try:
+        _attach(model, _make_config(model, blocks, grid, mode, dec_options))
+    except Exception:
+        model.__class__ = dec_cls.dec_base_class()
+        raise
+    return model
+
+
+def _warped_block(
+        block: nn.Module,
+        x: torch.Tensor,
+        knots: torch.Tensor,
+        layout: str,
+        grid_size: Optional[Tuple[int, int]],
+        num_prefix_tokens: int,
+        equivariant: bool,
+        block_kwargs: Dict[str, Any],
+) -> torch.Tensor:
+    """``block(S^{-1}(x))``, followed by ``S`` in the equivariant mode; the output may have another size (Swin)."""
+    x = monotone_warp(x, knots, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, check=False)
+    out = block(x, **block_kwargs)
+    if equivariant:
+        # a Swin stage may downsample: for NHWC the warp reads the output's own size
+        out_grid = grid_size if layout == "tokens" else None
+        out = monotone_warp(
+            out, knots, inverse=True, layout=layout, grid_size=out_grid, num_prefix_tokens=num_prefix_tokens,
+            check=False)
+    return out
+
+
+def _not_traceable(kind: str) -> TypeError:
+    return TypeError(
+        f"timm_dec models do not support {kind}: the DEC equilibrium solve stops per sample on a data-dependent "
+        f"residual. Run them eagerly or with torch.compile.")
+
+
+class DECModelMixin:
+    """The DEC machinery shared by the family classes; mixed in before the timm class.
+
+    A family class sets ``dec_unit_name`` and ``default_dec_blocks`` and implements ``dec_units`` and
+    ``dec_in_chans``; its block loops call `dec_block`. Constructing a family class directly takes the ``dec_*``
+    keyword arguments of `split_dec_kwargs` besides the timm class's own.
+    """
+    dec_unit_name: str = "block"
+    default_dec_blocks: Tuple[int, ...] = (0,)
+    # features_only goes through forward_intermediates (FeatureGetterNet), the one feature path that runs the DEC
+    dec_feature_cfg: Dict[str, Any] = {"feature_cls": "getter"}
+    dec: nn.ModuleDict
+    dec_cfg: AdaptConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        options = split_dec_kwargs(kwargs)
+        super().__init__(*args, **kwargs)
+        type(self).check_adaptable(self)
+        blocks = options.pop("blocks", None)
+        grid = options.pop("grid", 4)
+        mode = options.pop("mode", "equivariant")
+        _attach(self, _make_config(self, blocks, grid, mode, options))
+
+    @classmethod
+    def dec_base_class(cls) -> type:
+        """The timm class this family class extends (the first non-DEC class in the MRO)."""
+        for klass in cls.__mro__[1:]:
+            if not issubclass(klass, DECModelMixin):
+                return klass
+        raise TypeError(f"{cls.__name__} extends no timm class")
+
+    @classmethod
+    def check_adaptable(cls, model: nn.Module) -> None:
+        """Raise `ValueError` if this instance's configuration cannot take a DEC (hook for the families)."""
+
+    def dec_units(self) -> Sequence[nn.Module]:
+        """The blocks (ViT, BEiT) or stages (Swin) that DEC indices refer to."""
+        raise NotImplementedError
+
+    def dec_in_chans(self, index: int) -> int:
+        """Channels of the feature map entering unit ``index``."""
+        raise NotImplementedError
+
+    def dec_block(
+            self,
+            index: int,
+            block: nn.Module,
+            x: torch.Tensor,
+            *,
+            layout: str,
+            grid_size: Optional[Tuple[int, int]] = None,
+            num_prefix_tokens: int = 0,
+            checkpointing: bool = False,
+            **block_kwargs: Any,
+    ) -> torch.Tensor:
+        """Run unit ``index`` on ``x``, canonicalised by its DEC when it has one.
+
+        Args:
+            index: the block (Swin: stage) index, the key of its DEC in ``self.dec``.
+            block: the block or stage module.
+            x: its input: (B, P + H*W, C) tokens or a (B, H, W, C) map.
+            layout: ``"tokens"`` or ``"nhwc"``.
+            grid_size: (H, W) of the token map (tokens layout).
+            num_prefix_tokens: P class / distillation / register tokens, which pass through unwarped.
+            checkpointing: recompute the block (and its warps, not the DEC solve) in the backward pass.
+            **block_kwargs: passed to the block (``shared_rel_pos_bias``, ``attn_mask``, ...).
+
+        Returns:
+            The block output, un-canonicalised in the equivariant mode: (B, P + H*W, C) or (B, H', W', C').
+        """
+        key = str(index)
+        if key not in self.dec:
+            if checkpointing:
+                return checkpoint(block, x, **block_kwargs)
+            return block(x, **block_kwargs)
+        knots = self.dec[key](x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+        equivariant = self.dec_cfg.mode == "equivariant"
+        if checkpointing:
+            # the solve stays outside: recomputing it would double its cost and its solver statistics
+            return checkpoint(
+                _warped_block, block, x, knots, layout, grid_size, num_prefix_tokens, equivariant, block_kwargs)
+        return _warped_block(block, x, knots, layout, grid_size, num_prefix_tokens, equivariant, block_kwargs)
+
+    def dec_check_input(self, x: Any) -> None:
+        """Refuse FX symbolic tracing and ``torch.jit.trace`` with a clear `TypeError`."""
+        if isinstance(x, torch.fx.Proxy):
+            raise _not_traceable("FX symbolic tracing (torch.fx, timm feature_cls='fx')")
+        if torch.jit.is_tracing():
+            raise _not_traceable("torch.jit.trace")
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this hook first
+        raise _not_traceable("TorchScript (torch.jit.script)")
+
+    def dec_prune(self, max_index: int) -> None:
+        """Drop the DEC modules of units past ``max_index`` (after ``prune_intermediate_layers``)."""
+        for key in [k for k in self.dec if int(k) > max_index]:
+            del self.dec[key]
+        kept = tuple(b for b in self.dec_cfg.blocks if b <= max_index)
+        self.dec_cfg = dataclasses.replace(self.dec_cfg, blocks=kept)
+
+    @staticmethod
+    def dec_group_matcher(matcher: Dict[str, Any], suffix: Optional[Tuple[int, ...]] = None) -> Dict[str, Any]:
+        """Add ``dec.<k>`` to the ``blocks`` groups of a timm group matcher, so layer decay keeps DEC k with unit k.
+
+        Args:
+            matcher: the base class's ``group_matcher()`` output.
+            suffix: the ordinal suffix that puts ``dec.<k>`` in the same group as unit k's parameters.
+
+        Returns:
+            A new matcher dict.
+        """
+        matcher = dict(matcher)
+        blocks = matcher["blocks"]
+        if isinstance(blocks, str):
+            blocks = [(blocks, None)]
+            suffix = None  # coarse string matchers group by the unit index alone
+        matcher["blocks"] = [(r"^dec\.(\d+)\.", suffix)] + list(blocks)
+        return matcher

@@ -1,0 +1,240 @@
+"""The ``*_dec`` registry: one ``<base>_dec`` model per supported timm base name, built by timm's own builder.
+
+Each ``<base>_dec`` entrypoint runs the base entrypoint of timm to learn how timm builds that base -- model class,
+architecture arguments, checkpoint filter, strictness, feature config -- then calls timm's
+``build_model_with_cfg`` with the matching DEC class (`timm_dec.adapt.dec_class_for`), the ``<base>_dec``
+pretrained cfg (a copy of the base's, so the weights are the base's) and `dec_checkpoint_filter`. So pretrained
+loading (``hf_hub_id``, ``pretrained_cfg_overlay=dict(file=...)``), ``features_only`` and every create_model keyword
+work as for the base. ``dec_*`` keywords (``dec_blocks``, ``dec_grid``, ``dec_mode``, ``dec_<DECConfig field>``)
+configure the DEC modules.
+
+The base entrypoint runs in a private copy of its timm module's globals in which ``build_model_with_cfg`` records
+its arguments and stops (`_capture_base_build`): nothing is built twice and timm's modules are never modified.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence
+
+import torch
+from torch import nn
+import timm.models
+from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
+from timm.models._pretrained import DefaultCfg
+
+from .adapt import dec_class_for, split_dec_kwargs
+
+__all__ = [
+    "DEC_MODULES", "create_dec_model", "dec_checkpoint_filter", "list_dec_models", "register_dec_models",
+    "supported_base_names", "base_model_name",
+]
+
+DEC_MODULES = ("vit_dec", "swin_dec", "beit_dec")
+# timm modules whose entrypoints build the supported classes; their helpers are re-bound when capturing
+_TIMM_FAMILY_MODULES = (
+    "timm.models.vision_transformer", "timm.models.vision_transformer_hybrid", "timm.models.deit",
+    "timm.models.beit", "timm.models.swin_transformer",
+)
+_BUILDER_SIGNATURE = inspect.signature(build_model_with_cfg)
+_BASE_OF: Dict[str, str] = {}  # <name>_dec -> base name
+
+
+class _Captured(Exception):
+    """Raised by the recording builder to stop the base entrypoint once its build arguments are known."""
+
+    def __init__(self, arguments: Dict[str, Any]) -> None:
+        super().__init__("build arguments captured")
+        self.arguments = arguments
+
+
+def _recording_builder(*args: Any, **kwargs: Any) -> nn.Module:
+    bound = _BUILDER_SIGNATURE.bind(*args, **kwargs)
+    raise _Captured(dict(bound.arguments))
+
+
+def _shadow_globals(module_name: str, shadows: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """A copy of a timm family module's globals with ``build_model_with_cfg`` recording instead of building.
+
+    Functions of the family modules found in it (the entrypoints, ``_create_*`` helpers, also when imported from
+    another family module, as the hybrid ViTs do) are re-bound to the shadow globals of their own module.
+    """
+    if module_name in shadows:
+        return shadows[module_name]
+    module = __import__(module_name, fromlist=["_"])
+    shadow: Dict[str, Any] = dict(vars(module))
+    shadows[module_name] = shadow
+    shadow["build_model_with_cfg"] = _recording_builder
+    for name, obj in list(shadow.items()):
+        if isinstance(obj, types.FunctionType) and obj.__module__ in _TIMM_FAMILY_MODULES:
+            target = shadow if obj.__module__ == module_name else _shadow_globals(obj.__module__, shadows)
+            rebound = types.FunctionType(obj.__code__, target, obj.__name__, obj.__defaults__, obj.__closure__)
+            rebound.__kwdefaults__ = obj.__kwdefaults__
+            shadow[name] = rebound
+    return shadow
+
+
+def _capture_base_build(base_name: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The arguments timm's entrypoint for ``base_name`` passes to ``build_model_with_cfg``, without building."""
+    entrypoint = timm.models.model_entrypoint(base_name)
+    if entrypoint.__module__ not in _TIMM_FAMILY_MODULES:
+        raise TypeError(f"{base_name} is defined in {entrypoint.__module__}, which timm_dec does not support")
+    if kwargs.get("use_naflex"):
+        raise TypeError(f"timm_dec does not support NaFlexVit (use_naflex=True for {base_name})")
+    shadow = _shadow_globals(entrypoint.__module__, {})
+    try:
+        model = shadow[base_name](pretrained=pretrained, **kwargs)
+    except _Captured as captured:
+        return captured.arguments
+    raise TypeError(f"{base_name} was built as {type(model).__name__} outside build_model_with_cfg, which timm_dec "
+                    f"does not support")
+
+
+def dec_checkpoint_filter(
+        state_dict: Mapping[str, Any],
+        model: nn.Module,
+        base_filter: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
+) -> Dict[str, torch.Tensor]:
+    """Prepare a base or ``*_dec`` checkpoint for a strict load into a ``*_dec`` model.
+
+    The base family's filter converts the backbone keys; ``dec.*`` keys pass through untouched; DEC keys the
+    checkpoint lacks (a base checkpoint) are filled from the model's own DEC, which starts at the identity.
+
+    Args:
+        state_dict: the checkpoint (possibly wrapped in ``model`` / ``state_dict`` / ``module``).
+        model: the ``*_dec`` model being loaded.
+        base_filter: the base family's ``checkpoint_filter_fn`` (called as ``base_filter(state_dict, model)``).
+
+    Returns:
+        A state dict with every key of ``model.state_dict()`` under ``dec.``.
+
+    Raises:
+        ValueError: the checkpoint holds DEC weights for a block the model has no DEC for.
+    """
+    for wrapper in ("model", "state_dict", "module"):
+        inner = state_dict.get(wrapper)
+        if isinstance(inner, Mapping):
+            state_dict = inner
+    dec_state = {k: v for k, v in state_dict.items() if k.startswith("dec.")}
+    backbone = {k: v for k, v in state_dict.items() if not k.startswith("dec.")}
+    own_dec = {k: v for k, v in model.state_dict().items() if k.startswith("dec.")}
+    foreign = sorted({k.split(".")[1] for k in dec_state if k not in own_dec})
+    if foreign:
+        # timm's loader only warns about unexpected keys; trained DEC weights must not vanish silently
+        raise ValueError(
+            f"the checkpoint has DEC weights for {model.dec_unit_name}(s) {foreign} that this model does not adapt "
+            f"(dec_blocks={model.dec_cfg.blocks}); create it with dec_blocks covering them")
+    out = dict(base_filter(backbone, model) if base_filter is not None else backbone)
+    out.update(dec_state)
+    for key, value in own_dec.items():
+        out.setdefault(key, value)
+    return out
+
+
+def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build ``dec_name``: timm's build of ``base_name`` with the DEC class, the ``dec_name`` cfgs and DEC filter.
+
+    Args:
+        dec_name: the registered ``*_dec`` name (its pretrained cfgs are looked up under it).
+        base_name: the timm base model name.
+        pretrained: load the base's pretrained weights (DEC starts at the identity) or a ``*_dec`` checkpoint.
+        **kwargs: ``create_model`` keywords for the base, plus ``dec_*`` options.
+
+    Returns:
+        The model (or its feature wrapper for ``features_only=True``).
+    """
+    dec_options = {f"dec_{k}": v for k, v in split_dec_kwargs(kwargs).items()}
+    arguments = _capture_base_build(base_name, pretrained, kwargs)
+    dec_cls = dec_class_for(arguments.pop("model_cls"))
+    arguments.pop("variant")
+    arguments.pop("pretrained")
+    model_kwargs = arguments.pop("kwargs", {})
+    arguments["pretrained_filter_fn"] = partial(dec_checkpoint_filter, base_filter=arguments.get("pretrained_filter_fn"))
+    # features go through forward_intermediates, the one feature path that runs the DEC
+    feature_cfg = dict(arguments.get("feature_cfg") or {})
+    feature_cfg.pop("flatten_sequential", None)
+    feature_cfg.update(dec_cls.dec_feature_cfg)
+    arguments["feature_cfg"] = feature_cfg
+    return build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, **dec_options)
+
+
+def _mirrored_default_cfg(base_name: str) -> Optional[DefaultCfg]:
+    """The base's pretrained cfgs (resolved: full hub ids, urls), tags in the base's order, default first."""
+    cfgs = get_arch_pretrained_cfgs(base_name)
+    if not cfgs:
+        return None
+    tags = [cfg.tag or "" for cfg in cfgs.values()]
+    return DefaultCfg(tags=deque(tags), cfgs={cfg.tag or "": cfg for cfg in cfgs.values()})
+
+
+def _make_entrypoint(dec_name: str, base_name: str, module_name: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create_dec_model(dec_name, base_name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = dec_name
+    entrypoint.__module__ = module_name
+    entrypoint.__doc__ = f"timm's ``{base_name}`` with DEC canonicalisers (``dec_*`` keywords configure them)."
+    return entrypoint
+
+
+def supported_base_names(patterns: Sequence[str], modules: Sequence[str]) -> List[str]:
+    """timm model names matching ``patterns`` whose entrypoints live in the timm ``modules`` (short names)."""
+    return list_models(list(patterns), module=list(modules))
+
+
+def register_dec_models(
+        module_globals: MutableMapping[str, Any],
+        base_names: Iterable[str],
+        aliases: Mapping[str, str],
+) -> List[str]:
+    """Register ``<base>_dec`` for each base name and each alias, in the family module whose globals are given.
+
+    timm's ``register_model`` files a model under the module of its function and reads its pretrained cfgs from
+    that module's ``default_cfgs``; so the functions are created with ``__module__`` set to the family module and
+    the mirrored cfgs are put in its ``default_cfgs``.
+
+    Args:
+        module_globals: ``globals()`` of the family module (holds ``default_cfgs``).
+        base_names: timm base model names.
+        aliases: short ``*_dec`` name -> base name.
+
+    Returns:
+        The registered names.
+    """
+    module_name = module_globals["__name__"]
+    default_cfgs = module_globals.setdefault("default_cfgs", {})
+    pairs = [(f"{base}_dec", base) for base in base_names] + list(aliases.items())
+    for dec_name, base in pairs:
+        default_cfg = _mirrored_default_cfg(base)
+        if default_cfg is not None:
+            default_cfgs[dec_name] = default_cfg
+        fn = _make_entrypoint(dec_name, base, module_name)
+        module_globals[dec_name] = fn
+        register_model(fn)
+        _BASE_OF[dec_name] = base
+    return [name for name, _ in pairs]
+
+
+def base_model_name(dec_name: str) -> str:
+    """The timm base of a registered ``*_dec`` name (a pretrained tag is ignored): ``vit_small_dec`` ->
+    ``vit_small_patch16_224``."""
+    arch = dec_name.split(".", 1)[0]
+    if arch not in _BASE_OF:
+        raise ValueError(f"{dec_name!r} is not a registered timm_dec model")
+    return _BASE_OF[arch]
+
+
+def list_dec_models(pattern: str = "", pretrained: bool = False) -> List[str]:
+    """The registered ``*_dec`` model names, sorted as ``timm.list_models`` sorts them.
+
+    Args:
+        pattern: an fnmatch wildcard, e.g. ``"swin_*"``; all when empty.
+        pretrained: only names with pretrained weights, with their tags (as ``timm.list_pretrained``).
+
+    Returns:
+        Model names (``name.tag`` when ``pretrained``).
+    """
+    return list_models(pattern, module=list(DEC_MODULES), pretrained=pretrained)

@@ -1,0 +1,117 @@
+"""Swin Transformer (v1) with DEC: `SwinTransformerDEC` and the ``swin_*_dec`` names.
+
+The DEC unit of Swin is a stage: stage k's DEC reads the (B, H, W, C) map entering the stage, the map is
+canonicalised, the stage runs (its patch merging may halve H and W) and, in the equivariant mode, its output is
+un-canonicalised with the same knots, which are in normalised coordinates and so fit the smaller map.
+Importing this module registers ``<base>_dec`` for every ``swin_*`` model of timm's ``swin_transformer`` module and
+the aliases ``swin_{tiny,small,base,large}_dec``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from timm.models._features import feature_take_indices
+from timm.models.swin_transformer import SwinTransformer
+
+from .adapt import DECModelMixin, register_dec_family
+from .models import register_dec_models, supported_base_names
+
+__all__ = ["SwinTransformerDEC"]
+
+
+class SwinTransformerDEC(DECModelMixin, SwinTransformer):
+    """A timm ``SwinTransformer`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
+
+    Takes the ``SwinTransformer`` arguments plus the ``dec_*`` options. Default DEC stages: ``(0,)``.
+    ``forward_intermediates`` also accepts ``output_fmt='NHWC'``, so ``features_only`` keeps the base's NHWC maps.
+    """
+    dec_unit_name = "stage"
+    default_dec_blocks = (0,)
+    dec_feature_cfg = {"feature_cls": "getter", "output_fmt": "NHWC"}
+
+    def dec_units(self) -> Sequence[nn.Module]:
+        return self.layers
+
+    def dec_in_chans(self, index: int) -> int:
+        return self.layers[index].dim
+
+    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # a stage checkpoints its own blocks when grad checkpointing is on
+        return self.dec_block(index, stage, x, layout="nhwc")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, the stages (adapted ones through their DEC) and the final norm: (B, H', W', C')."""
+        self.dec_check_input(x)
+        x = self.patch_embed(x)
+        for i, stage in enumerate(self.layers):
+            x = self._dec_run_stage(i, stage, x)
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``SwinTransformer.forward_intermediates`` with the adapted stages run through their DEC.
+
+        ``output_fmt`` may be ``'NCHW'`` (timm's) or ``'NHWC'`` (the stages' own layout, as timm's Swin
+        ``features_only`` returns).
+        """
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output shape must be NCHW or NHWC.'
+        self.dec_check_input(x)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+
+        x = self.patch_embed(x)
+        num_stages = len(self.layers)
+        stages = self.layers if not stop_early else self.layers[:max_index + 1]
+        i = 0
+        for i, stage in enumerate(stages):
+            x = self._dec_run_stage(i, stage, x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm and i == num_stages - 1 else x
+                if output_fmt == 'NCHW':
+                    x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
+                intermediates.append(x_inter)
+
+        if intermediates_only:
+            return intermediates
+        if i == num_stages - 1:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """timm's pruning, also dropping the DEC modules of the removed stages."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.dec_prune(len(self.layers) - 1)
+        return take_indices
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's groups with ``dec.<k>`` in stage k's first group (with its patch merging)."""
+        return self.dec_group_matcher(super().group_matcher(coarse), suffix=(0,))
+
+
+register_dec_family(SwinTransformer, SwinTransformerDEC, "Swin v1")
+
+default_cfgs: Dict[str, Any] = {}  # filled by register_dec_models, read by timm's register_model
+
+_ALIASES = {
+    'swin_tiny_dec': 'swin_tiny_patch4_window7_224',
+    'swin_small_dec': 'swin_small_patch4_window7_224',
+    'swin_base_dec': 'swin_base_patch4_window7_224',
+    'swin_large_dec': 'swin_large_patch4_window7_224',
+}
+
+register_dec_models(globals(), supported_base_names(('swin_*',), modules=('swin_transformer',)), _ALIASES)
