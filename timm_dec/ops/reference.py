@@ -1,6 +1,8 @@
-"""Pure-PyTorch reference of the monotone warp: dense source coordinates, then bilinear `grid_sample`.
+"""Pure-PyTorch reference of the monotone warp: dense source coordinates, then bilinear sampling.
 
-Differentiable in ``x`` and ``knots``; the ground truth the Triton kernel is tested against.
+Differentiable in ``x`` and ``knots``; the ground truth the Triton kernel is tested against. The ``"nchw"`` layout is
+sampled with `F.grid_sample`; ``"nhwc"`` and ``"tokens"`` are sampled in place, without transposes, as a weighted
+gather of the four neighbouring rows (`F.embedding_bag`) that reproduces `grid_sample`'s arithmetic and gradients.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 
 from .knots import DEFAULT_INVERSE_SWEEPS, dense_coords
 
-__all__ = ["monotone_warp_ref", "sample_nchw"]
+__all__ = ["monotone_warp_ref", "sample_nchw", "sample_rows"]
 
 
 def sample_nchw(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -25,6 +27,70 @@ def sample_nchw(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(x.dtype, coords.dtype)
     grid = coords.to(dtype) * 2 - 1
     return F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _bilinear_taps(coords: torch.Tensor, height: int, width: int, rows_per_batch: int, first_row: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices and weights of the four bilinear taps of each output pixel, for maps stored as rows.
+
+    Mirrors `grid_sample`'s CPU arithmetic for border padding with align_corners=True, both axes at once: g = 2c - 1,
+    pos = (g + 1) * (size - 1) / 2 clamped to [0, size - 1], no coordinate gradient exactly at the borders.
+
+    Args:
+        coords: (B, Ho, Wo, 2) normalised source coordinates (x, y).
+        height, width: the input map size.
+        rows_per_batch: rows of one batch element in the flattened input (P + H*W).
+        first_row: row of pixel (0, 0) within a batch element (P).
+
+    Returns:
+        (B*Ho*Wo, 4) int64 row indices into the (B * rows_per_batch, C) input and (B*Ho*Wo, 4) weights, taps in the
+        order (y0, x0), (y0, x1), (y1, x0), (y1, x1).
+    """
+    batch = coords.shape[0]
+    last = torch.tensor([width - 1, height - 1], device=coords.device)
+    last_f = last.to(coords.dtype)
+    pos = ((coords.reshape(batch, -1, 2) * 2 - 1 + 1) * (last_f / 2)).clamp(torch.zeros_like(last_f), last_f)
+    pos = torch.where((pos > 0) & (pos < last_f), pos, pos.detach())
+    lo = pos.detach().floor()
+    frac = pos - lo
+    lo = lo.long()
+    taps = torch.stack((lo, torch.minimum(lo + 1, last)), dim=-1)  # (B, M, 2 axes, 2 taps)
+    wts = torch.stack((1 - frac, frac), dim=-1)
+    base = torch.arange(batch, device=coords.device).view(batch, 1, 1, 1) * rows_per_batch + first_row
+    index = (taps[:, :, 1, :, None] * width + base) + taps[:, :, 0, None, :]  # [b, m, y tap, x tap]
+    weight = wts[:, :, 1, :, None] * wts[:, :, 0, None, :]
+    return index.reshape(-1, 4), weight.reshape(-1, 4)
+
+
+def sample_rows(
+        x: torch.Tensor,
+        coords: torch.Tensor,
+        height: int,
+        width: int,
+        num_prefix_tokens: int = 0,
+) -> torch.Tensor:
+    """Bilinear, border-clamped sampling (align_corners=True) of a channels-last map stored as rows of tokens.
+
+    Equals `sample_nchw` on the transposed map up to float rounding, in value and gradient, without transposing:
+    each output row is the weighted sum of its four neighbouring input rows (`F.embedding_bag`).
+
+    Args:
+        x: (B, P + H*W, C) tokens: P prefix tokens, then the H x W map row-major.
+        coords: (B, Ho, Wo, 2) normalised source coordinates (x, y) in [0, 1].
+        height, width: H and W of the map in ``x``.
+        num_prefix_tokens: P, copied to the output unchanged.
+
+    Returns:
+        (B, P + Ho*Wo, C) tokens, in the dtype of ``x`` promoted with ``coords``.
+    """
+    batch, tokens, chans = x.shape
+    dtype = torch.promote_types(x.dtype, coords.dtype)
+    index, weight = _bilinear_taps(coords.to(dtype), height, width, tokens, num_prefix_tokens)
+    out = F.embedding_bag(index, x.to(dtype).reshape(batch * tokens, chans), per_sample_weights=weight, mode="sum")
+    out = out.view(batch, -1, chans)
+    if num_prefix_tokens:
+        out = torch.cat((x[:, :num_prefix_tokens].to(dtype), out), dim=1)
+    return out
 
 
 def monotone_warp_ref(
@@ -48,11 +114,6 @@ def monotone_warp_ref(
         if layout == "nchw":
             return sample_nchw(x.to(sample_dtype), coords).to(x.dtype)
         if layout == "nhwc":
-            out = sample_nchw(x.to(sample_dtype).permute(0, 3, 1, 2), coords)
-            return out.permute(0, 2, 3, 1).contiguous().to(x.dtype)
-        # tokens: (B, P + H*W, C); the prefix tokens pass through.
-        batch, _, chans = x.shape
-        prefix, spatial = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-        fmap = spatial.to(sample_dtype).reshape(batch, height, width, chans).permute(0, 3, 1, 2)
-        out = sample_nchw(fmap, coords).flatten(2).transpose(1, 2).to(x.dtype)
-        return torch.cat((prefix, out), dim=1)
+            rows = x.to(sample_dtype).reshape(x.shape[0], height * width, x.shape[3])
+            return sample_rows(rows, coords, height, width).view(x.shape).to(x.dtype)
+        return sample_rows(x.to(sample_dtype), coords, height, width, num_prefix_tokens).to(x.dtype)
