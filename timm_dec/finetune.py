@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--test-samples", type=int, default=2000, help="digits: test images")
     data.add_argument("--num-digits", type=int, default=3, help="digits: digits per image (10**k classes)")
     data.add_argument("--scale-range", type=float, nargs=2, default=(0.4, 2.0), help="digits: per-digit scales")
+    data.add_argument("--digit-size", type=int, default=None, help="digits: pixels of a digit at scale 1 "
+                                                                    "(default: a canvas eighth, 28 px at 224)")
     data.add_argument("--data-seed", type=int, default=0, help="digits: dataset seed")
     data.add_argument("--img-size", type=int, default=None, help="input size; default the model's")
     data.add_argument("--aug", action="store_true", help="folder: timm's random training transform")
@@ -204,6 +206,7 @@ def _datasets(args: argparse.Namespace, model_cfg: dict[str, Any]) -> tuple[Data
     if args.data == "digits":
         from .data import LocallyScaledDigits
         common = dict(num_digits=args.num_digits, canvas=size, scale_range=tuple(args.scale_range),
+                      digit_size=args.digit_size,
                       seed=args.data_seed, channels=int(model_cfg["input_size"][0]), transform=normalize)
         train = LocallyScaledDigits("train", num_samples=args.train_samples, **common)
         test = LocallyScaledDigits("test", num_samples=args.test_samples, **common)
@@ -290,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
 
     model, model_kwargs = _create_model(args, _num_classes(args))
-    model_cfg = timm.data.resolve_data_config({}, model=model)
+    model_cfg = timm.data.resolve_input_data_config(model)
     train_ds, test_ds, _, label_names = _datasets(args, model_cfg)
     is_dec = bool(dec_options(model))
 

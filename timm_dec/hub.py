@@ -114,7 +114,8 @@ def hub_architecture(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:
-        raise TypeError(f"{type(model).__name__} has no pretrained_cfg['architecture']: create it with timm.create_model")
+        raise TypeError(
+            f"{type(model).__name__} has no pretrained_cfg['architecture']: create it with timm.create_model")
     if not arch.endswith("_dec"):
         arch = f"{arch}_dec"
     if not timm.is_model(arch):
@@ -165,7 +166,8 @@ def normalize_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
         ValueError: ``acc`` or ``inv_e`` missing, a value out of range, or lists of different lengths.
     """
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a mapping like evaluate_scale_consistency returns, got {type(metrics).__name__}")
+        raise TypeError(
+            f"metrics must be a mapping like evaluate_scale_consistency returns, got {type(metrics).__name__}")
     missing = [k for k in ("acc", "inv_e") if k not in metrics]
     if missing:
         raise ValueError(f"metrics lack {missing}; expected the keys of evaluate_scale_consistency: {_METRIC_KEYS}")
