@@ -150,7 +150,7 @@ def test_image_folder_data(tmp_path: Path) -> None:
     out = tmp_path / "out"
     summary = run_in_process(*TINY_RUN[:TINY_RUN.index("--num-digits")], "--data", f"folder:{root}", "--epochs", "1",
                              "--batch-size", "4", "--cpu", "--output", str(out))
-    assert summary["step"] == 2 and summary["metrics"]["num_samples"] == 4 and "inv_e" not in summary["metrics"]
+    assert summary["step"] == 2 and summary["metrics"]["num_samples"] == 4 and summary["metrics"]["inv_e"] >= 0
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["num_classes"] == 2 and config["label_names"] == ["dark", "light"]
 

@@ -225,6 +225,16 @@ def test_bad_metrics_are_refused(model: torch.nn.Module, metrics: dict, message:
         hub.render_model_card(model, metrics=metrics)
 
 
+def test_metrics_of_timm_dec_eval_json_are_accepted() -> None:
+    # `timm-dec eval --json` writes the evaluate_scale_consistency keys plus model / data descriptions
+    written = {**{k: v for k, v in METRICS.items() if k != "dataset"}, "model": "vit_tiny_dec", "data": "digits",
+               "checkpoint": None, "dec_solver": {"mean_iterations": 3.2, "fallbacks": 0}}
+    checked = hub.normalize_metrics(written)
+    assert checked["dataset"] == "locally scaled digits (timm_dec.data)"
+    assert checked["acc"] == METRICS["acc"] and checked["per_scale_acc"] == METRICS["per_scale_acc"]
+    assert "model" not in checked and "dec_solver" not in checked
+
+
 def test_wrong_number_of_label_names(model: torch.nn.Module, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="3 label_names for a model with 5 classes"):
         hub.save_pretrained(model, tmp_path, label_names=["a", "b", "c"])

@@ -213,13 +213,16 @@ def _datasets(args: argparse.Namespace, model_cfg: dict[str, Any]) -> tuple[Data
         return train, test, train.num_classes, None
     root = _folder_root(args)
     from timm.data import create_transform
-    data_cfg = dict(model_cfg, input_size=(int(model_cfg["input_size"][0]), size, size))
-    train_tf = create_transform(**data_cfg, is_training=args.aug, re_prob=0.0)
-    eval_tf = create_transform(**data_cfg, is_training=False)
-    train = _Folder(root, "train", train_tf)
-    test = _Folder(root, "validation", eval_tf)
-    if test.class_names != train.class_names:
-        raise ValueError(f"{root}: the validation classes differ from the training classes")
+    from .evaluate import ImageFolderVariants, normalize_transform
+    chans = int(model_cfg["input_size"][0])
+    data_cfg = dict(model_cfg, input_size=(chans, size, size))
+    train = _Folder(root, "train", create_transform(**data_cfg, is_training=args.aug, re_prob=0.0))
+    # the held-out split as `timm-dec eval` reads it: resized images with local-scale variants (rescale_object
+    # with masks/ + backgrounds/, else random monotone scalings), so InvE means the same in both
+    val = next(os.path.join(root, s) for s in _EVAL_SPLITS if os.path.isdir(os.path.join(root, s)))
+    test = ImageFolderVariants(val, (size, size), chans, normalize_transform(model_cfg, chans), seed=args.data_seed)
+    if test.classes != train.class_names:
+        raise ValueError(f"{root}: the classes of {val} differ from those of train/")
     return train, test, len(train.class_names), train.class_names
 
 
@@ -398,11 +401,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _save_final(args, unwrapped, output / "final", metrics, label_names, model_cfg, is_dec)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
         if metrics:
-            line = f"accuracy {100 * metrics['acc']:.2f}% on {metrics['num_samples']} images"
-            if "inv_e" in metrics:
-                line += f", InvE {100 * metrics['inv_e']:.3f}e-2, per-scale accuracy " + " ".join(
-                    f"{s:g}:{100 * a:.1f}" for s, a in zip(metrics["scales"], metrics["per_scale_acc"]))
-            log(line)
+            log(f"accuracy {100 * metrics['acc']:.2f}% on {metrics['num_samples']} images, InvE "
+                f"{100 * metrics['inv_e']:.3f}e-2, per-scale accuracy "
+                + " ".join(f"{s:g}:{100 * a:.1f}" for s, a in zip(metrics["scales"], metrics["per_scale_acc"])))
         if args.push_to_hub:
             _push(args, unwrapped, metrics, label_names, is_dec)
     accelerator.wait_for_everyone()
@@ -410,15 +411,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _evaluate(args: argparse.Namespace, model: nn.Module, test_ds: Dataset, accelerator: Any) -> Optional[dict]:
+def _evaluate(args: argparse.Namespace, model: nn.Module, test_ds: Dataset, accelerator: Any) -> dict[str, Any]:
     """Accuracy, InvE and per-scale accuracy on the test split, each process taking a shard of the images."""
     from accelerate.utils import gather_object
     from .metrics import evaluate_scale_consistency
 
-    if not hasattr(test_ds, "variants"):
-        accelerator.print("the folder data has no local-scale variants: reporting accuracy only "
-                          "(timm-dec eval measures InvE on image folders)")
-        return _accuracy_only(args, model, test_ds, accelerator)
     count = min(len(test_ds), args.eval_samples or len(test_ds))
     indices = list(range(count))[accelerator.process_index::accelerator.num_processes]
     part = evaluate_scale_consistency(
@@ -437,26 +434,10 @@ def _evaluate(args: argparse.Namespace, model: nn.Module, test_ds: Dataset, acce
             "num_samples": total, "dataset": _dataset_name(args)}
 
 
-def _accuracy_only(args: argparse.Namespace, model: nn.Module, test_ds: Dataset, accelerator: Any) -> dict:
-    from accelerate.utils import gather_object
-    count = min(len(test_ds), args.eval_samples or len(test_ds))
-    indices = list(range(count))[accelerator.process_index::accelerator.num_processes]
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(indices), args.batch_size):
-            items = [test_ds[i] for i in indices[start:start + args.batch_size]]
-            images = torch.stack([im for im, _ in items]).to(accelerator.device)
-            labels = torch.tensor([lb for _, lb in items], device=accelerator.device)
-            correct += int((model(images).argmax(-1) == labels).sum())
-    counts = gather_object([(correct, len(indices))])
-    return {"acc": sum(c for c, _ in counts) / max(1, sum(n for _, n in counts)),
-            "num_samples": sum(n for _, n in counts), "dataset": _dataset_name(args)}
-
-
 def _dataset_name(args: argparse.Namespace) -> str:
     if args.data == "digits":
         return f"locally scaled {args.num_digits}-digit numbers (timm_dec.data.LocallyScaledDigits, test split)"
-    return f"image folder {Path(args.data[len('folder:'):]).name} (validation split)"
+    return f"image folder {Path(args.data[len('folder:'):]).name} (validation split, timm-dec eval variants)"
 
 
 def _training_table(args: argparse.Namespace) -> dict[str, Any]:
@@ -474,7 +455,7 @@ def _save_final(args: argparse.Namespace, model: nn.Module, folder: Path, metric
     data_config = {k: model_cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in model_cfg}
     if is_dec:
         from .hub import save_pretrained
-        save_pretrained(model, folder, metrics=metrics if metrics and "inv_e" in metrics else None,
+        save_pretrained(model, folder, metrics=metrics,
                         label_names=label_names, dataset=_dataset_name(args), training=_training_table(args),
                         data_config=data_config, repo_id=args.push_to_hub)
     else:
@@ -492,7 +473,7 @@ def _push(args: argparse.Namespace, model: nn.Module, metrics: Optional[dict], l
         return
     from .hub import push_to_hub
     push_to_hub(model, args.push_to_hub, private=args.hub_private, token=args.hub_token,
-                metrics=metrics if metrics and "inv_e" in metrics else None, label_names=label_names,
+                metrics=metrics, label_names=label_names,
                 dataset=_dataset_name(args), training=_training_table(args))
 
 

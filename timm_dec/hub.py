@@ -156,7 +156,8 @@ def normalize_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     Args:
         metrics: the dict of `timm_dec.metrics.evaluate_scale_consistency` -- ``acc`` and ``per_scale_acc`` as
             fractions, ``inv_e`` raw, ``scales``, ``num_samples``, optional ``scale_bins`` / ``per_bin_acc`` -- plus
-            an optional ``dataset`` name. Other keys (per-sample tensors, model names) are ignored.
+            an optional ``dataset`` name (or ``data``, as ``timm-dec eval --json`` writes it). Other keys (model
+            names, solver statistics) are ignored.
 
     Returns:
         The checked subset, JSON-serialisable.
@@ -190,10 +191,12 @@ def normalize_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"metrics['num_samples'] must be a positive int, got {n!r}")
         out["num_samples"] = n
-    if "dataset" in metrics:
-        if not isinstance(metrics["dataset"], str) or not metrics["dataset"]:
-            raise ValueError(f"metrics['dataset'] must be a non-empty string, got {metrics['dataset']!r}")
-        out["dataset"] = metrics["dataset"]
+    # `timm-dec eval --json` names its data under "data" ("digits", "folder:PATH")
+    dataset = metrics.get("dataset", metrics.get("data"))
+    if dataset is not None:
+        if not isinstance(dataset, str) or not dataset:
+            raise ValueError(f"metrics['dataset'] must be a non-empty string, got {dataset!r}")
+        out["dataset"] = "locally scaled digits (timm_dec.data)" if dataset == "digits" else dataset
     return out
 
 
