@@ -422,12 +422,13 @@ def test_cli_push_from_a_timm_checkpoint(model: torch.nn.Module, timm_ckpt: Path
     metrics.write_text(json.dumps(METRICS))
     out = tmp_path / "out"
     assert push_cli(["--checkpoint", str(timm_ckpt), "--repo-id", "org/from-train", "--metrics", str(metrics),
-                     "--output", str(out), "--commit-message", "train.py run"]) == 0
+                     "--output", str(out), "--commit-message", "train.py run", "--datasets", "imagenet-1k"]) == 0
     commit = fake_hub.commits[-1]
     assert commit["header"]["summary"] == "train.py run"
     assert sorted(commit["files"]) == ["README.md", "config.json", "model.safetensors"]
     assert commit["files"]["config.json"] == (out / "config.json").read_bytes()
     card = ModelCard(commit["files"]["README.md"].decode())
+    assert card.data.datasets == ["imagenet-1k"]
     assert {r.metric_type: r.metric_value for r in card.data.eval_results}["accuracy"] == pytest.approx(81.25)
     loaded = hub.load_pretrained(out)
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)

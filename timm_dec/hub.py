@@ -717,6 +717,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measured metrics: a JSON file from timm-dec eval / evaluate_scale_consistency, or "
                              "inline JSON")
     parser.add_argument("--dataset", help="name of the fine-tuning / evaluation data, for the card")
+    parser.add_argument("--datasets", nargs="+", default=[], metavar="ID",
+                        help="Hub dataset ids for the card's metadata, e.g. imagenet-1k")
     parser.add_argument("--label-names", metavar="FILE", help="text file with one class name per line")
     parser.add_argument("--use-ema", action="store_true", help="publish timm's EMA weights (state_dict_ema)")
     parser.add_argument("--output", metavar="DIR", help="also keep the Hub folder here")
@@ -735,7 +737,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_training_checkpoint(
         args.checkpoint, model_name=args.model, model_kwargs=args.model_kwargs,
         use_ema=args.use_ema)
-    save_kwargs: dict[str, Any] = {"metrics": _read_metrics_arg(args.metrics), "dataset": args.dataset}
+    save_kwargs: dict[str, Any] = {"metrics": _read_metrics_arg(args.metrics), "dataset": args.dataset,
+                                   "datasets": args.datasets}
     if args.label_names:
         save_kwargs["label_names"] = [
             line.strip() for line in Path(args.label_names).read_text(encoding="utf-8").splitlines() if line.strip()]
