@@ -1,0 +1,189 @@
+"""`timm-dec demo` and `timm-dec eval` end to end on the smoke preset, and the pieces they are made of. Offline."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from timm_dec import cli
+from timm_dec.data import rescale_object
+from timm_dec.demo import PRESETS, _warp_lines, paper_lr, resolve_config
+from timm_dec.demo import add_arguments as demo_arguments
+from timm_dec.evaluate import ImageFolderVariants, format_per_scale_table, format_table, parse_bins, parse_scales
+from timm_dec.ops import identity_knots
+
+METHODS = ("base", "aug", "invl", "canon", "dec")
+TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=16",
+            "depth=1", "num_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert cli.main(["demo", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+class TestDemo:
+    def test_files_and_summary(self, demo_out: Path):
+        for name in ("summary.json", "tables.txt", "per_scale_accuracy.png", "prob_correct.png", "warp_grids.png"):
+            assert (demo_out / name).is_file() and (demo_out / name).stat().st_size > 0, name
+        for m in METHODS:
+            assert (demo_out / "checkpoints" / f"{m}.safetensors").is_file()
+        s = json.loads((demo_out / "summary.json").read_text())
+        assert {"preset", "config", "num_classes", "methods", "prob_correct", "tables", "plots", "wall_seconds",
+                "machine", "dec_vs_aug"} <= set(s)
+        assert s["preset"] == "smoke" and s["num_classes"] == 10
+        assert tuple(s["methods"]) == METHODS
+        n_scales = len(PRESETS["smoke"]["scales"])
+        for m, r in s["methods"].items():
+            assert {"acc", "inv_e", "per_scale_acc", "per_scale_prob_correct", "per_bin_acc", "scales", "checkpoint",
+                    "eval_command", "train_steps", "train_seconds"} <= set(r), m
+            assert 0 <= r["acc"] <= 1 and r["inv_e"] >= 0 and len(r["per_scale_acc"]) == n_scales
+            assert len(r["per_bin_acc"]) == len(PRESETS["smoke"]["scale_bins"])
+        # The same budget: every method took the same number of optimiser steps.
+        steps = {r["train_steps"] for r in s["methods"].values()}
+        assert len(steps) == 1 and steps.pop() > 0
+        assert s["dec_vs_aug"]["acc_points"] == pytest.approx(
+            100 * (s["methods"]["dec"]["acc"] - s["methods"]["aug"]["acc"]))
+        prob = np.asarray(s["prob_correct"]["dec"])
+        assert prob.shape == (PRESETS["smoke"]["prob_images"], len(PRESETS["smoke"]["prob_scales"]))
+        assert ((prob >= 0) & (prob <= 1)).all()
+        text = (demo_out / "tables.txt").read_text()
+        for label in ("Base", "Aug", "InvL", "Canon", "DEC (ours)", "InvE (1e-2)", "Overall"):
+            assert label in text
+
+    @pytest.mark.parametrize("method", ["dec", "canon"])
+    def test_eval_reproduces_demo_metrics(self, demo_out: Path, tmp_path: Path, method: str):
+        # `timm-dec eval` rebuilds the model by name, loads the checkpoint and must find the demo's numbers.
+        r = json.loads((demo_out / "summary.json").read_text())["methods"][method]
+        argv = shlex.split(r["eval_command"])[1:] + ["--json", str(tmp_path / "e.json"), "--no-progress"]
+        assert cli.main(argv) == 0
+        e = json.loads((tmp_path / "e.json").read_text())
+        for key in ("acc", "inv_e", "per_scale_acc", "per_scale_prob_correct", "per_bin_acc"):
+            np.testing.assert_allclose(e[key], r[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        assert e["model"].endswith("_dec") == (method == "dec")
+        assert (e["canon"] is not None) == (method == "canon")
+
+    def test_config_overrides_preset(self):
+        parser = argparse.ArgumentParser()
+        demo_arguments(parser)
+        cfg = resolve_config(parser.parse_args(["--preset", "smoke", "--epochs", "3", "--methods", "dec"]))
+        assert cfg["epochs"] == 3 and cfg["finetune_epochs"] == PRESETS["smoke"]["finetune_epochs"]
+        assert cfg["methods"] == ("base", "aug", "dec")  # the references always run
+        paper = resolve_config(parser.parse_args(["--preset", "paper", "--model", "swin_tiny_patch4_window7_224"]))
+        assert paper["lr"] == 8e-4 and paper["finetune_lr"] == 4e-4 and paper_lr("vit_base_patch16_224") == 1e-4
+        with pytest.raises(ValueError, match="unknown method"):
+            resolve_config(parser.parse_args(["--methods", "aug,foo"]))
+        with pytest.raises(ValueError, match="nothing would be trained"):
+            resolve_config(parser.parse_args(["--epochs", "0", "--finetune-epochs", "0"]))
+
+    def test_warp_lines_of_identity_are_the_regular_grid(self):
+        lines = _warp_lines(identity_knots(1, 2, dtype=torch.float64)[0], grid=2, samples=5)
+        assert len(lines) == 6
+        t = torch.linspace(0, 1, 5, dtype=torch.float64)
+        torch.testing.assert_close(lines[2], torch.stack((torch.full_like(t, 0.5), t), -1))  # x = 1/2, vertical
+        torch.testing.assert_close(lines[3], torch.stack((t, torch.full_like(t, 0.5)), -1))  # y = 1/2, horizontal
+
+
+def _write_folder(root: Path, masks: bool, backgrounds: bool) -> None:
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        for k in range(2):
+            (root / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / c / f"im{k}.png")
+            if masks:
+                (root / "masks" / c).mkdir(parents=True, exist_ok=True)
+                m = np.zeros((20, 20), dtype=np.uint8)
+                m[5:13, 6:14] = 255
+                Image.fromarray(m).save(root / "masks" / c / f"im{k}.png")
+            if backgrounds:
+                (root / "backgrounds" / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((20, 20, 3), 40 * (k + 1), dtype=np.uint8)).save(
+                    root / "backgrounds" / c / f"im{k}.jpg")
+
+
+class TestEvalFolder:
+    def test_masks_use_rescale_object(self, tmp_path: Path):
+        _write_folder(tmp_path, masks=True, backgrounds=True)
+        ds = ImageFolderVariants(tmp_path, (16, 16))
+        assert ds.classes == ["cat", "dog"] and len(ds) == 4 and ds.variant_kind == "rescale_object"
+        variants, label = ds.variants(3, [0.8, 1.25])
+        image, label0 = ds[3]
+        assert label == label0 == 1 and variants.shape == (2, 3, 16, 16)
+        # Independent reference: the files read with PIL and resized the same way, then rescale_object.
+        def load(p: Path, mode: str) -> torch.Tensor:
+            arr = np.asarray(Image.open(p).convert(mode).resize((16, 16), Image.BILINEAR), dtype=np.float32) / 255
+            t = torch.from_numpy(arr.copy())
+            return t.permute(2, 0, 1) if t.dim() == 3 else t
+        img = load(tmp_path / "dog" / "im1.png", "RGB")
+        torch.testing.assert_close(image, img)
+        mask = load(tmp_path / "masks" / "dog" / "im1.png", "L")
+        bg = load(tmp_path / "backgrounds" / "dog" / "im1.jpg", "RGB")
+        for v, s in zip(variants, (0.8, 1.25)):
+            torch.testing.assert_close(v, rescale_object(img, mask / mask.max(), bg, s))
+
+    def test_no_masks_use_random_monotone_scaling(self, tmp_path: Path):
+        _write_folder(tmp_path, masks=False, backgrounds=False)
+        ds = ImageFolderVariants(tmp_path, (16, 16), seed=3)
+        assert ds.variant_kind == "random_monotone_scale"
+        variants, _ = ds.variants(0, [1.0, 1.3, 0.7])
+        image, _ = ds[0]
+        assert torch.equal(variants[0], image)  # scale 1: strength |ln 1| = 0, the identity
+        assert (variants[1] - image).abs().max() > 1e-3 and (variants[2] - image).abs().max() > 1e-3
+        again, _ = ds.variants(0, [1.0, 1.3, 0.7])
+        assert torch.equal(again, variants)  # seeded per (seed, image, variant)
+        other, _ = ImageFolderVariants(tmp_path, (16, 16), seed=4).variants(0, [1.3])
+        assert not torch.equal(other[0], variants[1])
+
+    def test_masks_without_backgrounds_is_an_error(self, tmp_path: Path):
+        _write_folder(tmp_path, masks=True, backgrounds=False)
+        with pytest.raises(FileNotFoundError, match="backgrounds"):
+            ImageFolderVariants(tmp_path, (16, 16))
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            ImageFolderVariants(tmp_path / "nope", (16, 16))
+
+    def test_cli_on_folder(self, tmp_path: Path):
+        _write_folder(tmp_path / "data", masks=True, backgrounds=True)
+        out = tmp_path / "r.json"
+        argv = ["eval", *TINY_VIT, "--data", f"folder:{tmp_path / 'data'}", "--img-size", "32", "--scales", "0.9,1.1",
+                "--batch-size", "2", "--json", str(out), "--no-progress"]
+        assert cli.main(argv) == 0
+        r = json.loads(out.read_text())
+        assert r["variants"] == "rescale_object" and r["num_samples"] == 4 and len(r["per_scale_acc"]) == 2
+        assert 0 <= r["acc"] <= 1 and r["inv_e"] >= 0 and "per_bin_acc" not in r
+
+
+class TestEvalPieces:
+    def test_parse(self):
+        assert parse_scales("0.7, 1,1.3") == [0.7, 1.0, 1.3]
+        assert parse_bins("0.4-1.0,1.0-2") == [(0.4, 1.0), (1.0, 2.0)]
+        for bad in ("", "a", "0,1", "-1"):
+            with pytest.raises(ValueError):
+                parse_scales(bad)
+        for bad in ("1.0", "2-1", "0-1"):
+            with pytest.raises(ValueError):
+                parse_bins(bad)
+
+    def test_tables(self):
+        results = {"Aug": dict(acc=0.5, inv_e=0.0123, per_scale_acc=[0.25, 0.75], scales=[0.5, 1.5]),
+                   "DEC": dict(acc=1.0, inv_e=0.0, per_scale_acc=[1.0, 1.0], scales=[0.5, 1.5])}
+        t2 = format_table(results).splitlines()
+        assert t2[1].split() == ["Aug", "50.00", "1.23"] and t2[2].split() == ["DEC", "100.00", "0.00"]
+        t3 = format_per_scale_table(results).splitlines()
+        assert t3[0].split() == ["Scale", "0.5", "1.5", "Overall"]
+        # mean 50, population std 25, as the paper's "Overall" column
+        assert t3[1].split() == ["Aug", "25.00", "75.00", "50.00", "±", "25.00"]
+
+    def test_unknown_data_and_missing_checkpoint(self, tmp_path: Path):
+        with pytest.raises(ValueError, match="--data"):
+            cli.main(["eval", *TINY_VIT, "--data", "imagenet"])
+        with pytest.raises(FileNotFoundError, match="checkpoint"):
+            cli.main(["eval", *TINY_VIT, "--num-digits", "1", "--canvas", "32", "--num-samples", "2",
+                      "--checkpoint", str(tmp_path / "missing.safetensors")])
