@@ -37,6 +37,8 @@ from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
+from .adapt import DECModelMixin
+from .models import base_model_name
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "dec_options", "hub_architecture",
@@ -57,7 +59,6 @@ PathLike = Union[str, os.PathLike]
 
 def _dec_cfg(model: nn.Module) -> Any:
     """The frozen DEC config of an adapted model (`timm_dec.adapt.AdaptConfig`), or None for a model without DEC."""
-    from .adapt import DECModelMixin  # the models import this module's siblings; keep hub importable on its own
     if isinstance(model, DECModelMixin):
         return model.dec_cfg
     return None
@@ -124,17 +125,11 @@ def hub_architecture(model: nn.Module) -> str:
 
 
 def _is_dec_name(arch: str) -> bool:
-    from .models import base_model_name
     try:
         base_model_name(arch)
     except ValueError:
         return False
     return True
-
-
-def _base_architecture(arch: str) -> str:
-    from .models import base_model_name
-    return base_model_name(arch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -259,14 +254,13 @@ def render_model_card(
     name = repo_id.split("/")[-1] if repo_id else arch
     num_params = sum(p.numel() for p in model.parameters())
     dec_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("dec."))
-    from timm.models._input import get_model_input_config
-    input_size = tuple(get_model_input_config(model)["input_size"])
+    input_size = tuple(timm.data.resolve_input_data_config(model)["input_size"])
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(template_path.read_text(encoding="utf-8")).render(
         model_name=name,
         repo_id=repo_id or "ORG/NAME",
         architecture=arch,
-        base_architecture=_base_architecture(arch),
+        base_architecture=base_model_name(arch),
         license=license or model.pretrained_cfg.get("license") or "apache-2.0",
         datasets=list(datasets),
         dataset=dataset,
