@@ -115,9 +115,9 @@ class TestSolvers:
 
 
 class TestIdentityAtInit:
-    @pytest.mark.parametrize("training", [False, True])
-    def test_identity_knots_in_one_iteration(self, training):
-        dec = small_dec().train(training)
+    @pytest.mark.parametrize("training,update", [(False, "absolute"), (True, "absolute"), (True, "residual")])
+    def test_identity_knots_in_one_iteration(self, training, update):
+        dec = small_dec(update=update).train(training)
         x = torch.randn(3, 6, 7, 5, requires_grad=training)
         with solver_stats() as stats:
             knots = dec(x, layout="nchw")
@@ -332,7 +332,7 @@ class TestOptionsAndCopies:
         assert DECConfig(widths=[4, 8]).widths == (4, 8)
         bad = [dict(solver="newton"), dict(backward="unrolled"), dict(grid=0), dict(widths=(64,)),
                dict(widths=(64, 0)), dict(max_iter=0), dict(tol=-1.0), dict(pool_size=1), dict(act_layer="nope"),
-               dict(history=True), dict(backward_solver="x"), dict(logit_bound=float("inf"))]
+               dict(history=True), dict(backward_solver="x"), dict(logit_bound=float("inf")), dict(update="delta")]
         for kw in bad:
             with pytest.raises(ValueError, match=next(iter(kw))):
                 DECConfig(**kw)
@@ -351,6 +351,12 @@ class TestOptionsAndCopies:
             dec(torch.randn(1, 1 + 15, 6), layout="tokens", num_prefix_tokens=1)
         with pytest.raises(ValueError, match="floating point"):
             dec(torch.ones(1, 6, 4, 4, dtype=torch.long), layout="nchw")
+
+    def test_residual_update_adds_z(self):
+        absolute = perturbed(small_dec(logit_bound=1e6), std=0.1)
+        residual = perturbed(small_dec(logit_bound=1e6, update="residual"), std=0.1)
+        p, z = torch.randn(2, 4, 6, 6), 0.3 * torch.randn(2, 2, 4, 3)
+        torch.testing.assert_close(residual.update(z, p), z + absolute.update(z, p), atol=1e-5, rtol=1e-5)
 
     def test_fixed_point_solver_and_options_agree(self):
         x = torch.randn(3, 6, 8, 8)

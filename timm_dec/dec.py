@@ -43,9 +43,10 @@ from .ops import identity_logits, knots_from_logits, monotone_warp
 from .ops.warp import LAYOUTS, _spatial_size
 from .solver import SOLVERS, SolverInfo, get_solver
 
-__all__ = ["DECConfig", "DEC", "SolveRecord", "SolverStats", "solver_stats", "BACKWARD_MODES"]
+__all__ = ["DECConfig", "DEC", "SolveRecord", "SolverStats", "solver_stats", "BACKWARD_MODES", "UPDATE_FORMS"]
 
 BACKWARD_MODES = ("implicit", "phantom")
+UPDATE_FORMS = ("absolute", "residual")
 
 
 def _is_int(v: Any) -> bool:
@@ -73,6 +74,8 @@ class DECConfig:
         phantom_steps: unrolled applications of f in phantom mode.
         fallback_residual: a sample whose final relative residual exceeds this (or is non-finite) gets the identity.
         logit_bound: logits pass through ``bound * tanh(logits / bound)``, so every knot segment stays positive.
+        update: ``"absolute"``: f(z) = H(S^{-1}(P; z)) (DESIGN.md); ``"residual"``: f(z) = z + H(S^{-1}(P; z)), the
+            gradient-step form of paper eq. 17-18, whose fixed points are where H sees a canonical map and returns 0.
     """
 
     grid: int = 4
@@ -91,6 +94,7 @@ class DECConfig:
     phantom_steps: int = 3
     fallback_residual: float = 0.1
     logit_bound: float = 8.0
+    update: str = "absolute"
 
     def __post_init__(self) -> None:
         widths = self.widths
@@ -113,6 +117,8 @@ class DECConfig:
             value = getattr(self, field)
             if (value is not None or field == "solver") and value not in SOLVERS:
                 raise ValueError(f"unknown dec {field} {value!r}; choose one of {tuple(SOLVERS)}")
+        if self.update not in UPDATE_FORMS:
+            raise ValueError(f"unknown dec update {self.update!r}; choose one of {UPDATE_FORMS}")
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"unknown dec backward {self.backward!r}; choose one of {BACKWARD_MODES}")
         if not isinstance(self.act_layer, str):
@@ -340,7 +346,8 @@ class DEC(nn.Module):
         return self.proj(x).permute(0, 3, 1, 2).contiguous()
 
     def update(self, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """One application of the DEC map, f(z) = bound * tanh(H(S^{-1}(P; knots(z))) / bound).
+        """One application of the DEC map, f(z) = bound * tanh(u / bound) with u = H(S^{-1}(P; knots(z))) (or z + H
+        for ``update="residual"``).
 
         Args:
             z: (b, 2, G+1, G) logits.
@@ -353,22 +360,25 @@ class DEC(nn.Module):
         h = self.act1(self.conv1(warped))
         h = self.act2(self.norm(self.conv2(h)))
         h = F.adaptive_avg_pool2d(self.head(h), (self.grid + 1, self.grid))
+        if self.cfg.update == "residual":
+            h = z + h
         bound = self.cfg.logit_bound
         return bound * torch.tanh(h / bound)
 
-    def _adjoint(self, z: torch.Tensor, p: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Backward of the implicit mode: v -> g solving g = J_f(z)^T g + v, per sample (J is block diagonal)."""
+    def _adjoint(self, fz: torch.Tensor, z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Backward of the implicit mode: v -> g solving g = J_f(z*)^T g + v, per sample (J is block diagonal).
+
+        Args:
+            fz: (b, 2, G+1, G) f(z*), computed with grad from ``z``.
+            z: (b, 2, G+1, G) the leaf z* that ``fz`` was computed from; the vector-Jacobian products reuse that graph.
+        """
         c = self.cfg
         solver = get_solver(c.backward_solver or c.solver)
 
         def adjoint(v: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad(), torch.autocast(device_type=v.device.type, enabled=False):
-                zz = z.detach().requires_grad_()
-                fz = self.update(zz, p)
-
             def vjp_step(g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
                 full = torch.zeros_like(v).index_copy(0, index, g.to(v.dtype))
-                (jtg,) = torch.autograd.grad(fz, zz, full, retain_graph=True)
+                (jtg,) = torch.autograd.grad(fz, z, full, retain_graph=True)
                 return jtg[index] + v[index]
 
             g, _, info = solver(vjp_step, v.detach(), max_iter=c.backward_max_iter, tol=c.backward_tol,
@@ -425,7 +435,9 @@ class DEC(nn.Module):
             all_ok = ok.numel() == p.shape[0]
             z_ok, p_ok = (z_star, p) if all_ok else (z_star[ok], p[ok])
             if c.backward == "implicit":
-                out = _ImplicitGrad.apply(self.update(z_ok, p_ok), self._adjoint(z_ok, p_ok.detach()))
+                z_leaf = z_ok.detach().requires_grad_()
+                fz = self.update(z_leaf, p_ok)
+                out = _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf))
             else:
                 out = z_ok
                 for _ in range(c.phantom_steps):
@@ -450,4 +462,4 @@ class DEC(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"name={self.name!r}, in_chans={self.in_chans}, grid={c.grid}, solver={c.solver}, "
-                f"max_iter={c.max_iter}, tol={c.tol}, backward={c.backward}")
+                f"max_iter={c.max_iter}, tol={c.tol}, backward={c.backward}, update={c.update}")
