@@ -156,6 +156,27 @@ class TestInputCanonicalizer:
         for g, r in zip(grads, ref):
             torch.testing.assert_close(g, r)
 
+    def test_straight_through_at_the_scoring_resolution(self):
+        # 16 px inputs scored at 8 px: the backward is that of the mixture of the 8 px candidates, upsampled.
+        torch.manual_seed(2)
+        canon = InputCanonicalizer(nn.Identity(), num_warps=4, energy_size=8).double()
+        for p in canon.energy.parameters():
+            nn.init.normal_(p, std=0.3)
+        x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+        upstream = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        out, index = canon.canonicalize(x)
+        assert torch.equal(out, monotone_warp(x, canon.warps[index]))
+        grads = torch.autograd.grad((out * upstream).sum(), list(canon.energy.parameters()))
+
+        small = x.reshape(2, 3, 8, 2, 8, 2).mean(dim=(3, 5))  # area downsampling by 2, by hand
+        cands = [monotone_warp(small, canon.warps[k].expand(2, -1, -1, -1)) for k in range(4)]
+        weights = torch.softmax(-torch.stack([canon.energy(c) for c in cands], dim=1), dim=1)
+        mixture = sum(weights[:, k, None, None, None] * cands[k] for k in range(4))
+        mixture = mixture.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # nearest upsampling
+        ref = torch.autograd.grad((mixture * upstream).sum(), list(canon.energy.parameters()))
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r)
+
     def test_no_graph_in_eval(self):
         canon = InputCanonicalizer(tiny_vit(), num_warps=4, energy_size=8).eval()
         with torch.no_grad():

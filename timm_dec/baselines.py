@@ -8,7 +8,7 @@
   of monotone warps (64 by default, the identity first) with a 3-layer energy CNN, applies the lowest-energy warp
   per sample, S^{-1}(I; Phi*), and runs the model on the result. The hard choice passes gradients to the energy net
   with a straight-through estimator: forward is the argmin, backward is that of the softmax-weighted mixture of all
-  candidates with weights softmax(-energy / temperature).
+  (scored) candidates with weights softmax(-energy / temperature).
 """
 from __future__ import annotations
 
@@ -154,7 +154,8 @@ class InputCanonicalizer(nn.Module):
     For each sample, every warp k of the bank gives a candidate S^{-1}(I; Phi_k); the energy net scores the
     candidates (at ``energy_size`` pixels at most, for speed), the lowest energy wins, and the model sees the winning
     candidate at full resolution. In training the forward value is unchanged, but the gradient reaching the energy
-    net is that of ``sum_k softmax(-E / temperature)_k * candidate_k`` (straight-through estimator). Samples are
+    net is that of ``sum_k softmax(-E / temperature)_k * candidate_k`` (straight-through estimator; the candidates
+    taken at the scoring resolution, so the input is not warped K times at full size). Samples are
     independent of each other. The wrapped model keeps its own state-dict keys under ``model.``.
 
     Example:
@@ -236,6 +237,17 @@ class InputCanonicalizer(nn.Module):
         out = monotone_warp(x.repeat_interleave(k, dim=0), warps, check=False)
         return out.reshape(batch, k, *x.shape[1:])
 
+    def _scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) energies and the (B, K, C, h, w) candidates they score, at the scoring resolution."""
+        self._check_input(x)
+        height, width = x.shape[-2:]
+        if max(height, width) > self.energy_size:
+            scale = self.energy_size / max(height, width)
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            x = F.interpolate(x, size=size, mode="area")
+        cands = self._candidates(x)
+        return self.energy(cands.flatten(0, 1)).reshape(cands.shape[:2]), cands
+
     def energies(self, x: torch.Tensor) -> torch.Tensor:
         """Energy of every canonicalised candidate.
 
@@ -245,17 +257,14 @@ class InputCanonicalizer(nn.Module):
         Returns:
             (B, K) energies; a sample's row does not depend on the other samples.
         """
-        self._check_input(x)
-        height, width = x.shape[-2:]
-        if max(height, width) > self.energy_size:
-            scale = self.energy_size / max(height, width)
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            x = F.interpolate(x, size=size, mode="area")
-        cands = self._candidates(x)
-        return self.energy(cands.flatten(0, 1)).reshape(cands.shape[:2])
+        return self._scored(x)[0]
 
     def canonicalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The lowest-energy canonicalisation of each sample.
+
+        In training, the straight-through term is the softmax(-E / temperature) mixture of the scored candidates
+        (at the scoring resolution, nearest-upsampled to the input's), minus itself detached: zero in value, it
+        carries the mixture's gradient to the energy net without warping the full-size input K times.
 
         Args:
             x: (B, C, H, W) images.
@@ -263,15 +272,15 @@ class InputCanonicalizer(nn.Module):
         Returns:
             (B, C, H, W) canonicalised images S^{-1}(x; Phi*) and (B,) indices of the chosen warps in ``warps``.
         """
-        energy = self.energies(x)
+        energy, cands = self._scored(x)
         index = energy.argmin(dim=1)
         out = monotone_warp(x, self.warps.to(x.device)[index], check=False)
         if torch.is_grad_enabled() and energy.requires_grad:
             soft = torch.softmax(-energy / self.temperature, dim=1)
-            with torch.no_grad():
-                cands = self._candidates(x.detach())
-            # Exactly zero in value; carries d(mixture)/d(energy) to the energy net.
-            out = out + torch.einsum("bk,bk...->b...", soft - soft.detach(), cands.to(soft.dtype)).to(out.dtype)
+            mix = torch.einsum("bk,bk...->b...", soft - soft.detach(), cands.detach().to(soft.dtype))
+            if mix.shape[-2:] != out.shape[-2:]:
+                mix = F.interpolate(mix, size=out.shape[-2:], mode="nearest")
+            out = out + mix.to(out.dtype)
         return out, index
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
