@@ -1,7 +1,7 @@
 """Checks of the fused Triton warp that must run in a fresh interpreter; driven by tests/test_warp_triton.py.
 
-``python tests/_triton_check.py GROUP`` runs one group and prints one JSON line of measured figures; it exits
-non-zero (with the traceback) when a check fails.
+``python tests/_triton_check.py GROUP [GROUP ...]`` runs the groups in one process (importing timm_dec costs
+seconds) and prints one JSON line of measured figures; it exits non-zero (with the traceback) when a check fails.
 
 * ``reference`` and ``details`` need ``TRITON_INTERPRET=1`` in the environment before Triton is imported: the kernels
   then run on CPU tensors in Triton's interpreter and are compared with the PyTorch reference.
@@ -96,13 +96,21 @@ def _logits_grad(logits: torch.Tensor, grad_knots: torch.Tensor) -> torch.Tensor
 
 def check_reference(max_examples: int) -> None:
     """Every layout and direction, shapes drawn by hypothesis: B, C, H, W, G in 1..16, P in 0..5."""
-    from hypothesis import HealthCheck, given, seed, settings
-    from hypothesis import strategies as st
     from triton.runtime import interpreter
 
     # The interpreter's int32 overflow sanitiser costs a third of the run; these maps are far from 2^31 elements,
     # and the "details" group runs with it on (and on the int64 path).
-    interpreter.InterpreterOptions.sanitize_overflow = False
+    sanitize, interpreter.InterpreterOptions.sanitize_overflow = interpreter.InterpreterOptions.sanitize_overflow, False
+    try:
+        _check_reference(max_examples)
+    finally:
+        interpreter.InterpreterOptions.sanitize_overflow = sanitize
+
+
+def _check_reference(max_examples: int) -> None:
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+
     combos = [(layout, inverse) for layout in LAYOUTS for inverse in (False, True)]
     for i, (layout, inverse) in enumerate(combos):
         @seed(i)  # reproducible, and different draws for each combination
@@ -386,9 +394,14 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
 
 
 def check_compile() -> None:
+    import triton
+
     import timm_dec.ops.triton_warp as tw
 
     assert os.environ.get("TRITON_INTERPRET") != "1"
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        STATS["compile_skipped"] = "Triton's NVIDIA backend (ptxas) is not installed"
+        return
     fwd, bwd = tw._warp_fwd_kernel, tw._warp_bwd_kernel
     cases = [
         # name, layout, x shape, dtype, H, W, P, inverse, arch, vectorised channel loads expected
@@ -401,7 +414,8 @@ def check_compile() -> None:
     try:
         for name, layout, shape, dtype, h, w, p, inverse, arch, vector in cases:
             x = torch.randn(shape).to(dtype)
-            knots = knots_from_logits(0.5 * torch.randn(shape[0], 2, 5, 4)).to(torch.promote_types(dtype, torch.float32))
+            knots = knots_from_logits(0.5 * torch.randn(shape[0], 2, 5, 4))
+            knots = knots.to(torch.promote_types(dtype, torch.float32))
             limit = tw._INT32_MAX
             tw._INT32_MAX = 0 if name.endswith("int64") else limit  # the offsets of a > 2^31-element map
             try:
@@ -425,22 +439,29 @@ def check_compile() -> None:
         tw._warp_fwd_kernel, tw._warp_bwd_kernel = fwd, bwd
 
 
-GROUPS: dict[str, Callable[[], None]] = {
-    "reference": lambda: check_reference(int(os.environ.get("TIMM_DEC_TRITON_EXAMPLES", "30"))),
-    "details": check_details,
-    "errors": check_errors,
-    "compile": check_compile,
+# group name -> (check, whether it needs TRITON_INTERPRET=1)
+GROUPS: dict[str, tuple[Callable[[], None], bool]] = {
+    "reference": (lambda: check_reference(int(os.environ.get("TIMM_DEC_TRITON_EXAMPLES", "30"))), True),
+    "details": (check_details, True),
+    "errors": (check_errors, False),
+    "compile": (check_compile, False),
 }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] not in GROUPS:
-        print(f"usage: {sys.argv[0]} {{{'|'.join(GROUPS)}}}", file=sys.stderr)
+    if not argv or any(g not in GROUPS for g in argv):
+        print(f"usage: {sys.argv[0]} GROUP [GROUP ...], GROUP in {sorted(GROUPS)}", file=sys.stderr)
         return 2
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    for group in argv:
+        if GROUPS[group][1] != interpret:
+            print(f"group {group!r} needs TRITON_INTERPRET={'1' if GROUPS[group][1] else 'unset'}", file=sys.stderr)
+            return 2
     torch.set_num_threads(1)
-    GROUPS[argv[0]]()
-    print(json.dumps({"group": argv[0], **STATS}))
+    for group in argv:
+        GROUPS[group][0]()
+    print(json.dumps({"groups": argv, **STATS}))
     return 0
 
 

@@ -1,9 +1,9 @@
 """Tests of the fused Triton warp, `timm_dec.ops.triton_warp`, against the PyTorch reference; no GPU needed.
 
 Triton's interpreter (CPU tensors) must be switched on with ``TRITON_INTERPRET=1`` before Triton is imported, so
-every check that imports Triton runs in a fresh subprocess: ``tests/_triton_check.py GROUP`` (see its docstring).
-Measured on the interpreter (30 hypothesis examples, float32, errors relative to the reference's largest value):
-forward <= 3e-6, grad_x <= 3e-6, grad_knots and grad_logits <= 2e-6 (tolerance 1e-4).
+every check that imports Triton runs in a fresh subprocess: ``tests/_triton_check.py GROUP ...`` (see its docstring).
+Measured on the interpreter (30 hypothesis examples, float32; largest error over the largest reference value):
+forward 1.7e-6, grad_x 1.7e-6, grad_knots 1.5e-6, grad_logits 1.3e-6 (tolerance: rtol 1e-4).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def _python(args: list[str], interpret: bool = False) -> subprocess.CompletedPro
     return proc
 
 
-def _group(name: str, interpret: bool) -> dict:
-    stats = json.loads(_python([str(HELPER), name], interpret).stdout.strip().splitlines()[-1])
+def _groups(names: list[str], interpret: bool) -> dict:
+    stats = json.loads(_python([str(HELPER), *names], interpret).stdout.strip().splitlines()[-1])
     print(json.dumps(stats, indent=1))
     return stats
 
@@ -90,34 +90,29 @@ def test_package_works_without_triton_and_the_kernel_module_says_why_not():
 
 @needs_triton
 @pytest.mark.slow
-def test_kernel_equals_reference_forward_and_gradients_on_drawn_shapes():
-    """Hypothesis: every layout and direction, B, C, H, W, G in 1..16, P in 0..5, rtol 1e-4 (interpreter)."""
-    stats = _group("reference", interpret=True)
+def test_kernel_equals_reference_under_the_interpreter():
+    """One interpreted process (importing timm_dec alone costs seconds), two groups of checks:
+
+    * reference: hypothesis, every layout and direction, B, C, H, W, G in 1..16, P in 0..5; forward, grad_x,
+      grad_knots and grad_logits within rtol 1e-4 of the reference, for the same random upstream gradient;
+    * details: fp16 / bf16 / fp64 inputs, autocast, bit-identical prefix tokens, strided inputs and upstream
+      gradients, one gradient at a time, other sweep counts, int64 offsets, identity, dispatch, empty and 1x1
+      maps, bad input.
+    """
+    stats = _groups(["reference", "details"], interpret=True)
     assert stats["examples"] >= 30
     for name in ("forward", "grad_x", "grad_knots", "grad_logits"):
         assert stats[f"{name}_max_rel"] < 1e-4, (name, stats)
-
-
-@needs_triton
-@pytest.mark.slow
-def test_kernel_dtypes_prefix_tokens_strides_and_edge_cases():
-    """fp16/bf16/fp64, autocast, bit-identical prefix tokens, strided inputs, int64 offsets, errors (interpreter)."""
-    stats = _group("details", interpret=True)
     assert stats["identity_max_abs"] <= 1e-5
     assert stats["torch.float16_err_vs_fp32"] <= 2 * stats["torch.float16_torch_err_vs_fp32"] + 1e-6
 
 
 @needs_triton
-def test_cpu_tensors_are_refused_without_the_interpreter():
-    _group("errors", interpret=False)
-
-
-@needs_triton
 @pytest.mark.slow
-def test_kernels_compile_for_gpus_without_spills():
-    """sm_90 / sm_80 builds of the kernels as the launcher specialises them: no spills, vector loads for nhwc/tokens."""
-    ptxas = Path(TRITON_SPEC.origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
-    stats = _group("compile", interpret=False)
-    assert len(stats) > 1
+def test_cpu_tensors_refused_and_kernels_compile_for_gpus_without_spills():
+    """Interpreter off: CPU tensors get a clear error; the kernels, specialised as the launcher launches them, build
+    for sm_90 / sm_80 with no register spills and with vector loads on the nhwc / token layouts (needs ptxas)."""
+    stats = _groups(["errors", "compile"], interpret=False)
+    if "compile_skipped" in stats:
+        pytest.skip(stats["compile_skipped"])
+    assert any(key.endswith("_fwd") for key in stats) and any(key.endswith("_bwd") for key in stats)

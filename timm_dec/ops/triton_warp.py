@@ -161,8 +161,13 @@ def _border_axis(c, size, ACC: tl.constexpr):
 
 @triton.jit
 def _pixel_setup(k_ptr, b, pb, H, W, HW, G: tl.constexpr, KP: tl.constexpr, INVERSE: tl.constexpr,
-                 SWEEPS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Pixels of block ``pb`` of sample ``b``, their bilinear neighbours and weights (shared by both kernels)."""
+                 SWEEPS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, INDEX_64: tl.constexpr):
+    """Pixels of block ``pb`` of sample ``b``, their bilinear neighbours and weights (shared by both kernels).
+
+    Returns the pixel index p, row h and column w (int64 when ``INDEX_64``), the pixel mask, the neighbour rows
+    y0, y1 and columns x0, x1 with the masks of the upper ones (e_ok, s_ok: inside the map), the weights of the
+    upper neighbours (wx, wy) and the coordinate-gradient factors (gmx, gmy).
+    """
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < HW  # HW is an argument, not H * W: when it is a multiple of 16 Triton knows the mask is too
     h = p // W
@@ -171,7 +176,19 @@ def _pixel_setup(k_ptr, b, pb, H, W, HW, G: tl.constexpr, KP: tl.constexpr, INVE
     cx, cy = _source_coords(k_ptr + b.to(tl.int64) * (2 * KS * KS), h, w, H, W, G, KP, INVERSE, SWEEPS)
     x0, wx, gmx = _border_axis(cx, W, ACC)
     y0, wy, gmy = _border_axis(cy, H, ACC)
-    return p, pmask, h, w, x0, y0, wx, wy, gmx, gmy
+    x1 = x0 + 1
+    y1 = y0 + 1
+    e_ok = pmask & (x1 < W)
+    s_ok = pmask & (y1 < H)
+    if INDEX_64:
+        p = p.to(tl.int64)
+        h = h.to(tl.int64)
+        w = w.to(tl.int64)
+        x0 = x0.to(tl.int64)
+        x1 = x1.to(tl.int64)
+        y0 = y0.to(tl.int64)
+        y1 = y1.to(tl.int64)
+    return p, h, w, pmask, x0, x1, y0, y1, e_ok, s_ok, wx, wy, gmx, gmy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,28 +204,18 @@ def _warp_fwd_kernel(
         G: tl.constexpr, KP: tl.constexpr, INVERSE: tl.constexpr, SWEEPS: tl.constexpr, ACC: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_64: tl.constexpr, OUT_FLAT: tl.constexpr,
 ):
+    """out[b, p, c] = bilinear sample of x[b, :, :, c] at the source coordinate of pixel p (layouts via strides)."""
     pid = tl.program_id(0)
     b = pid // num_pblocks
     pb = pid - b * num_pblocks
-    p, pmask, h, w, x0, y0, wx, wy, gmx, gmy = _pixel_setup(k_ptr, b, pb, H, W, HW, G, KP, INVERSE, SWEEPS, ACC, BLOCK_P)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    e_ok = pmask & (x1 < W)
-    s_ok = pmask & (y1 < H)
+    p, h, w, pmask, x0, x1, y0, y1, e_ok, s_ok, wx, wy, gmx, gmy = _pixel_setup(
+        k_ptr, b, pb, H, W, HW, G, KP, INVERSE, SWEEPS, ACC, BLOCK_P, INDEX_64)
     ex = 1.0 - wx
     ey = 1.0 - wy
     nw = (ey * ex)[:, None]
     ne = (ey * wx)[:, None]
     sw = (wy * ex)[:, None]
     se = (wy * wx)[:, None]
-    if INDEX_64:
-        x0 = x0.to(tl.int64)
-        x1 = x1.to(tl.int64)
-        y0 = y0.to(tl.int64)
-        y1 = y1.to(tl.int64)
-        h = h.to(tl.int64)
-        w = w.to(tl.int64)
-        p = p.to(tl.int64)
     off_nw = (y0 * sx_h + x0 * sx_w)[:, None]
     off_ne = (y0 * sx_h + x1 * sx_w)[:, None]
     off_sw = (y1 * sx_h + x0 * sx_w)[:, None]
@@ -247,24 +254,14 @@ def _warp_bwd_kernel(
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_64: tl.constexpr,
         GO_FLAT: tl.constexpr, NEED_GRAD_X: tl.constexpr, NEED_GRAD_COORDS: tl.constexpr,
 ):
+    """grad_x (atomic adds, in x's layout) and the (B, H*W, 2) gradient for the source coordinates."""
     pid = tl.program_id(0)
     b = pid // num_pblocks
     pb = pid - b * num_pblocks
-    p, pmask, h, w, x0, y0, wx, wy, gmx, gmy = _pixel_setup(k_ptr, b, pb, H, W, HW, G, KP, INVERSE, SWEEPS, ACC, BLOCK_P)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    e_ok = pmask & (x1 < W)
-    s_ok = pmask & (y1 < H)
+    p, h, w, pmask, x0, x1, y0, y1, e_ok, s_ok, wx, wy, gmx, gmy = _pixel_setup(
+        k_ptr, b, pb, H, W, HW, G, KP, INVERSE, SWEEPS, ACC, BLOCK_P, INDEX_64)
     ex = 1.0 - wx
     ey = 1.0 - wy
-    if INDEX_64:
-        x0 = x0.to(tl.int64)
-        x1 = x1.to(tl.int64)
-        y0 = y0.to(tl.int64)
-        y1 = y1.to(tl.int64)
-        h = h.to(tl.int64)
-        w = w.to(tl.int64)
-        p = p.to(tl.int64)
     if GO_FLAT:
         off_g = (p * sg_w)[:, None]
     else:
@@ -336,9 +333,9 @@ def _launch_config(hw: int, channels: int, channel_contiguous: bool, backward: b
 
     Channel-contiguous maps (nhwc, tokens, channels-last nchw) take channel tiles of 32-64 so that each thread moves
     16-byte vectors; channel-planar maps (nchw) gather along pixels, one address per element, so they take long
-    pixel tiles of two channels; ``wide`` (float64 math) halves the tile. The sizes keep the kernels at 64-96
-    registers with no spills (ptxas, sm_80 and sm_90; tests/_triton_check.py compiles them). The interpreter pays per program and per operation, not per
-    element, so it gets one block per sample.
+    pixel tiles of two channels; ``wide`` (float64 math) halves the tile. The sizes keep the kernels at 40-96
+    registers with no spills (ptxas, sm_80 and sm_90; tests/_triton_check.py compiles them). The interpreter pays
+    per program and per operation, not per element, so it gets one block per sample.
     """
     if interpreter_enabled():
         bp, bc = min(triton.next_power_of_2(hw), 1024), min(triton.next_power_of_2(channels), 64)
@@ -395,6 +392,13 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _meta(coord_knots: torch.Tensor, inverse: bool, sweeps: int, wide: bool) -> dict:
+    """Compile-time parameters shared by both kernels."""
+    knots_per_row = coord_knots.shape[-1]
+    return dict(G=knots_per_row - 1, KP=triton.next_power_of_2(knots_per_row), INVERSE=bool(inverse),
+                SWEEPS=int(sweeps), ACC=tl.float64 if wide else tl.float32)
+
+
 def _warp_forward(x: torch.Tensor, coord_knots: torch.Tensor, inverse: bool, layout: str, height: int, width: int,
                   num_prefix_tokens: int, sweeps: int, block_p: Optional[int], block_c: Optional[int]) -> torch.Tensor:
     """Launch the forward kernel; ``coord_knots`` is contiguous, float32 or float64."""
@@ -414,9 +418,8 @@ def _warp_forward(x: torch.Tensor, coord_knots: torch.Tensor, inverse: bool, lay
     with _device_guard(x):
         _warp_fwd_kernel[(batch * num_pblocks,)](
             xs, coord_knots, os_, height, width, hw, channels, num_pblocks, *sx, *so,
-            G=coord_knots.shape[-1] - 1, KP=triton.next_power_of_2(coord_knots.shape[-1]), INVERSE=bool(inverse), SWEEPS=int(sweeps),
-            ACC=tl.float64 if wide else tl.float32,
-            BLOCK_P=bp, BLOCK_C=bc, INDEX_64=index_64, OUT_FLAT=so[1] == width * so[2], num_warps=warps,
+            **_meta(coord_knots, inverse, sweeps, wide), BLOCK_P=bp, BLOCK_C=bc, INDEX_64=index_64,
+            OUT_FLAT=so[1] == width * so[2], num_warps=warps,
         )
     return out
 
@@ -427,31 +430,31 @@ def _warp_backward(x: torch.Tensor, coord_knots: torch.Tensor, grad_out: torch.T
                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernel: (grad_x in x's dtype and layout, (B, H, W, 2) coordinate gradient)."""
     batch, channels, hw = x.shape[0], x.shape[1 if layout == "nchw" else -1], height * width
-    acc_dtype = torch.float64 if torch.float64 in (x.dtype, coord_knots.dtype) else torch.float32
+    wide = torch.float64 in (x.dtype, coord_knots.dtype)
+    launch = (need_grad_x or need_grad_coords) and batch > 0 and channels > 0 and hw > 0
     grad_x = grad_coords = None
-    if need_grad_x:
-        grad_x = torch.zeros_like(x, dtype=acc_dtype)
+    if need_grad_x:  # accumulated in float32 (float64): half-precision atomics would lose the small contributions
+        grad_x = torch.zeros_like(x, dtype=torch.float64 if wide else torch.float32)
         if layout == "tokens" and num_prefix_tokens:
             grad_x[:, :num_prefix_tokens].copy_(grad_out[:, :num_prefix_tokens])
     if need_grad_coords:
-        grad_coords = torch.zeros(batch, height, width, 2, device=x.device, dtype=coord_knots.dtype)
-    if (need_grad_x or need_grad_coords) and batch and channels and hw:
+        alloc = torch.empty if launch else torch.zeros  # the kernel writes every pixel
+        grad_coords = alloc(batch, height, width, 2, device=x.device, dtype=coord_knots.dtype)
+    if launch:
         xs, sx = _spatial_view(x, layout, height, width, num_prefix_tokens)
         gs, sg = _spatial_view(grad_out, layout, height, width, num_prefix_tokens)
         gxs, sgx = _spatial_view(grad_x, layout, height, width, num_prefix_tokens) if need_grad_x else (xs, sx)
         sizes = (1, height, width, channels)
         index_64 = max(_max_offset(s, sizes) for s in (sx, sg, sgx)) > _INT32_MAX
-        bp, bc, warps = _launch_config(hw, channels, sx[3] == 1, True, acc_dtype == torch.float64, block_p,
-                                       block_c)
+        bp, bc, warps = _launch_config(hw, channels, sx[3] == 1, True, wide, block_p, block_c)
         num_pblocks = triton.cdiv(hw, bp)
         with _device_guard(x):
             _warp_bwd_kernel[(batch * num_pblocks,)](
                 xs, coord_knots, gs, gxs, grad_coords if need_grad_coords else coord_knots,
                 height, width, hw, channels, num_pblocks, *sx, *sg, *sgx,
-                G=coord_knots.shape[-1] - 1, KP=triton.next_power_of_2(coord_knots.shape[-1]), INVERSE=bool(inverse), SWEEPS=int(sweeps),
-                ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-                BLOCK_P=bp, BLOCK_C=bc, INDEX_64=index_64, GO_FLAT=sg[1] == width * sg[2],
-                NEED_GRAD_X=need_grad_x, NEED_GRAD_COORDS=need_grad_coords, num_warps=warps,
+                **_meta(coord_knots, inverse, sweeps, wide), BLOCK_P=bp, BLOCK_C=bc, INDEX_64=index_64,
+                GO_FLAT=sg[1] == width * sg[2], NEED_GRAD_X=need_grad_x, NEED_GRAD_COORDS=need_grad_coords,
+                num_warps=warps,
             )
     if grad_x is not None and grad_x.dtype != x.dtype:
         grad_x = grad_x.to(x.dtype)
