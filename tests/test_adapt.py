@@ -171,7 +171,7 @@ def test_dec_modules_follow_the_model_device_dtype_and_mode():
 def test_default_blocks_per_family():
     assert timm_dec.adapt(make_base("vit", depth=4)).dec_cfg.blocks == (0, 1)
     assert timm_dec.adapt(make_base("beit")).dec_cfg.blocks == (0, 1)
-    assert timm_dec.adapt(make_base("swin")).dec_cfg.blocks == (0,)
+    assert timm_dec.adapt(make_base("swin")).dec_cfg.blocks == (0, 1)
     assert timm_dec.adapt(make_base("vit", depth=1)).dec_cfg.blocks == (0,)  # defaults past the depth are dropped
     assert timm_dec.adapt(make_base("vit"), blocks=-1, **SMALL_DEC).dec_cfg.blocks == (2,)
 
@@ -289,6 +289,7 @@ def test_layer_decay_groups_each_dec_with_its_block(family):
                n.startswith("layers.1.") for n in names) for names in coarse.values())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_torchscript_and_fx_raise_clear_errors():
     model = timm_dec.adapt(make_base("vit"), blocks=(0,), **SMALL_DEC).eval()
     with pytest.raises(TypeError, match="TorchScript"):

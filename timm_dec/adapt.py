@@ -163,8 +163,10 @@ def adapt(
     at the identity, so the adapted model returns what the model returned before.
 
     Default ``blocks``: the family class's ``default_dec_blocks`` -- ``(0, 1)`` for ViT, DeiT and BEiT (the first
-    two transformer blocks), ``(0,)`` for Swin (the first stage). They keep the cost of the canonicalisers near a
-    tenth of the forward; adapt more blocks for stronger consistency deeper in the net.
+    two transformer blocks), ``(0, 1)`` for Swin (the first two stages). Measured on CPU at 224 px (vit_small,
+    swin_tiny), their DEC solves cost ~2% of a forward at initialisation (one evaluation each), ~7% at ~7
+    Anderson iterations and ~15% when every solve runs to ``max_iter=12``; adapt more blocks for consistency
+    deeper in the net, at a proportional cost.
 
     Args:
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT3, DINOv2 with or without registers),
@@ -190,14 +192,15 @@ def adapt(
         raise TypeError(f"adapt expects a timm model (nn.Module), got {type(model).__name__}")
     if isinstance(model, DECModelMixin):
         raise ValueError(f"{type(model).__name__} is already adapted (its DEC blocks: {model.dec_cfg.blocks})")
-    dec_cls = dec_class_for(type(model))
+    base_cls = type(model)
+    dec_cls = dec_class_for(base_cls)
     dec_cls.check_adaptable(model)
     # class switch first: the options are checked with the family hooks; a rejected adapt leaves the model as it was
     model.__class__ = dec_cls
     try:
         _attach(model, _make_config(model, blocks, grid, mode, dec_options))
     except Exception:
-        model.__class__ = dec_cls.dec_base_class()
+        model.__class__ = base_cls
         raise
     return model
 
@@ -252,14 +255,6 @@ class DECModelMixin:
         grid = options.pop("grid", 4)
         mode = options.pop("mode", "equivariant")
         _attach(self, _make_config(self, blocks, grid, mode, options))
-
-    @classmethod
-    def dec_base_class(cls) -> type:
-        """The timm class this family class extends (the first non-DEC class in the MRO)."""
-        for klass in cls.__mro__[1:]:
-            if not issubclass(klass, DECModelMixin):
-                return klass
-        raise TypeError(f"{cls.__name__} extends no timm class")
 
     @classmethod
     def check_adaptable(cls, model: nn.Module) -> None:

@@ -24,11 +24,11 @@ __all__ = ["SwinTransformerDEC"]
 class SwinTransformerDEC(DECModelMixin, SwinTransformer):
     """A timm ``SwinTransformer`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
 
-    Takes the ``SwinTransformer`` arguments plus the ``dec_*`` options. Default DEC stages: ``(0,)``.
+    Takes the ``SwinTransformer`` arguments plus the ``dec_*`` options. Default DEC stages: ``(0, 1)``.
     ``forward_intermediates`` also accepts ``output_fmt='NHWC'``, so ``features_only`` keeps the base's NHWC maps.
     """
     dec_unit_name = "stage"
-    default_dec_blocks = (0,)
+    default_dec_blocks = (0, 1)
     dec_feature_cfg = {"feature_cls": "getter", "output_fmt": "NHWC"}
 
     def dec_units(self) -> Sequence[nn.Module]:
