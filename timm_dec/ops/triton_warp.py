@@ -27,7 +27,7 @@ import os
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 try:
     import triton
@@ -383,11 +383,13 @@ def _check_inputs(x: torch.Tensor, knots: torch.Tensor, layout: str, height: int
         raise ValueError(
             f"x of shape {tuple(x.shape)} does not fit layout {layout!r} with (H, W) = {(height, width)}, "
             f"{num_prefix_tokens} prefix tokens and knots for batch {knots.shape[0]}")
+    if num_prefix_tokens < 0 or (num_prefix_tokens and layout != "tokens"):
+        raise ValueError(f"num_prefix_tokens must be >= 0 and is only for layout 'tokens', got {num_prefix_tokens}")
     if sweeps < 1:
         raise ValueError(f"sweeps must be >= 1, got {sweeps}")
 
 
-def _device_guard(t: torch.Tensor):
+def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on the tensor's GPU, not the current one."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -465,8 +467,9 @@ class MonotoneWarpFn(torch.autograd.Function):
     """Autograd wrapper of the fused warp; sampling, grad_x and the coordinate gradient run in Triton kernels."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, knots: torch.Tensor, inverse: bool, layout: str, height: int, width: int,
-                num_prefix_tokens: int, sweeps: int, block_p: Optional[int], block_c: Optional[int]) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, x: torch.Tensor, knots: torch.Tensor, inverse: bool, layout: str, height: int,
+                width: int, num_prefix_tokens: int, sweeps: int, block_p: Optional[int], block_c: Optional[int]
+                ) -> torch.Tensor:
         coord_knots = knots.detach().to(torch.promote_types(knots.dtype, torch.float32)).contiguous()
         out = _warp_forward(x.detach(), coord_knots, inverse, layout, height, width, num_prefix_tokens, sweeps,
                             block_p, block_c)
@@ -476,7 +479,7 @@ class MonotoneWarpFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         x, knots, coord_knots = ctx.saved_tensors
         inverse, layout, height, width, num_prefix_tokens, sweeps, block_p, block_c = ctx.config
         need_x, need_knots = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
