@@ -180,7 +180,8 @@ def test_unsupported_models_raise_type_error_listing_families():
     class MyViT(VisionTransformer):
         pass
 
-    for model in (nn.Sequential(nn.Conv2d(3, 4, 3)), MyViT(img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2)):
+    my_vit = MyViT(img_size=32, patch_size=8, depth=1, embed_dim=16, num_heads=2)
+    for model in (nn.Sequential(nn.Conv2d(3, 4, 3)), my_vit):
         with pytest.raises(TypeError, match="VisionTransformer.*SwinTransformer|SwinTransformer.*VisionTransformer"):
             timm_dec.adapt(model)
     with pytest.raises(TypeError, match="nn.Module"):

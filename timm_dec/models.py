@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 import types
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence
 
@@ -152,7 +151,8 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     arguments.pop("variant")
     arguments.pop("pretrained")
     model_kwargs = arguments.pop("kwargs", {})
-    arguments["pretrained_filter_fn"] = partial(dec_checkpoint_filter, base_filter=arguments.get("pretrained_filter_fn"))
+    base_filter = arguments.get("pretrained_filter_fn")
+    arguments["pretrained_filter_fn"] = partial(dec_checkpoint_filter, base_filter=base_filter)
     # features go through forward_intermediates, the one feature path that runs the DEC
     feature_cfg = dict(arguments.get("feature_cfg") or {})
     feature_cfg.pop("flatten_sequential", None)
