@@ -44,7 +44,7 @@ class TestDemo:
         n_scales = len(PRESETS["smoke"]["scales"])
         for m, r in s["methods"].items():
             assert {"acc", "inv_e", "per_scale_acc", "per_scale_prob_correct", "per_bin_acc", "scales", "checkpoint",
-                    "eval_command", "train_steps", "train_seconds"} <= set(r), m
+                    "eval_command", "train_steps", "stage2_seconds"} <= set(r), m
             assert 0 <= r["acc"] <= 1 and r["inv_e"] >= 0 and len(r["per_scale_acc"]) == n_scales
             assert len(r["per_bin_acc"]) == len(PRESETS["smoke"]["scale_bins"])
         # The same budget: every method took the same number of optimiser steps.
@@ -70,6 +70,20 @@ class TestDemo:
             np.testing.assert_allclose(e[key], r[key], rtol=1e-5, atol=1e-7, err_msg=key)
         assert e["model"].endswith("_dec") == (method == "dec")
         assert (e["canon"] is not None) == (method == "canon")
+
+    def test_base_checkpoint_into_dec_model(self, demo_out: Path, tmp_path: Path):
+        # A base checkpoint loads into the *_dec model with the DEC at identity: the base model's numbers again.
+        r = json.loads((demo_out / "summary.json").read_text())["methods"]["base"]
+        argv = shlex.split(r["eval_command"])[1:]
+        argv[argv.index("--model") + 1] += "_dec"
+        assert cli.main(argv + ["--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+        e = json.loads((tmp_path / "e.json").read_text())
+        assert e["acc"] == r["acc"]
+        np.testing.assert_allclose(e["per_scale_prob_correct"], r["per_scale_prob_correct"], atol=1e-5)
+        # A checkpoint of another architecture is refused with a clear error.
+        argv[argv.index("--checkpoint") + 1] = str(demo_out / "checkpoints" / "canon.safetensors")
+        with pytest.raises(ValueError, match="does not fit"):
+            cli.main(argv + ["--no-progress"])
 
     def test_config_overrides_preset(self):
         parser = argparse.ArgumentParser()

@@ -2,8 +2,9 @@
 
 The model is built by name with ``timm.create_model`` after ``import timm_dec`` (so base models and ``*_dec``
 models alike), optionally wrapped with the Canon baseline (`timm_dec.baselines.InputCanonicalizer`), and loaded
-from ``--checkpoint`` with timm's ``load_checkpoint`` (``.safetensors`` files are read with safetensors; other files
-with ``torch.load(weights_only=True)``). Images are normalised with the model's timm data config (mean, std).
+from ``--checkpoint`` with timm's ``load_state_dict`` (``.safetensors`` files are read with safetensors; other files
+with ``torch.load(weights_only=True)``), strictly, except that a base model's checkpoint loads into its ``*_dec``
+model with the DEC at the identity. Images are normalised with the model's timm data config (mean, std).
 
 Data (``--data``):
 
@@ -254,7 +255,9 @@ def create_eval_model(
     Args:
         name: any timm model name, base or ``*_dec``.
         num_classes: classifier size, unless ``model_kwargs`` sets it.
-        checkpoint: weights for the model (or for the Canon wrapper when ``canon`` is given).
+        checkpoint: weights for the model (or for the Canon wrapper when ``canon`` is given), read with timm's
+            ``load_state_dict`` (safetensors, or ``torch.load(weights_only=True)``; EMA weights preferred). Loaded
+            strictly, except that a base checkpoint may leave a ``*_dec`` model's DEC modules at the identity.
         model_kwargs: more ``create_model`` keyword arguments (``img_size``, ``dec_grid``, ...).
         canon: `InputCanonicalizer` options; wraps the model with Canon when not None.
         pretrained: load timm's pretrained weights first (needs the Hub or its cache).
@@ -265,7 +268,7 @@ def create_eval_model(
     """
     import timm
     import timm_dec  # noqa: F401  (registers the *_dec models)
-    from timm.models import load_checkpoint
+    from timm.models import load_state_dict
     from .baselines import InputCanonicalizer
 
     kwargs = dict(model_kwargs or {})
@@ -277,7 +280,16 @@ def create_eval_model(
     if checkpoint:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
-        load_checkpoint(model, checkpoint, strict=True)
+        state = load_state_dict(checkpoint)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        dec_prefix = "model.dec." if canon is not None else "dec."
+        if unexpected or any(not k.startswith(dec_prefix) for k in missing):
+            raise ValueError(
+                f"checkpoint {checkpoint!r} does not fit {name}{' + Canon' if canon is not None else ''}: missing keys "
+                f"{missing[:8]}, unexpected keys {unexpected[:8]} (check --model, --model-kwargs and --canon)")
+        if missing:
+            print(f"note: {checkpoint} has no DEC weights (a base checkpoint); the DEC modules start at the "
+                  f"identity", file=sys.stderr)
     return model.eval()
 
 
@@ -352,12 +364,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="weights: .safetensors or a timm .pth/.pth.tar checkpoint")
     parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                         help="more create_model kwargs, as in timm's train.py (img_size=64 patch_size=8 dec_grid=4)")
-    parser.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the Hub)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start from timm's pretrained weights (needs the Hub)")
     parser.add_argument("--canon", action="store_true",
                         help="wrap the model with the Canon baseline (input canonicalizer) before loading --checkpoint")
     parser.add_argument("--canon-warps", type=int, default=64, help="Canon: warps in the bank, identity included")
     parser.add_argument("--canon-grid", type=int, default=4, help="Canon: grid G of the warps")
     parser.add_argument("--canon-strength", type=float, default=0.5, help="Canon: spread of the warps")
+    parser.add_argument("--canon-seed", type=int, default=0, help="Canon: seed of the warp bank")
     parser.add_argument("--canon-energy-size", type=int, default=32, help="Canon: side at which energies are scored")
     parser.add_argument("--canon-energy-widths", type=int, nargs=2, default=(32, 64), metavar=("C1", "C2"),
                         help="Canon: channels of the energy CNN")
@@ -366,7 +380,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", type=parse_scales, default=list(DEFAULT_SCALES),
                         help="comma-separated scales of the variants (default 0.7,0.8,...,1.3)")
     parser.add_argument("--scale-bins", type=parse_bins, default=None,
-                        help="digits: Table 3 bins LOW-HIGH,... (per-digit scales drawn in each bin), e.g. 0.4-1.0,1.0-2.0")
+                        help="digits: Table 3 bins LOW-HIGH,... (per-digit scales drawn in each bin), "
+                             "e.g. 0.4-1.0,1.0-2.0")
     parser.add_argument("--num-samples", type=int, default=500, help="test images evaluated")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -410,7 +425,8 @@ def run(args: argparse.Namespace) -> int:
     canon = None
     if args.canon:
         canon = dict(num_warps=args.canon_warps, grid=args.canon_grid, strength=args.canon_strength,
-                     energy_size=args.canon_energy_size, energy_widths=tuple(args.canon_energy_widths))
+                     seed=args.canon_seed, energy_size=args.canon_energy_size,
+                     energy_widths=tuple(args.canon_energy_widths))
     model = create_eval_model(args.model, num_classes=dataset.num_classes, checkpoint=args.checkpoint,
                               model_kwargs=model_kwargs, canon=canon, pretrained=args.pretrained, in_chans=chans)
     dataset.transform = normalize_transform(resolve_data_config({}, model=model), chans)
