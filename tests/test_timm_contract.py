@@ -428,3 +428,37 @@ def test_torch_compile_forward_matches_eager():
         assert (got["calls"], got["samples"], got["fallbacks"]) == (want["calls"], want["samples"], want["fallbacks"])
         assert got["mean_iterations"] == pytest.approx(want["mean_iterations"], abs=1)
         assert got["max_residual"] == pytest.approx(want["max_residual"], rel=0.05, abs=model.dec_cfg.dec.tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timm-dec bench overhead, on a tiny input
+
+
+@pytest.mark.slow
+def test_bench_overhead_runs_and_its_figures_add_up(tmp_path, capsys):
+    from timm_dec import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    path = tmp_path / "overhead.json"
+    args = parser.parse_args(["overhead", "--models", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "2",
+                              "--repeats", "3", "--warmup", "0", "--json", str(path)])
+    assert bench.run(args) == 0
+    assert "bar vit_tiny_patch16_224 forward_<=1.2" in capsys.readouterr().out
+    result = json.loads(path.read_text())
+    entry = result["models"]["vit_tiny_patch16_224"]
+    for key in ("forward", "train_step"):
+        rounds = entry[key]["rounds_ms"]
+        assert len(rounds["base"]) == len(rounds["dec"]) == 3
+        per_round = sorted(d / b for d, b in zip(rounds["dec"], rounds["base"]))
+        assert entry[key]["ratio"] == pytest.approx(per_round[1]) == pytest.approx(entry["ratios"][key])
+    base = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    base_bytes = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers()))
+    memory = entry["memory"]
+    assert memory["base"]["resident_bytes"] == base_bytes
+    assert memory["dec"]["resident_bytes"] - base_bytes == 4 * entry["dec_params"] > 0
+    for m in memory.values():
+        assert m["total_bytes"] == m["resident_bytes"] + m["step_bytes"] and m["step_bytes"] > 0
+    # the perturbed DEC heads make the solve iterate, without giving up
+    assert entry["solver"]["eval_mean_iterations"] > 2 and entry["solver"]["fallbacks"] == 0
+    assert 0 < entry["split"]["forward_dec_share"] < 1 and 0 < entry["split"]["train_adjoint_share_profiled"] < 1
