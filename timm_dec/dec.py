@@ -49,6 +49,16 @@ BACKWARD_MODES = ("implicit", "phantom")
 UPDATE_FORMS = ("absolute", "residual")
 
 
+@contextmanager
+def _native_cpu_convs(device: torch.device) -> Iterator[None]:
+    """Run CPU convolutions on PyTorch's native kernels (oneDNN off); touches only the oneDNN on/off switch."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None):
+        yield
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -359,7 +369,7 @@ class DEC(nn.Module):
         warped = monotone_warp(p, knots_from_logits(z), layout="nchw", check=False)
         # On the CPU, oneDNN picks convolution algorithms by batch size, which rounds differently (~1e-7) and the
         # solve magnifies that; the native kernels keep a sample's result independent of its batch (DESIGN.md).
-        with torch.backends.mkldnn.flags(enabled=z.device.type != "cpu"):
+        with _native_cpu_convs(z.device):
             h = self.act1(self.conv1(warped))
             h = self.act2(self.norm(self.conv2(h)))
         h = F.adaptive_avg_pool2d(self.head(h), (self.grid + 1, self.grid))
