@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from .ops import knots_from_logits, monotone_warp, resolve_backend
 
 __all__ = [
-    "add_arguments", "run", "bench_warp", "composed_warp", "format_warp_table", "time_interleaved", "environment",
+    "add_arguments", "run", "bench_warp", "composed_warp", "format_warp_table", "time_interleaved", "paired_times",
+    "environment",
     "write_json", "BENCHMARKS", "WARP_SHAPES",
 ]
 
@@ -110,13 +111,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(
+def paired_times(
         fns: dict[str, Callable[[], Any]],
         device: torch.device,
         repeats: int,
         warmup: int,
-) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin so that background load hits all alike.
+) -> dict[str, list[float]]:
+    """Seconds of every timed call of each function, timed round-robin so that background load hits all alike.
+
+    Keeping every round (not only the median) lets a ratio be taken per round, between calls that ran back to back
+    under the same background load, and the median taken over those ratios.
 
     Args:
         fns: name -> function of no arguments.
@@ -125,7 +129,7 @@ def time_interleaved(
         warmup: untimed rounds first.
 
     Returns:
-        name -> median seconds.
+        name -> ``repeats`` seconds, in round order.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
@@ -136,7 +140,21 @@ def time_interleaved(
             _sync(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def time_interleaved(
+        fns: dict[str, Callable[[], Any]],
+        device: torch.device,
+        repeats: int,
+        warmup: int,
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin (see `paired_times`).
+
+    Returns:
+        name -> median seconds.
+    """
+    return {name: statistics.median(t) for name, t in paired_times(fns, device, repeats, warmup).items()}
 
 
 def composed_warp(x: torch.Tensor, logits: torch.Tensor, layout: str, height: int, width: int,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from .bench import environment
+from .bench import environment, paired_times
 from .dec import DEC, solver_stats
 
 __all__ = [
@@ -113,43 +113,6 @@ def peak_training_memory(model: nn.Module, step: Callable[[], Any], device: torc
     else:
         step_bytes = peak_cpu_memory(step)
     return dict(resident_bytes=resident, step_bytes=step_bytes, total_bytes=resident + step_bytes)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def paired_times(
-        fns: dict[str, Callable[[], Any]],
-        device: torch.device,
-        repeats: int,
-        warmup: int,
-) -> dict[str, list[float]]:
-    """Seconds of every timed call of each function, run round-robin as in `timm_dec.bench.time_interleaved`.
-
-    Keeping every round (not only the median) lets a ratio be taken per round, between calls that ran back to back
-    under the same background load, and the median taken over those ratios.
-
-    Args:
-        fns: name -> function of no arguments.
-        device: synchronised around every call when it is a CUDA device.
-        repeats: timed rounds.
-        warmup: untimed rounds first.
-
-    Returns:
-        name -> ``repeats`` seconds, in round order.
-    """
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _summary(times: dict[str, list[float]]) -> dict[str, Any]:
