@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -244,6 +244,8 @@ class DECModelMixin:
     default_dec_blocks: Tuple[int, ...] = (0,)
     # features_only goes through forward_intermediates (FeatureGetterNet), the one feature path that runs the DEC
     dec_feature_cfg: Dict[str, Any] = {"feature_cls": "getter"}
+    # ordinal suffix that puts dec.<k> in unit k's layer-decay group (see `dec_group_matcher`)
+    dec_group_suffix: Optional[Tuple[int, ...]] = None
     dec: nn.ModuleDict
     dec_cfg: AdaptConfig
 
@@ -325,6 +327,23 @@ class DECModelMixin:
             del self.dec[key]
         kept = tuple(b for b in self.dec_cfg.blocks if b <= max_index)
         self.dec_cfg = dataclasses.replace(self.dec_cfg, blocks=kept)
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """timm's pruning, also dropping the DEC modules of the removed units."""
+        take_indices = super().prune_intermediate_layers(  # type: ignore[misc]
+            indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.dec_prune(len(self.dec_units()) - 1)
+        return take_indices
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's groups with ``dec.<k>`` in unit k's group (layer-wise LR decay)."""
+        return self.dec_group_matcher(super().group_matcher(coarse), suffix=self.dec_group_suffix)  # type: ignore[misc]
 
     @staticmethod
     def dec_group_matcher(matcher: Dict[str, Any], suffix: Optional[Tuple[int, ...]] = None) -> Dict[str, Any]:

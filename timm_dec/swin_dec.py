@@ -30,6 +30,7 @@ class SwinTransformerDEC(DECModelMixin, SwinTransformer):
     dec_unit_name = "stage"
     default_dec_blocks = (0, 1)
     dec_feature_cfg = {"feature_cls": "getter", "output_fmt": "NHWC"}
+    dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
 
     def dec_units(self) -> Sequence[nn.Module]:
         return self.layers
@@ -85,22 +86,6 @@ class SwinTransformerDEC(DECModelMixin, SwinTransformer):
         if i == num_stages - 1:
             x = self.norm(x)
         return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """timm's pruning, also dropping the DEC modules of the removed stages."""
-        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
-        self.dec_prune(len(self.layers) - 1)
-        return take_indices
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """timm's groups with ``dec.<k>`` in stage k's first group (with its patch merging)."""
-        return self.dec_group_matcher(super().group_matcher(coarse), suffix=(0,))
 
 
 register_dec_family(SwinTransformer, SwinTransformerDEC, "Swin v1")

@@ -132,22 +132,6 @@ class VisionTransformerDEC(DECModelMixin, VisionTransformer):
             return intermediates
         return self.norm(x), intermediates
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """timm's pruning, also dropping the DEC modules of the removed blocks."""
-        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
-        self.dec_prune(len(self.blocks) - 1)
-        return take_indices
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """timm's groups with ``dec.<k>`` in block k's group (layer-wise LR decay)."""
-        return self.dec_group_matcher(super().group_matcher(coarse))
-
 
 class VisionTransformerDistilledDEC(VisionTransformerDEC, VisionTransformerDistilled):
     """timm's distilled DeiT (class + distillation token, two heads) with DEC; see `VisionTransformerDEC`."""
