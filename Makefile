@@ -22,8 +22,8 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q tests
 
 bench: setup
-	$(PY) benchmarks/bench_warp.py
-	$(PY) benchmarks/bench_overhead.py
+	$(VENV)/bin/timm-dec bench warp
+	$(VENV)/bin/timm-dec bench overhead
 
 clean:
 	rm -rf $(VENV) build *.egg-info

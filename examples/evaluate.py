@@ -25,7 +25,8 @@ from torchvision.transforms import Normalize
 
 import timm_dec  # noqa: F401  (registers the *_dec models)
 from timm_dec.data import LocallyScaledDigits
-from timm_dec.hub import dec_options, load_training_checkpoint
+from timm_dec.adapt import dec_options
+from timm_dec.hub import load_training_checkpoint
 from timm_dec.metrics import evaluate_scale_consistency
 from timm_dec.models import base_model_name
 

@@ -5,9 +5,9 @@
     python examples/publish.py --checkpoint train-output/model_best.pth.tar --push ORG/NAME --private
 
 The folder (default ``runs/publish/<name>``) holds ``config.json`` (with the DEC options as ``dec_*`` model args),
-``model.safetensors`` and ``README.md`` rendered from the repository's ``MODEL_CARD.md``. The script loads it back
-with ``timm.create_model("local-dir:...", pretrained=True)`` and checks that the logits are the same before any
-push. ``--push ORG/NAME`` uploads it in one commit (token: ``huggingface-cli login`` or ``$HF_TOKEN``); afterwards
+``model.safetensors`` and ``README.md`` rendered from the package's card template
+(``timm_dec/templates/model_card.md``). The script loads it back with ``timm.create_model("local-dir:...",
+pretrained=True)`` and checks that the logits are the same before any push. ``--push ORG/NAME`` uploads it in one commit (token: ``huggingface-cli login`` or ``$HF_TOKEN``); afterwards
 anyone gets the model with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` after ``import timm_dec``.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if diff != 0.0:
         raise SystemExit(f"the saved folder does not reproduce the model: max |logit difference| = {diff:g}")
     print(f"loaded it back with timm.create_model('local-dir:{folder}', pretrained=True): same logits, "
-          f"DEC options {loaded.dec_cfg.blocks} / grid {loaded.dec_cfg.dec.grid} / {loaded.dec_cfg.mode}")
+          f"DEC options {loaded.dec_cfg.blocks} / grid {loaded.dec_cfg.options.grid} / {loaded.dec_cfg.mode}")
 
     if args.push:
         info = push_to_hub(model, args.push, private=args.private, metrics=metrics, dataset=args.dataset)

@@ -143,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   transform=Normalize(cfg["mean"], cfg["std"]))
     train_data = LocallyScaledDigits("train", num_samples=args.train_samples, **common)
     test_data = LocallyScaledDigits("test", num_samples=64, **common)
-    print(f"{args.model}: DEC on blocks {model.dec_cfg.blocks}, grid {model.dec_cfg.dec.grid}, "
+    print(f"{args.model}: DEC on blocks {model.dec_cfg.blocks}, grid {model.dec_cfg.options.grid}, "
           f"mode {model.dec_cfg.mode}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
     train(model, train_data, args)

@@ -153,7 +153,7 @@ def test_adapt_switches_class_and_stores_frozen_config():
     model = timm_dec.adapt(base, grid=3, mode="invariant", max_iter=5, **SMALL_DEC)
     assert model is base and isinstance(model, VisionTransformer) and type(model).__name__ == "VisionTransformerDEC"
     cfg = model.dec_cfg
-    assert cfg.blocks == (0, 1) and cfg.mode == "invariant" and cfg.dec.grid == 3 and cfg.dec.max_iter == 5
+    assert cfg.blocks == (0, 1) and cfg.mode == "invariant" and cfg.options.grid == 3 and cfg.options.max_iter == 5
     with pytest.raises(Exception):
         cfg.mode = "equivariant"  # frozen
     knots = model.dec["0"](torch.randn(2, 1 + 16, 32), layout="tokens", grid_size=(4, 4), num_prefix_tokens=1)

@@ -134,7 +134,7 @@ def test_train_with_timm_commands(in_tmp: Path) -> None:
     for module in args.device_modules:            # train.py: right after parsing, before create_model
         importlib.import_module(module)
     model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
-    assert model.dec_cfg.blocks == (0, 1) and model.dec_cfg.dec.widths == (16, 32)
+    assert model.dec_cfg.blocks == (0, 1) and model.dec_cfg.options.widths == (16, 32)
     data_config = timm.data.resolve_data_config(vars(args), model=model)
     assert tuple(data_config["input_size"]) == tuple(args.input_size)
     dataset = create_dataset("", root=args.data_dir, split="train", is_training=True, class_map=args.class_map)
@@ -174,4 +174,4 @@ def test_finetune_accelerate_script(in_tmp: Path) -> None:
     summary = json.loads((in_tmp / "ft" / "summary.json").read_text())
     assert summary["step"] == 2 and summary["metrics"]["num_samples"] == 4
     assert summary["model_kwargs"]["dec_blocks"] == [0, 1]
-    assert hub.load_pretrained(in_tmp / "ft" / "final").dec_cfg.dec.widths == (16, 32)
+    assert hub.load_pretrained(in_tmp / "ft" / "final").dec_cfg.options.widths == (16, 32)

@@ -116,7 +116,7 @@ def test_dec_kwargs_pass_through_create_model():
     model = tiny("vit", True, dec_blocks=(1,), dec_grid=3, dec_mode="invariant", dec_max_iter=4, dec_tol=1e-2)
     cfg = model.dec_cfg
     assert cfg.blocks == (1,) and cfg.mode == "invariant"
-    assert (cfg.dec.grid, cfg.dec.max_iter, cfg.dec.tol, cfg.dec.widths) == (3, 4, 1e-2, (8, 8))
+    assert (cfg.options.grid, cfg.options.max_iter, cfg.options.tol, cfg.options.widths) == (3, 4, 1e-2, (8, 8))
     assert list(model.dec) == ["1"]
     assert model._model_args["dec_grid"] == 3  # recorded by create_model for reconstruction
     assert model.pretrained_cfg["architecture"] == "vit_tiny_patch16_224_dec"

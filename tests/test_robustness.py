@@ -13,9 +13,9 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from timm_dec import solver_stats
+from timm_dec.bench.timing import peak_cpu_memory
 
 # family -> (timm base name, tiny architecture kwargs, image size)
 TINY: dict[str, tuple[str, dict[str, Any], int]] = {
@@ -142,17 +142,6 @@ def test_training_step_on_scaled_and_zero_inputs_stays_finite(family):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Training memory vs solver iterations
-
-
-def peak_cpu_memory(fn: Callable[[], None]) -> int:
-    """Peak, in bytes, of the running sum of the CPU allocations and frees the profiler records during ``fn()``."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
 
 
 def training_step_peak(**dec_options: Any) -> tuple[int, float]:

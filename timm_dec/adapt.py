@@ -4,12 +4,14 @@ An adapted block k runs as ``knots = dec[k](F)``, ``F' = S^{-1}(F; knots)``, ``o
 equivariant mode, ``out = S(out; knots)``. Knots live in normalised coordinates, so the same knots un-canonicalise a
 Swin stage output of another size. Blocks are not wrapped: the DEC modules sit in one ``nn.ModuleDict`` at
 ``model.dec`` keyed by block (or Swin stage) index, so the backbone's state-dict keys stay exactly the base model's.
-The family classes (`timm_dec.vit_dec`, `timm_dec.beit_dec`, `timm_dec.swin_dec`) subclass timm's models and drive
-their blocks through `DECModelMixin.dec_block`; `adapt` switches an existing instance to its family class in place.
+The family classes (`timm_dec.models.vit_dec`, `timm_dec.models.beit_dec`, `timm_dec.models.swin_dec`) subclass
+timm's models and drive their blocks through `DECModelMixin.dec_block`; `adapt` switches an existing instance to its
+family class in place.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,7 +24,7 @@ from .ops import monotone_warp
 
 __all__ = [
     "adapt", "AdaptConfig", "DECModelMixin", "MODES", "register_dec_family", "dec_class_for", "split_dec_kwargs",
-    "supported_families",
+    "dec_options", "jsonable", "supported_families",
 ]
 
 MODES = ("equivariant", "invariant")
@@ -40,11 +42,11 @@ class AdaptConfig:
     Attributes:
         blocks: sorted indices of the adapted blocks (ViT, DeiT, BEiT) or stages (Swin).
         mode: ``"equivariant"`` (eq. 21, un-canonicalise each adapted block's output) or ``"invariant"`` (eq. 22).
-        dec: the options of every DEC module (grid size G, H widths, solver limits).
+        options: the options of every DEC module (grid size G, H widths, solver limits).
     """
     blocks: Tuple[int, ...]
     mode: str
-    dec: DECConfig
+    options: DECConfig
 
 
 def register_dec_family(base_cls: type, dec_cls: type, description: str) -> None:
@@ -76,13 +78,15 @@ def dec_class_for(base_cls: type) -> type:
     return dec_cls
 
 
-def split_dec_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Pop the ``dec_*`` keyword arguments of ``create_model`` from ``kwargs`` and return them unprefixed.
+def split_dec_kwargs(kwargs: Dict[str, Any], keep_prefix: bool = False) -> Dict[str, Any]:
+    """Pop the ``dec_*`` keyword arguments of ``create_model`` from ``kwargs`` and return them (the inverse of
+    `dec_options`).
 
     ``dec_blocks``, ``dec_grid``, ``dec_mode`` and ``dec_<field>`` for every `DECConfig` field are accepted.
 
     Args:
         kwargs: model keyword arguments; modified in place.
+        keep_prefix: return them as given (``{"dec_grid": 8}``), to pass on to a family class.
 
     Returns:
         The options for `adapt`, e.g. ``{"grid": 8}`` for ``dec_grid=8``.
@@ -93,8 +97,48 @@ def split_dec_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
         name = key[len("dec_"):]
         if name not in valid:
             raise TypeError(f"unknown DEC option {key!r}; valid: {', '.join('dec_' + v for v in valid)}")
-        options[name] = kwargs.pop(key)
+        options[key if keep_prefix else name] = kwargs.pop(key)
     return options
+
+
+def dec_options(model: nn.Module) -> Dict[str, Any]:
+    """The static DEC options of a ``*_dec`` model as ``timm.create_model`` keyword arguments (the inverse of
+    `split_dec_kwargs`).
+
+    Args:
+        model: a model from a ``*_dec`` name or `adapt`.
+
+    Returns:
+        ``{"dec_blocks": [...], "dec_mode": ..., "dec_grid": ..., "dec_<field>": ...}`` for every field of the
+        model's `timm_dec.dec.DECConfig`, JSON-serialisable (tuples become lists); ``{}`` for a model without DEC.
+
+    Raises:
+        ValueError, TypeError: an option value that is not JSON data (a non-finite float, an object).
+
+    Example:
+        >>> dec_options(timm.create_model("vit_tiny_dec", dec_grid=8))["dec_grid"]
+        8
+    """
+    if not isinstance(model, DECModelMixin):
+        return {}
+    cfg = model.dec_cfg
+    options: Dict[str, Any] = {"dec_blocks": list(cfg.blocks), "dec_mode": cfg.mode}
+    for field in dataclasses.fields(cfg.options):
+        options[f"dec_{field.name}"] = jsonable(getattr(cfg.options, field.name), f"DEC option {field.name}")
+    return options
+
+
+def jsonable(value: Any, what: str) -> Any:
+    """``value`` as JSON data (tuples become lists); `ValueError` / `TypeError` naming ``what`` if it is not data."""
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v, what) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{what} = {value} cannot be written to config.json")
+        return value
+    raise TypeError(f"{what} = {value!r} ({type(value).__name__}) cannot be written to config.json")
 
 
 def _make_config(
@@ -133,14 +177,14 @@ def _make_config(
     chosen = tuple(sorted(set(chosen)))
     if not chosen:
         raise ValueError(f"blocks must name at least one {unit}, got {blocks!r}")
-    return AdaptConfig(blocks=chosen, mode=mode, dec=dec_cfg)
+    return AdaptConfig(blocks=chosen, mode=mode, options=dec_cfg)
 
 
 def _attach(model: nn.Module, cfg: AdaptConfig) -> None:
     """Add ``model.dec`` (identity-initialised DEC modules) and ``model.dec_cfg``."""
     ref = next(model.parameters(), None)
     decs = nn.ModuleDict({
-        str(b): DEC(model.dec_in_chans(b), cfg.dec, name=f"dec.{b}") for b in cfg.blocks})
+        str(b): DEC(model.dec_in_chans(b), cfg.options, name=f"dec.{b}") for b in cfg.blocks})
     if ref is not None:
         decs = decs.to(device=ref.device, dtype=ref.dtype)
     decs.train(model.training)  # adapting a model in eval mode gives DECs in eval mode
@@ -159,14 +203,12 @@ def adapt(
     """Give a timm model DEC canonicalisers in front of chosen blocks, in place.
 
     The instance's class is switched to the family's DEC subclass (e.g. ``VisionTransformer`` ->
-    `timm_dec.vit_dec.VisionTransformerDEC`) and the DEC modules are added under ``model.dec``. Every DEC starts
+    `timm_dec.models.vit_dec.VisionTransformerDEC`) and the DEC modules are added under ``model.dec``. Every DEC starts
     at the identity, so the adapted model returns what the model returned before.
 
     Default ``blocks``: the family class's ``default_dec_blocks`` -- ``(0, 1)`` for ViT, DeiT and BEiT (the first
-    two transformer blocks), ``(0, 1)`` for Swin (the first two stages). Measured on CPU at 224 px (vit_small,
-    swin_tiny), their DEC solves cost ~2% of a forward at initialisation (one evaluation each), ~7% at ~7
-    Anderson iterations and ~15% when every solve runs to ``max_iter=12``; adapt more blocks for consistency
-    deeper in the net, at a proportional cost.
+    two transformer blocks), ``(0, 1)`` for Swin (the first two stages). Adapt more blocks for consistency deeper
+    in the net, at a proportional cost (the README's benchmark section has measured figures).
 
     Args:
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT3, DINOv2 with or without registers),
@@ -194,7 +236,7 @@ def adapt(
         raise ValueError(f"{type(model).__name__} is already adapted (its DEC blocks: {model.dec_cfg.blocks})")
     base_cls = type(model)
     dec_cls = dec_class_for(base_cls)
-    dec_cls.check_adaptable(model)
+    dec_cls.dec_check_adaptable(model)
     # class switch first: the options are checked with the family hooks; a rejected adapt leaves the model as it was
     model.__class__ = dec_cls
     try:
@@ -252,14 +294,14 @@ class DECModelMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         options = split_dec_kwargs(kwargs)
         super().__init__(*args, **kwargs)
-        type(self).check_adaptable(self)
+        type(self).dec_check_adaptable(self)
         blocks = options.pop("blocks", None)
         grid = options.pop("grid", 4)
         mode = options.pop("mode", "equivariant")
         _attach(self, _make_config(self, blocks, grid, mode, options))
 
     @classmethod
-    def check_adaptable(cls, model: nn.Module) -> None:
+    def dec_check_adaptable(cls, model: nn.Module) -> None:
         """Raise `ValueError` if this instance's configuration cannot take a DEC (hook for the families)."""
 
     def dec_units(self) -> Sequence[nn.Module]:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer
 
 from .ops import identity_logits, knots_from_logits, monotone_warp
-from .ops.warp import LAYOUTS, _spatial_size
+from .ops.layout import LAYOUTS, spatial_size
 from .solver import SOLVERS, SolverInfo, get_solver
 
 __all__ = ["DECConfig", "DEC", "SolveRecord", "SolverStats", "solver_stats", "BACKWARD_MODES", "UPDATE_FORMS"]
@@ -337,7 +337,7 @@ class DEC(nn.Module):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"x must be a floating point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        height, width = _spatial_size(x, layout, grid_size, num_prefix_tokens)
+        height, width = spatial_size(x, layout, grid_size, num_prefix_tokens)
         chans = x.shape[1] if layout == "nchw" else x.shape[-1]
         if chans != self.in_chans:
             raise ValueError(f"DEC {self.name!r} expects {self.in_chans} channels, got {chans} ({layout} {tuple(x.shape)})")

@@ -33,17 +33,32 @@ import os
 import platform
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import safetensors.torch
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import resolve_data_config
+from timm.utils import ParseKwargs
+from tqdm.auto import tqdm
+
+from .baselines import InputCanonicalizer, InvarianceLoss
+from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
+from .evaluate import (
+    evaluate_model, format_per_scale_table, format_table, normalize_transform, parse_bins, parse_scales,
+)
+from .metrics import evaluate_scale_consistency, format_scale
+from .models import load_dec_state_dict
+from .ops import apply_map, monotone_warp
 
 __all__ = ["PRESETS", "METHODS", "add_arguments", "run", "resolve_config", "paper_lr"]
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
-LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC (ours)"}
+LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
@@ -98,12 +113,10 @@ def paper_lr(model: str) -> float:
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    from .evaluate import parse_scales
     return tuple(parse_scales(text))
 
 
 def _bins(text: str) -> tuple[tuple[float, float], ...]:
-    from .evaluate import parse_bins
     return tuple(parse_bins(text))
 
 
@@ -116,8 +129,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec demo`` options; those left out come from ``--preset``."""
-    from timm.utils import ParseKwargs
-
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
                         help="default: < 15 min on 2 CPU cores; paper: the paper's setting for a GPU; smoke: seconds")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
@@ -207,7 +218,6 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _progress(iterable: Any, desc: str, disable: bool, **kwargs: Any) -> Any:
-    from tqdm.auto import tqdm
     return tqdm(iterable, desc=desc, disable=disable, dynamic_ncols=True, **kwargs)
 
 
@@ -329,7 +339,7 @@ def train(
 
 
 def _plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # the plots need the optional `demo` extra; nothing else does
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -349,7 +359,7 @@ def _plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
 def _plot_prob(curves: dict[str, torch.Tensor], scales: Sequence[float], images: torch.Tensor, labels: Sequence[int],
                path: Path) -> None:
     """Fig. 8: probability of the correct class against the scale, one panel per test image."""
-    import matplotlib
+    import matplotlib  # the plots need the optional `demo` extra; nothing else does
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -376,7 +386,6 @@ def _plot_prob(curves: dict[str, torch.Tensor], scales: Sequence[float], images:
 def _warp_lines(knots: torch.Tensor, grid: int, samples: int = 33) -> list[torch.Tensor]:
     """Polylines (in normalised coordinates) of l applied to the lines of a regular grid: where each canonical
     cell is sampled from in the input. knots: (2, G+1, G+1)."""
-    from .ops import apply_map
     t = torch.linspace(0, 1, samples, dtype=knots.dtype)
     lines = []
     for c in torch.linspace(0, 1, grid + 1, dtype=knots.dtype):
@@ -387,7 +396,7 @@ def _warp_lines(knots: torch.Tensor, grid: int, samples: int = 33) -> list[torch
 
 def _plot_grids(images: torch.Tensor, knots: torch.Tensor, labels: Sequence[int], title: str, path: Path) -> None:
     """Fig. A2: the learned monotone scaling of each input, drawn as the warped grid over the image."""
-    import matplotlib
+    import matplotlib  # the plots need the optional `demo` extra; nothing else does
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -458,17 +467,180 @@ def _dec_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Setup:
+    """What the steps of `run` share."""
+    cfg: dict[str, Any]
+    device: torch.device
+    progress: bool
+    out: Path
+    data_kw: dict[str, Any]
+    test_set: LocallyScaledDigits
+    num_classes: int
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+
+    def create(self, name: str, **extra: Any) -> nn.Module:
+        """A classifier for the digits, seeded, with timm's pretrained weights for a base model if asked for."""
+        torch.manual_seed(self.cfg["seed"])
+        return timm.create_model(name, pretrained=self.cfg["pretrained"] and not name.endswith("_dec"),
+                                 num_classes=self.num_classes, **self.cfg["model_kwargs"], **extra)
+
+
+def _train_all(s: _Setup, images: torch.Tensor, labels: torch.Tensor,
+               probe: nn.Module) -> tuple[dict[str, nn.Module], dict[str, dict[str, float]]]:
+    """Stage 1 (shared) and stage 2 (every method); the trained models and their timings."""
+    cfg, seed = s.cfg, s.cfg["seed"]
+    aug_rng = torch.Generator().manual_seed(seed + 1)
+    augment = RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"], generator=aug_rng)
+
+    def invl_scale(x: torch.Tensor) -> torch.Tensor:
+        knots = random_knots(x.shape[0], augment.grid, cfg["aug_strength"], generator=aug_rng).to(x.device)
+        return monotone_warp(x, knots, inverse=True, check=False)
+
+    common = dict(batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_frac=cfg["warmup_frac"],
+                  normalize=s.normalize, channels=s.data_kw["channels"], device=s.device, progress=s.progress)
+    stage1 = dict(common, epochs=cfg["epochs"], lr=cfg["lr"])
+    stage2 = dict(common, epochs=cfg["finetune_epochs"], lr=cfg["finetune_lr"], new_lr_mult=cfg["new_lr_mult"])
+    timings: dict[str, dict[str, float]] = {}
+
+    # Stage 1, shared: the plain model from scratch (or from timm's pretrained weights), without augmentation. It
+    # plays the role of the paper's pretrained starting point, so every method below starts from the same weights.
+    stage1_model = probe
+    stage1_result = train(stage1_model, images, labels, seed=seed, desc="stage 1 (shared)", **stage1)
+    stage1_state = {k: v.detach().clone() for k, v in stage1_model.state_dict().items()}
+    models = _stage2_models(s, stage1_model, stage1_state)
+    stage2_setup = {
+        "base": dict(),
+        "aug": dict(augment=augment),
+        "invl": dict(augment=augment, invl=InvarianceLoss(cfg["invl_weight"]), invl_scale=invl_scale),
+        "canon": dict(augment=augment, new_prefixes=("energy.",)),
+        "dec": dict(augment=augment, new_prefixes=("dec.",)),
+    }
+    for method in cfg["methods"]:
+        result = train(models[method], images, labels, seed=seed + 1, desc=f"{LABELS[method]:<5} stage 2",
+                       **stage2_setup[method], **stage2)
+        timings[method] = dict(stage1=stage1_result["seconds"], stage2=result["seconds"],
+                               train_steps=stage1_result["steps"] + result["steps"])
+    return models, timings
+
+
+def _stage2_models(s: _Setup, stage1_model: nn.Module, stage1_state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """Every method's model at the start of stage 2, from the stage-1 weights. Base keeps training as it was."""
+    cfg, seed = s.cfg, s.cfg["seed"]
+    models: dict[str, nn.Module] = {"base": stage1_model}
+    for method in ("aug", "invl"):
+        if method in cfg["methods"]:
+            models[method] = copy.deepcopy(stage1_model)
+    if "canon" in cfg["methods"]:
+        torch.manual_seed(seed)
+        models["canon"] = InputCanonicalizer(
+            copy.deepcopy(stage1_model), num_warps=cfg["canon_warps"], strength=cfg["aug_strength"],
+            in_chans=s.data_kw["channels"], energy_size=cfg["canon_energy_size"],
+            energy_widths=tuple(cfg["canon_energy_widths"]), seed=seed)
+    if "dec" in cfg["methods"]:
+        dec_model = s.create(cfg["model"] + "_dec", **_dec_kwargs(cfg))
+        load_dec_state_dict(dec_model, stage1_state, source=f"the stage-1 {cfg['model']} weights",
+                            target=f"{cfg['model']}_dec")
+        models["dec"] = dec_model
+    return models
+
+
+def _evaluate_all(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],
+                  prob_idx: list[int]) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Evaluation: the same test set, scales and bins for every method; each checkpoint saved beside its result."""
+    cfg, test_set = s.cfg, s.test_set
+    results: dict[str, dict[str, Any]] = {}
+    prob_curves: dict[str, torch.Tensor] = {}
+    for method in cfg["methods"]:
+        model = models[method]
+        start = time.perf_counter()
+        r = evaluate_model(model, test_set, cfg["scales"], scale_bins=cfg["scale_bins"], batch_size=cfg["eval_batch"],
+                           device=s.device, seed=cfg["seed"], progress=s.progress)
+        timings[method]["eval"] = time.perf_counter() - start
+        if prob_idx:
+            pc = evaluate_scale_consistency(model, test_set, list(cfg["prob_scales"]), indices=prob_idx,
+                                            batch_size=cfg["eval_batch"], device=s.device, progress=False,
+                                            return_per_sample=True)
+            prob_curves[method] = pc["prob_correct"]
+        ckpt = s.out / "checkpoints" / f"{method}.safetensors"
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                                    str(ckpt))
+        r.update(checkpoint=str(ckpt), eval_command=_eval_command(cfg, method, ckpt),
+                 stage1_seconds=timings[method]["stage1"], stage2_seconds=timings[method]["stage2"],
+                 eval_seconds=timings[method]["eval"], train_steps=timings[method]["train_steps"])
+        results[method] = r
+    return results, prob_curves
+
+
+def _tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], num_test: int) -> str:
+    """Tables 2 and 3 (per scale, per bin) and the DEC solver line, as printed."""
+    labelled = {LABELS[m]: r for m, r in results.items()}
+    tables = [
+        f"Table 2 style: accuracy and InvE on the test set ({num_test} images; InvE over per-digit scales "
+        f"{', '.join(format_scale(s) for s in cfg['scales'])})",
+        format_table(labelled), "",
+        "Table 3 style: accuracy (%) per per-digit scale", format_per_scale_table(labelled),
+    ]
+    if cfg["scale_bins"]:
+        tables += ["", "Table 3 style: accuracy (%) per scale bin (per-digit scales drawn in the bin)",
+                   format_per_scale_table(labelled, key="per_bin_acc")]
+    if "dec" in results and "dec_solver" in results["dec"]:
+        s = results["dec"]["dec_solver"]
+        tables += ["", f"DEC solver at test time: {s['mean_iterations']:.2f} iterations per sample on average, "
+                       f"{s['fallbacks']} fallbacks in {s['samples']} solves"]
+    return "\n".join(tables)
+
+
+def _plots(s: _Setup, results: dict[str, dict[str, Any]], models: dict[str, nn.Module], prob_idx: list[int],
+           prob_curves: dict[str, torch.Tensor]) -> list[str]:
+    """Per-scale accuracy, probability of the correct class and the learned warp grids; the file names."""
+    cfg, test_set, out = s.cfg, s.test_set, s.out
+    _plot_curves(results, out / "per_scale_accuracy.png")
+    plots = ["per_scale_accuracy.png"]
+    if prob_idx:
+        shown = torch.stack([test_set.render(test_set.describe(i).source_indices, test_set.describe(i).scales)
+                             for i in prob_idx])
+        _plot_prob(prob_curves, cfg["prob_scales"], shown, [test_set.describe(i).label for i in prob_idx],
+                   out / "prob_correct.png")
+        plots.append("prob_correct.png")
+    if "dec" in models and cfg["grid_images"] > 0:
+        idx = list(range(min(cfg["grid_images"], len(test_set))))
+        raw = torch.stack([test_set.render(test_set.describe(i).source_indices, test_set.describe(i).scales)
+                           for i in idx])
+        knots, block = _first_dec_knots(models["dec"], s.normalize(raw).to(s.device))
+        _plot_grids(raw, knots, [test_set.describe(i).label for i in idx],
+                    f"Monotone scaling found by the DEC of block {block} (Fig. A2 style): the grid lines show where "
+                    f"each canonical cell is sampled from", out / "warp_grids.png")
+        plots.append("warp_grids.png")
+    return plots
+
+
+def _summary(args: argparse.Namespace, s: _Setup, results: dict[str, dict[str, Any]],
+             prob_curves: dict[str, torch.Tensor], text: str, plots: list[str], wall: float) -> dict[str, Any]:
+    """The content of ``summary.json``."""
+    cfg = s.cfg
+    summary: dict[str, Any] = {
+        "preset": args.preset,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+        "num_classes": s.num_classes,
+        "methods": {m: {k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for m, r in results.items()},
+        "prob_correct": {m: c.tolist() for m, c in prob_curves.items()},
+        "prob_scales": list(cfg["prob_scales"]),
+        "tables": text,
+        "plots": plots,
+        "wall_seconds": wall,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(s.device),
+                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+    }
+    if "dec" in results:
+        summary["dec_vs_aug"] = {"acc_points": 100 * (results["dec"]["acc"] - results["aug"]["acc"]),
+                                 "inv_e_1e-2": 100 * (results["dec"]["inv_e"] - results["aug"]["inv_e"])}
+    return summary
+
+
 def run(args: argparse.Namespace) -> int:
     """Train and evaluate every method; print Tables 2 and 3; write the plots, checkpoints and summary."""
-    import safetensors.torch
-    import timm
-    import timm_dec  # noqa: F401  (registers the *_dec models)
-    from timm.data import resolve_data_config
-
-    from .baselines import InputCanonicalizer, InvarianceLoss
-    from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
-    from .evaluate import evaluate_model, format_per_scale_table, format_table, normalize_transform
-
     cfg = resolve_config(args)
     wall_start = time.perf_counter()
     if args.threads:
@@ -490,142 +662,19 @@ def run(args: argparse.Namespace) -> int:
           f"seed {seed}, device {device}, {torch.get_num_threads()} CPU threads")
     images, labels = _render(train_set, not progress)
 
-    def create(name: str, **extra: Any) -> nn.Module:
-        torch.manual_seed(seed)
-        return timm.create_model(name, pretrained=cfg["pretrained"] and not name.endswith("_dec"),
-                                 num_classes=num_classes, **cfg["model_kwargs"], **extra)
-
-    probe = create(cfg["model"])
-    normalize = normalize_transform(resolve_data_config({}, model=probe), data_kw["channels"])
-    test_set.transform = normalize
-    aug_rng = torch.Generator().manual_seed(seed + 1)
-    augment = RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"], generator=aug_rng)
-
-    def invl_scale(x: torch.Tensor) -> torch.Tensor:
-        knots = random_knots(x.shape[0], augment.grid, cfg["aug_strength"], generator=aug_rng).to(x.device)
-        return timm_dec.monotone_warp(x, knots, inverse=True, check=False)
-
-    common = dict(batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_frac=cfg["warmup_frac"],
-                  normalize=normalize, channels=data_kw["channels"], device=device, progress=progress)
-    stage1 = dict(common, epochs=cfg["epochs"], lr=cfg["lr"])
-    stage2 = dict(common, epochs=cfg["finetune_epochs"], lr=cfg["finetune_lr"], new_lr_mult=cfg["new_lr_mult"])
-    timings: dict[str, dict[str, float]] = {}
-
-    # Stage 1, shared: the plain model from scratch (or from timm's pretrained weights), without augmentation. It
-    # plays the role of the paper's pretrained starting point, so every method below starts from the same weights.
-    stage1_model = probe
-    stage1_result = train(stage1_model, images, labels, seed=seed, desc="stage 1 (shared)", **stage1)
-    stage1_state = {k: v.detach().clone() for k, v in stage1_model.state_dict().items()}
-
-    # Stage 2: every method from the stage-1 weights, the same number of steps. Base keeps training as it was.
-    models: dict[str, nn.Module] = {"base": stage1_model}
-    for method in ("aug", "invl"):
-        if method in cfg["methods"]:
-            models[method] = copy.deepcopy(stage1_model)
-    if "canon" in cfg["methods"]:
-        torch.manual_seed(seed)
-        models["canon"] = InputCanonicalizer(
-            copy.deepcopy(stage1_model), num_warps=cfg["canon_warps"], strength=cfg["aug_strength"],
-            in_chans=data_kw["channels"], energy_size=cfg["canon_energy_size"],
-            energy_widths=tuple(cfg["canon_energy_widths"]), seed=seed)
-    if "dec" in cfg["methods"]:
-        dec_model = create(cfg["model"] + "_dec", **_dec_kwargs(cfg))
-        missing, unexpected = dec_model.load_state_dict(stage1_state, strict=False)
-        if unexpected or any(not k.startswith("dec.") for k in missing):
-            raise RuntimeError(f"{cfg['model']} weights do not fit {cfg['model']}_dec: missing {missing}, "
-                               f"unexpected {unexpected}")
-        models["dec"] = dec_model
-    stage2_setup = {
-        "base": dict(),
-        "aug": dict(augment=augment),
-        "invl": dict(augment=augment, invl=InvarianceLoss(cfg["invl_weight"]), invl_scale=invl_scale),
-        "canon": dict(augment=augment, new_prefixes=("energy.",)),
-        "dec": dict(augment=augment, new_prefixes=("dec.",)),
-    }
-    for method in cfg["methods"]:
-        result = train(models[method], images, labels, seed=seed + 1, desc=f"{LABELS[method]:<5} stage 2",
-                       **stage2_setup[method], **stage2)
-        timings[method] = dict(stage1=stage1_result["seconds"], stage2=result["seconds"],
-                               train_steps=stage1_result["steps"] + result["steps"])
-
-    # Evaluation: the same test set, scales and bins for every method.
-    results: dict[str, dict[str, Any]] = {}
+    s = _Setup(cfg, device, progress, out, data_kw, test_set, num_classes, normalize=lambda x: x)
+    probe = s.create(cfg["model"])
+    s.normalize = normalize_transform(resolve_data_config({}, model=probe), data_kw["channels"])
+    test_set.transform = s.normalize
+    models, timings = _train_all(s, images, labels, probe)
     prob_idx = list(range(min(cfg["prob_images"], len(test_set))))
-    prob_curves: dict[str, torch.Tensor] = {}
-    for method in cfg["methods"]:
-        model = models[method]
-        start = time.perf_counter()
-        r = evaluate_model(model, test_set, cfg["scales"], scale_bins=cfg["scale_bins"], batch_size=cfg["eval_batch"],
-                           device=device, seed=seed, progress=progress)
-        timings[method]["eval"] = time.perf_counter() - start
-        if prob_idx:
-            from .metrics import evaluate_scale_consistency
-            pc = evaluate_scale_consistency(model, test_set, list(cfg["prob_scales"]), indices=prob_idx,
-                                            batch_size=cfg["eval_batch"], device=device, progress=False,
-                                            return_per_sample=True)
-            prob_curves[method] = pc["prob_correct"]
-        ckpt = out / "checkpoints" / f"{method}.safetensors"
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                                    str(ckpt))
-        r.update(checkpoint=str(ckpt), eval_command=_eval_command(cfg, method, ckpt),
-                 stage1_seconds=timings[method]["stage1"], stage2_seconds=timings[method]["stage2"],
-                 eval_seconds=timings[method]["eval"], train_steps=timings[method]["train_steps"])
-        results[method] = r
-
-    labelled = {LABELS[m]: r for m, r in results.items()}
-    tables = [
-        f"Table 2 style: accuracy and InvE on the test set ({len(test_set)} images; InvE over per-digit scales "
-        f"{', '.join(f'{s:g}' for s in cfg['scales'])})",
-        format_table(labelled), "",
-        "Table 3 style: accuracy (%) per per-digit scale", format_per_scale_table(labelled),
-    ]
-    if cfg["scale_bins"]:
-        tables += ["", "Table 3 style: accuracy (%) per scale bin (per-digit scales drawn in the bin)",
-                   format_per_scale_table(labelled, key="per_bin_acc")]
-    if "dec" in results and "dec_solver" in results["dec"]:
-        s = results["dec"]["dec_solver"]
-        tables += ["", f"DEC solver at test time: {s['mean_iterations']:.2f} iterations per sample on average, "
-                       f"{s['fallbacks']} fallbacks in {s['samples']} solves"]
-    text = "\n".join(tables)
+    results, prob_curves = _evaluate_all(s, models, timings, prob_idx)
+    text = _tables(cfg, results, len(test_set))
     print("\n" + text)
-
-    # Plots.
-    _plot_curves(results, out / "per_scale_accuracy.png")
-    plots = ["per_scale_accuracy.png"]
-    if prob_idx:
-        shown = torch.stack([test_set.render(test_set.describe(i).source_indices, test_set.describe(i).scales)
-                             for i in prob_idx])
-        _plot_prob(prob_curves, cfg["prob_scales"], shown, [test_set.describe(i).label for i in prob_idx],
-                   out / "prob_correct.png")
-        plots.append("prob_correct.png")
-    if "dec" in models and cfg["grid_images"] > 0:
-        idx = list(range(min(cfg["grid_images"], len(test_set))))
-        raw = torch.stack([test_set.render(test_set.describe(i).source_indices, test_set.describe(i).scales)
-                           for i in idx])
-        knots, block = _first_dec_knots(models["dec"], normalize(raw).to(device))
-        _plot_grids(raw, knots, [test_set.describe(i).label for i in idx],
-                    f"Monotone scaling found by the DEC of block {block} (Fig. A2 style): the grid lines show where "
-                    f"each canonical cell is sampled from", out / "warp_grids.png")
-        plots.append("warp_grids.png")
+    plots = _plots(s, results, models, prob_idx, prob_curves)
 
     wall = time.perf_counter() - wall_start
-    summary: dict[str, Any] = {
-        "preset": args.preset,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-        "num_classes": num_classes,
-        "methods": {m: {k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for m, r in results.items()},
-        "prob_correct": {m: c.tolist() for m, c in prob_curves.items()},
-        "prob_scales": list(cfg["prob_scales"]),
-        "tables": text,
-        "plots": plots,
-        "wall_seconds": wall,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-    }
-    if "dec" in results:
-        summary["dec_vs_aug"] = {"acc_points": 100 * (results["dec"]["acc"] - results["aug"]["acc"]),
-                                 "inv_e_1e-2": 100 * (results["dec"]["inv_e"] - results["aug"]["inv_e"])}
+    summary = _summary(args, s, results, prob_curves, text, plots, wall)
     (out / "tables.txt").write_text(text + "\n", encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"\nwall time {wall / 60:.1f} min; wrote {out}/summary.json, tables.txt, {', '.join(plots)} and "

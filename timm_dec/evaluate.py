@@ -1,21 +1,23 @@
 """``timm-dec eval``: accuracy, InvE (paper eq. 24) and per-scale accuracy of ANY timm model.
 
-The model is built by name with ``timm.create_model`` after ``import timm_dec`` (so base models and ``*_dec``
-models alike), optionally wrapped with the Canon baseline (`timm_dec.baselines.InputCanonicalizer`), and loaded
-from ``--checkpoint`` with timm's ``load_state_dict`` (``.safetensors`` files are read with safetensors; other files
-with ``torch.load(weights_only=True)``), strictly, except that a base model's checkpoint loads into its ``*_dec``
-model with the DEC at the identity. Images are normalised with the model's timm data config (mean, std).
+The model is built by name with ``timm.create_model`` (base models and ``*_dec`` models alike), optionally wrapped
+with the Canon baseline (`timm_dec.baselines.InputCanonicalizer`), and loaded from ``--checkpoint`` with timm's
+``load_state_dict`` (``.safetensors`` files are read with safetensors; other files with
+``torch.load(weights_only=True)``) and `timm_dec.models.load_dec_state_dict`: strictly, except that a base model's
+checkpoint loads into its ``*_dec`` model with the DEC at the identity. Images are normalised with the model's timm
+data config (mean, std).
 
 Data (``--data``):
 
 * ``digits`` (default, offline): `timm_dec.data.LocallyScaledDigits`, test split. Variant ``s`` renders the same
   number from the same source digits with every digit at scale ``s``; ``--scale-bins`` adds Table 3-style bins
   (per-digit scales drawn uniformly in each bin).
-* ``folder:PATH``: an ImageFolder-style directory, ``PATH/<class>/<image>``. If ``PATH/masks/<class>/<stem>.png``
-  (object masks, non-zero = object) and ``PATH/backgrounds/<class>/<stem>.<ext>`` (the image with the object
-  inpainted away) exist, variant ``s`` is `timm_dec.data.rescale_object` with factor ``s`` (paper Sec. 5.3).
-  Without ``masks/``, variant ``s`` is a random monotone scaling (`timm_dec.data.RandomMonotoneScale`) of strength
-  ``|ln s|``, drawn from a generator seeded with (seed, image, variant): local scale factors of about s^{+-1}.
+* ``folder:PATH``: an ImageFolder-style directory, ``PATH/<class>/<image>`` (`timm_dec.data.ImageFolderVariants`).
+  If ``PATH/masks/<class>/<stem>.png`` (object masks, non-zero = object) and ``PATH/backgrounds/<class>/<stem>.<ext>``
+  (the image with the object inpainted away) exist, variant ``s`` is `timm_dec.data.rescale_object` with factor
+  ``s`` (paper Sec. 5.3). Without ``masks/``, variant ``s`` is a random monotone scaling
+  (`timm_dec.data.RandomMonotoneScale`) of strength ``|ln s|``, drawn from a generator seeded with (seed, image,
+  variant): local scale factors of about s^{+-1}.
 
 Results: a printed table and, with ``--json``, a JSON file with ``acc`` and ``per_scale_acc`` (fractions), ``inv_e``
 (raw; the paper prints 100x it), ``per_scale_prob_correct``, ``scales``, the data and model description and, for
@@ -32,20 +34,26 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import numpy as np
+import timm
 import torch
 import torch.nn as nn
+from timm.data import resolve_data_config
+from timm.models import load_state_dict
+from timm.utils import ParseKwargs
 from torch.utils.data import Dataset
 
+from .baselines import InputCanonicalizer
+from .data import ImageFolderVariants, LocallyScaledDigits
+from .dec import solver_stats
+from .metrics import evaluate_scale_consistency, format_scale, json_default
+from .models import load_dec_state_dict
+
 __all__ = [
-    "DEFAULT_SCALES", "parse_scales", "parse_bins", "ImageFolderVariants", "normalize_transform", "digits_dataset",
-    "data_dataset",
+    "DEFAULT_SCALES", "parse_scales", "parse_bins", "normalize_transform", "digits_dataset", "data_dataset",
     "create_eval_model", "evaluate_model", "format_table", "format_per_scale_table", "add_arguments", "run",
 ]
 
 DEFAULT_SCALES = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-MASKS_DIR, BACKGROUNDS_DIR = "masks", "backgrounds"
 
 
 def parse_scales(text: str) -> list[float]:
@@ -81,109 +89,6 @@ def parse_bins(text: str) -> list[tuple[float, float]]:
     return bins
 
 
-def _load_rgb(path: Path, size: tuple[int, int], chans: int) -> torch.Tensor:
-    from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB" if chans == 3 else "L").resize((size[1], size[0]), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr.copy())
-    return t.permute(2, 0, 1) if t.dim() == 3 else t[None]
-
-
-class ImageFolderVariants(Dataset):
-    """An ImageFolder-style directory with locally scaled ``variants`` for `timm_dec.metrics`.
-
-    Layout: ``root/<class>/<image>``; optional ``root/masks/<class>/<stem>.png`` and
-    ``root/backgrounds/<class>/<stem>.<ext>`` (see the module doc). Images are resized to ``size`` (no crop),
-    converted to [0, 1] floats, varied, then passed through ``transform`` (e.g. ``Normalize``).
-
-    Args:
-        root: the directory.
-        size: (H, W) the model takes.
-        chans: 1 or 3 channels.
-        transform: applied to each (C, H, W) image in [0, 1] and to each variant.
-        num_samples: keep this many images, a seeded random subset (all when None).
-        seed: seed of the subset and of the random monotone scalings.
-    """
-
-    def __init__(
-            self,
-            root: Union[str, os.PathLike],
-            size: tuple[int, int],
-            chans: int = 3,
-            transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-            num_samples: Optional[int] = None,
-            seed: int = 0,
-    ) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"--data folder {str(self.root)!r} does not exist")
-        if chans not in (1, 3):
-            raise ValueError(f"chans must be 1 or 3, got {chans}")
-        reserved = {MASKS_DIR, BACKGROUNDS_DIR}
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and d.name not in reserved)
-        if not self.classes:
-            raise FileNotFoundError(f"{self.root}: no class folders (expected {self.root}/<class>/<image>)")
-        items = []
-        for label, name in enumerate(self.classes):
-            for f in sorted((self.root / name).iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    items.append((f, label))
-        if not items:
-            raise FileNotFoundError(f"{self.root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
-        if num_samples is not None and num_samples < len(items):
-            keep = np.random.default_rng(seed).permutation(len(items))[:num_samples]
-            items = [items[i] for i in sorted(keep)]
-        self.items = items
-        self.size, self.chans, self.transform, self.seed = tuple(size), chans, transform, seed
-        self.num_classes = len(self.classes)
-        self.has_masks = (self.root / MASKS_DIR).is_dir()
-        if self.has_masks and not (self.root / BACKGROUNDS_DIR).is_dir():
-            raise FileNotFoundError(
-                f"{self.root}: found {MASKS_DIR}/ but no {BACKGROUNDS_DIR}/; rescale_object needs, per image, the "
-                f"image with its object inpainted away at {BACKGROUNDS_DIR}/<class>/<stem>.<ext>")
-        self.variant_kind = "rescale_object" if self.has_masks else "random_monotone_scale"
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _companion(self, kind: str, path: Path) -> Path:
-        folder = self.root / kind / path.parent.name
-        for ext in (".png",) + tuple(e for e in IMAGE_EXTENSIONS if e != ".png"):
-            candidate = folder / (path.stem + ext)
-            if candidate.is_file():
-                return candidate
-        raise FileNotFoundError(f"no {kind[:-1]} for {path}: expected {folder / (path.stem + '.png')}")
-
-    def _finish(self, image: torch.Tensor) -> torch.Tensor:
-        return image if self.transform is None else self.transform(image)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.items[index]
-        return self._finish(_load_rgb(path, self.size, self.chans)), label
-
-    def variants(self, index: int, scales: Sequence[float]) -> tuple[torch.Tensor, int]:
-        """Image ``index`` at each scale: (images (S, C, H, W), label). See the module doc for what a scale does."""
-        from .data import RandomMonotoneScale, rescale_object
-        path, label = self.items[index]
-        image = _load_rgb(path, self.size, self.chans)
-        out = []
-        if self.has_masks:
-            mask = _load_rgb(self._companion(MASKS_DIR, path), self.size, 1)[0]
-            background = _load_rgb(self._companion(BACKGROUNDS_DIR, path), self.size, self.chans)
-            if not bool(mask.gt(0).any()):
-                raise ValueError(f"the mask of {path} is empty")
-            mask = mask / mask.max()
-            for s in scales:
-                out.append(rescale_object(image, mask, background, float(s)))
-        else:
-            for j, s in enumerate(scales):
-                gen = torch.Generator().manual_seed(
-                    int(np.random.SeedSequence([self.seed, index, j]).generate_state(1)[0]))
-                out.append(RandomMonotoneScale(strength=abs(math.log(float(s))), p=1.0, generator=gen)(image))
-        return torch.stack([self._finish(v) for v in out]), label
-
-
 def normalize_transform(data_cfg: Mapping[str, Any], chans: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """(C, H, W) or (B, C, H, W) images in [0, 1] -> normalised with the data config's ``mean`` and ``std``.
 
@@ -216,7 +121,6 @@ def digits_dataset(
         root: Optional[str] = None,
 ) -> Dataset:
     """`LocallyScaledDigits`, normalised with a timm data config (``mean``, ``std``) unless it is None."""
-    from .data import LocallyScaledDigits
     return LocallyScaledDigits(
         split, num_samples=num_samples, num_digits=num_digits, canvas=canvas, scale_range=scale_range,
         digit_size=digit_size, source=source, root=root, seed=seed, channels=chans,
@@ -250,7 +154,7 @@ def create_eval_model(
         pretrained: bool = False,
         in_chans: int = 3,
 ) -> nn.Module:
-    """``timm.create_model(name)`` (after ``import timm_dec``), optionally wrapped with Canon, then the checkpoint.
+    """``timm.create_model(name)``, optionally wrapped with Canon, then the checkpoint.
 
     Args:
         name: any timm model name, base or ``*_dec``.
@@ -266,11 +170,6 @@ def create_eval_model(
     Returns:
         The model, in eval mode, on the CPU.
     """
-    import timm
-    import timm_dec  # noqa: F401  (registers the *_dec models)
-    from timm.models import load_state_dict
-    from .baselines import InputCanonicalizer
-
     kwargs = dict(model_kwargs or {})
     kwargs.setdefault("num_classes", num_classes)
     kwargs.setdefault("in_chans", in_chans)
@@ -280,14 +179,12 @@ def create_eval_model(
     if checkpoint:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"--checkpoint {checkpoint!r} does not exist")
-        state = load_state_dict(checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        dec_prefix = "model.dec." if canon is not None else "dec."
-        if unexpected or any(not k.startswith(dec_prefix) for k in missing):
-            raise ValueError(
-                f"checkpoint {checkpoint!r} does not fit {name}{' + Canon' if canon is not None else ''}: missing keys "
-                f"{missing[:8]}, unexpected keys {unexpected[:8]} (check --model, --model-kwargs and --canon)")
-        if missing:
+        try:
+            kept = load_dec_state_dict(model, load_state_dict(checkpoint), source=f"checkpoint {checkpoint!r}",
+                                       target=f"{name}{' + Canon' if canon is not None else ''}")
+        except ValueError as e:
+            raise ValueError(f"{e} (check --model, --model-kwargs and --canon)") from None
+        if kept:
             print(f"note: {checkpoint} has no DEC weights (a base checkpoint); the DEC modules start at the "
                   f"identity", file=sys.stderr)
     return model.eval()
@@ -313,11 +210,8 @@ def evaluate_model(
         ``num_samples``, and ``per_bin_acc`` with bins), with ``dec_solver`` (``mean_iterations``, ``fallbacks``,
         ``samples``) when the model ran a DEC.
     """
-    import timm_dec
-    from .metrics import evaluate_scale_consistency
-
     model = model.to(device)
-    with timm_dec.solver_stats() as stats:
+    with solver_stats() as stats:
         result = evaluate_scale_consistency(
             model, dataset, list(scales), scale_bins=scale_bins or None, batch_size=batch_size, device=device,
             num_workers=num_workers, seed=seed, progress=progress, return_per_sample=return_per_sample)
@@ -325,10 +219,6 @@ def evaluate_model(
         result["dec_solver"] = dict(mean_iterations=stats.mean_iterations, fallbacks=stats.total_fallbacks,
                                     samples=stats.total_samples)
     return result
-
-
-def _fmt_scale(s: Any) -> str:
-    return f"{s:g}" if isinstance(s, (int, float)) else "(" + ",".join(f"{v:g}" for v in s) + ")"
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -344,7 +234,7 @@ def format_per_scale_table(results: Mapping[str, Mapping[str, Any]], key: str = 
     """Paper Table 3 layout: accuracy (%) per scale (or per bin with ``key="per_bin_acc"``) and their mean +- std."""
     first = next(iter(results.values()))
     cols = ([f"[{lo:g},{hi:g}]" for lo, hi in first["scale_bins"]] if key == "per_bin_acc"
-            else [_fmt_scale(s) for s in first["scales"]])
+            else [format_scale(s) for s in first["scales"]])
     width = max(8, *(len(n) for n in results))
     cw = max(6, *(len(c) for c in cols))
     lines = [f"{'Scale':<{width}}  " + "  ".join(f"{c:>{cw}}" for c in cols) + f"  {'Overall':>14}"]
@@ -358,9 +248,7 @@ def format_per_scale_table(results: Mapping[str, Mapping[str, Any]], key: str = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec eval`` options."""
-    from timm.utils import ParseKwargs
-
-    parser.add_argument("--model", required=True, help="any timm model name, base or *_dec (after import timm_dec)")
+    parser.add_argument("--model", required=True, help="any timm model name, base or *_dec")
     parser.add_argument("--checkpoint", default=None, help="weights: .safetensors or a timm .pth/.pth.tar checkpoint")
     parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                         help="more create_model kwargs, as in timm's train.py (img_size=64 patch_size=8 dec_grid=4)")
@@ -400,22 +288,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="folder data: image side (default the model's)")
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
 def run(args: argparse.Namespace) -> int:
     """Evaluate one model; print the tables and write ``--json``."""
-    import timm
-    import timm_dec  # noqa: F401
-    from timm.data import resolve_data_config
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -435,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
                             num_workers=args.workers, seed=args.seed, progress=not args.no_progress)
     name = args.model + (" + Canon" if args.canon else "")
     print(f"\n{name} on {args.data} ({result['num_samples']} test images, variants at scales "
-          f"{', '.join(_fmt_scale(s) for s in result['scales'])})")
+          f"{', '.join(format_scale(s) for s in result['scales'])})")
     print(format_table({name: result}))
     print()
     print(format_per_scale_table({name: result}))
@@ -450,6 +324,6 @@ def run(args: argparse.Namespace) -> int:
         out = dict(result, model=args.model, checkpoint=args.checkpoint, model_kwargs=model_kwargs,
                    canon=canon, data=args.data, variants=variants, device=str(device))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2, default=_json_default) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps(out, indent=2, default=json_default) + "\n", encoding="utf-8")
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0

@@ -38,13 +38,27 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+import timm
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from timm.data import create_transform
+from timm.models import push_to_hf_hub, save_for_hf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
 from torch.utils.data import DataLoader, Dataset
+
+from .adapt import dec_options
+from .data import ImageFolderSplit, ImageFolderVariants, LocallyScaledDigits
+from .evaluate import normalize_transform
+from .hub import push_to_hub, save_pretrained
+from .metrics import evaluate_scale_consistency, format_scale
 
 __all__ = ["TABLE_A1", "build_parser", "add_arguments", "main", "run", "weights_digest"]
 
@@ -146,9 +160,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _create_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the create_model kwargs that rebuild it (the DEC options included)."""
-    import timm
-    from .hub import dec_options
-
     kwargs = dict(args.model_kwargs)
     if "num_classes" in kwargs and kwargs["num_classes"] != num_classes:
         raise ValueError(f"num_classes={kwargs['num_classes']} in --model-kwargs, but the data has {num_classes}")
@@ -175,36 +186,16 @@ def _folder_root(args: argparse.Namespace) -> str:
 def _num_classes(args: argparse.Namespace) -> int:
     if args.data == "digits":
         return 10 ** args.num_digits
-    return len(_Folder(_folder_root(args), "train", None).class_names)
-
-
-class _Folder(Dataset):
-    """A split of an image folder (timm's ``create_dataset``: ``train/``, ``val/`` or ``validation/``) with a
-    transform."""
-
-    def __init__(self, root: str, split: str, transform: Any) -> None:
-        from timm.data import create_dataset
-        self.dataset = create_dataset("", root=root, split=split, is_training=False)
-        self.transform = transform
-        class_to_idx = self.dataset.reader.class_to_idx
-        self.class_names = sorted(class_to_idx, key=class_to_idx.get)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
-        return self.transform(image), int(label)
+    return len(ImageFolderSplit(_folder_root(args), "train", None).class_names)
 
 
 def _datasets(args: argparse.Namespace, model_cfg: dict[str, Any]) -> tuple[Dataset, Dataset, int, Optional[list]]:
     """(train, test, num_classes, label names) for ``--data``; ``model_cfg`` is timm's data config of the model."""
-    from torchvision import transforms as T
+    from torchvision import transforms as T  # torchvision is not a dependency of the package, only of this path
 
     size = args.img_size or int(model_cfg["input_size"][-1])
     normalize = T.Normalize(model_cfg["mean"], model_cfg["std"])
     if args.data == "digits":
-        from .data import LocallyScaledDigits
         common = dict(num_digits=args.num_digits, canvas=size, scale_range=tuple(args.scale_range),
                       digit_size=args.digit_size,
                       seed=args.data_seed, channels=int(model_cfg["input_size"][0]), transform=normalize)
@@ -212,11 +203,9 @@ def _datasets(args: argparse.Namespace, model_cfg: dict[str, Any]) -> tuple[Data
         test = LocallyScaledDigits("test", num_samples=args.test_samples, **common)
         return train, test, train.num_classes, None
     root = _folder_root(args)
-    from timm.data import create_transform
-    from .evaluate import ImageFolderVariants, normalize_transform
     chans = int(model_cfg["input_size"][0])
     data_cfg = dict(model_cfg, input_size=(chans, size, size))
-    train = _Folder(root, "train", create_transform(**data_cfg, is_training=args.aug, re_prob=0.0))
+    train = ImageFolderSplit(root, "train", create_transform(**data_cfg, is_training=args.aug, re_prob=0.0))
     # the held-out split as `timm-dec eval` reads it: resized images with local-scale variants (rescale_object
     # with masks/ + backgrounds/, else random monotone scalings), so InvE means the same in both
     val = next(os.path.join(root, s) for s in _EVAL_SPLITS if os.path.isdir(os.path.join(root, s)))
@@ -276,30 +265,30 @@ def _find_resume(path: str, output: Path) -> Path:
 # the run
 # ---------------------------------------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Fine-tune as ``args`` say; returns the summary (also written to ``OUTPUT/summary.json``)."""
-    import timm
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
+@dataclass
+class _Training:
+    """What the steps of `run` share: the prepared model, optimiser, loader and schedule, and the progress."""
+    args: argparse.Namespace
+    accelerator: Any
+    output: Path
+    model: nn.Module
+    model_kwargs: dict[str, Any]
+    optimizer: Any
+    train_loader: Any
+    scheduler: Any
+    updates_per_epoch: int
+    total_updates: int
+    signature: dict[str, Any]
+    step: int = 0
 
-    from .hub import dec_options
+    def log(self, text: str) -> None:
+        self.accelerator.print(text)
 
-    _check_args(args)
-    accelerator = Accelerator(
-        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
-    world, main = accelerator.num_processes, accelerator.is_main_process
-    log = accelerator.print
-    output = Path(args.output or f"runs/finetune-{args.model.replace('/', '_').replace(':', '_')}")
-    set_seed(args.seed)
 
-    model, model_kwargs = _create_model(args, _num_classes(args))
-    model_cfg = timm.data.resolve_input_data_config(model)
-    train_ds, test_ds, _, label_names = _datasets(args, model_cfg)
-    is_dec = bool(dec_options(model))
-
+def _prepare(args: argparse.Namespace, accelerator: Any, model: nn.Module, model_kwargs: dict[str, Any],
+             train_ds: Dataset) -> _Training:
+    """Optimiser (layer decay), loader and per-update cosine schedule, all prepared by accelerate."""
+    world = accelerator.num_processes
     layer_decay = args.layer_decay if 0 < args.layer_decay < 1 else None
     optimizer = create_optimizer_v2(
         model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, layer_decay=layer_decay)
@@ -317,51 +306,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scheduler, _ = create_scheduler_v2(
         optimizer.optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-    signature = _run_signature(args, model_kwargs, world)
+    output = Path(args.output or f"runs/finetune-{args.model.replace('/', '_').replace(':', '_')}")
+    return _Training(args, accelerator, output, model, model_kwargs, optimizer, train_loader, scheduler,
+                     updates_per_epoch, total_updates, _run_signature(args, model_kwargs, world))
 
-    step = 0
-    if args.resume:
-        folder = _find_resume(args.resume, output)
+
+def _resume(t: _Training) -> None:
+    """Continue from ``--resume`` (a checkpoint of the same run), else start the schedule at update 0."""
+    if t.args.resume:
+        folder = _find_resume(t.args.resume, t.output)
         state = json.loads((folder / STATE_NAME).read_text())
-        differs = {k: (state["signature"].get(k), v) for k, v in signature.items() if state["signature"].get(k) != v}
+        differs = {k: (state["signature"].get(k), v) for k, v in t.signature.items()
+                   if state["signature"].get(k) != v}
         if differs:
             raise ValueError(f"--resume {folder} was written by another run; (checkpoint, now) differ in {differs}")
-        accelerator.load_state(str(folder))
-        step = int(state["step"])
-        scheduler.load_state_dict(state["scheduler"])
-        log(f"resumed from {folder} at update {step}")
-    scheduler.step_update(num_updates=step)
+        t.accelerator.load_state(str(folder))
+        t.step = int(state["step"])
+        t.scheduler.load_state_dict(state["scheduler"])
+        t.log(f"resumed from {folder} at update {t.step}")
+    t.scheduler.step_update(num_updates=t.step)
 
-    def save_checkpoint() -> None:
-        folder = output / f"checkpoint-{step:06d}"
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(folder))
-        if main:
-            state = {"step": step, "epoch": step / updates_per_epoch, "model": args.model,
-                     "model_kwargs": _jsonable(model_kwargs), "signature": signature,
-                     "scheduler": _jsonable(scheduler.state_dict()), "args": _jsonable(vars(args)),
-                     "world_size": world}
-            (folder / STATE_NAME).write_text(json.dumps(state, indent=2))
-            if args.keep_checkpoints:
-                for old in sorted(output.glob("checkpoint-*"))[:-args.keep_checkpoints]:
-                    for f in old.iterdir():
-                        f.unlink()
-                    old.rmdir()
-        accelerator.wait_for_everyone()
-        log(f"saved {folder}")
 
-    log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {world} process(es), "
-        f"global batch {args.batch_size * world * args.grad_accum}, {updates_per_epoch} updates/epoch, "
-        f"{total_updates} updates")
-    start, running, seen = time.time(), 0.0, 0
+def _save_checkpoint(t: _Training) -> None:
+    """``OUTPUT/checkpoint-<step>/``: accelerate's state and ``state.json``; the oldest beyond ``--keep-checkpoints``
+    are removed."""
+    args, accelerator = t.args, t.accelerator
+    folder = t.output / f"checkpoint-{t.step:06d}"
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        state = {"step": t.step, "epoch": t.step / t.updates_per_epoch, "model": args.model,
+                 "model_kwargs": _jsonable(t.model_kwargs), "signature": t.signature,
+                 "scheduler": _jsonable(t.scheduler.state_dict()), "args": _jsonable(vars(args)),
+                 "world_size": accelerator.num_processes}
+        (folder / STATE_NAME).write_text(json.dumps(state, indent=2))
+        if args.keep_checkpoints:
+            for old in sorted(t.output.glob("checkpoint-*"))[:-args.keep_checkpoints]:
+                for f in old.iterdir():
+                    f.unlink()
+                old.rmdir()
+    accelerator.wait_for_everyone()
+    t.log(f"saved {folder}")
+
+
+def _train(t: _Training, criterion: Callable[..., torch.Tensor], start: float) -> None:
+    """The updates from ``t.step`` to ``t.total_updates``, an epoch per pass, logging and checkpointing."""
+    args, accelerator, model, optimizer = t.args, t.accelerator, t.model, t.optimizer
+    running, seen = 0.0, 0
     model.train()
-    while step < total_updates:
-        epoch, done_in_epoch = divmod(step, updates_per_epoch)
-        train_loader.set_epoch(epoch)
-        loader = train_loader
+    while t.step < t.total_updates:
+        epoch, done_in_epoch = divmod(t.step, t.updates_per_epoch)
+        t.train_loader.set_epoch(epoch)
+        loader = t.train_loader
         if done_in_epoch:
-            loader = accelerator.skip_first_batches(train_loader, done_in_epoch * args.grad_accum)
+            loader = accelerator.skip_first_batches(t.train_loader, done_in_epoch * args.grad_accum)
         for images, labels in loader:
             with accelerator.accumulate(model):
                 loss = criterion(model(images), labels)
@@ -373,37 +371,63 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             running, seen = running + loss.item(), seen + 1
             if not accelerator.sync_gradients:
                 continue
-            step += 1
-            scheduler.step_update(num_updates=step)
-            if step % args.log_every == 0 or step == total_updates:
+            t.step += 1
+            t.scheduler.step_update(num_updates=t.step)
+            if t.step % args.log_every == 0 or t.step == t.total_updates:
                 lr = max(g["lr"] for g in optimizer.param_groups)
-                log(f"update {step}/{total_updates} epoch {step / updates_per_epoch:.2f} "
-                    f"loss {running / max(seen, 1):.4f} lr {lr:.3g} "
-                    f"{time.time() - start:.1f}s")
+                t.log(f"update {t.step}/{t.total_updates} epoch {t.step / t.updates_per_epoch:.2f} "
+                      f"loss {running / max(seen, 1):.4f} lr {lr:.3g} "
+                      f"{time.time() - start:.1f}s")
                 running, seen = 0.0, 0
-            at_epoch_end = step % updates_per_epoch == 0
-            if (args.checkpoint_every and step % args.checkpoint_every == 0) or (
-                    not args.checkpoint_every and at_epoch_end) or step == total_updates:
-                save_checkpoint()
-            if step >= total_updates or at_epoch_end:
+            at_epoch_end = t.step % t.updates_per_epoch == 0
+            if (args.checkpoint_every and t.step % args.checkpoint_every == 0) or (
+                    not args.checkpoint_every and at_epoch_end) or t.step == t.total_updates:
+                _save_checkpoint(t)
+            if t.step >= t.total_updates or at_epoch_end:
                 break
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tune as ``args`` say; returns the summary (also written to ``OUTPUT/summary.json``)."""
+    _check_args(args)
+    accelerator = Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    log = accelerator.print
+    set_seed(args.seed)
+
+    model, model_kwargs = _create_model(args, _num_classes(args))
+    model_cfg = timm.data.resolve_input_data_config(model)
+    train_ds, test_ds, _, label_names = _datasets(args, model_cfg)
+    is_dec = bool(dec_options(model))
+    t = _prepare(args, accelerator, model, model_kwargs, train_ds)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+    _resume(t)
+
+    log(f"{args.model}: {sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M params, {world} process(es), "
+        f"global batch {args.batch_size * world * args.grad_accum}, {t.updates_per_epoch} updates/epoch, "
+        f"{t.total_updates} updates")
+    start = time.time()
+    _train(t, criterion, start)
+
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(t.model)
     unwrapped.eval()
     digests = gather_object([weights_digest(unwrapped)])
     if len(set(digests)) != 1:
         raise RuntimeError(f"the ranks' weights differ after training: {digests}")
     metrics = None if args.no_eval else _evaluate(args, unwrapped, test_ds, accelerator)
-    summary = {"step": step, "model": args.model, "model_kwargs": _jsonable(model_kwargs), "world_size": world,
+    summary = {"step": t.step, "model": args.model, "model_kwargs": _jsonable(model_kwargs), "world_size": world,
                "rank_weight_sha256": digests, "metrics": metrics, "seconds": round(time.time() - start, 2)}
     if main:
-        _save_final(args, unwrapped, output / "final", metrics, label_names, model_cfg, is_dec)
-        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        _save_final(args, unwrapped, t.output / "final", metrics, label_names, model_cfg, is_dec)
+        (t.output / "summary.json").write_text(json.dumps(summary, indent=2))
         if metrics:
             log(f"accuracy {100 * metrics['acc']:.2f}% on {metrics['num_samples']} images, InvE "
                 f"{100 * metrics['inv_e']:.3f}e-2, per-scale accuracy "
-                + " ".join(f"{s:g}:{100 * a:.1f}" for s, a in zip(metrics["scales"], metrics["per_scale_acc"])))
+                + " ".join(f"{format_scale(s)}:{100 * a:.1f}"
+                           for s, a in zip(metrics["scales"], metrics["per_scale_acc"])))
         if args.push_to_hub:
             _push(args, unwrapped, metrics, label_names, is_dec)
     accelerator.wait_for_everyone()
@@ -413,9 +437,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _evaluate(args: argparse.Namespace, model: nn.Module, test_ds: Dataset, accelerator: Any) -> dict[str, Any]:
     """Accuracy, InvE and per-scale accuracy on the test split, each process taking a shard of the images."""
-    from accelerate.utils import gather_object
-    from .metrics import evaluate_scale_consistency
-
     count = min(len(test_ds), args.eval_samples or len(test_ds))
     indices = list(range(count))[accelerator.process_index::accelerator.num_processes]
     part = evaluate_scale_consistency(
@@ -454,12 +475,10 @@ def _save_final(args: argparse.Namespace, model: nn.Module, folder: Path, metric
                 label_names: Optional[list], model_cfg: dict[str, Any], is_dec: bool) -> None:
     data_config = {k: model_cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in model_cfg}
     if is_dec:
-        from .hub import save_pretrained
         save_pretrained(model, folder, metrics=metrics,
                         label_names=label_names, dataset=_dataset_name(args), training=_training_table(args),
                         data_config=data_config, repo_id=args.push_to_hub)
     else:
-        from timm.models import save_for_hf
         config = {"label_names": label_names} if label_names else None
         save_for_hf(model, str(folder), model_config=config, safe_serialization=True, data_config=data_config)
 
@@ -467,11 +486,9 @@ def _save_final(args: argparse.Namespace, model: nn.Module, folder: Path, metric
 def _push(args: argparse.Namespace, model: nn.Module, metrics: Optional[dict], label_names: Optional[list],
           is_dec: bool) -> None:
     if not is_dec:
-        from timm.models import push_to_hf_hub
         push_to_hf_hub(model, args.push_to_hub, private=args.hub_private, token=args.hub_token,
                        safe_serialization=True)
         return
-    from .hub import push_to_hub
     push_to_hub(model, args.push_to_hub, private=args.hub_private, token=args.hub_token,
                 metrics=metrics, label_names=label_names,
                 dataset=_dataset_name(args), training=_training_table(args))

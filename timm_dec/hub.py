@@ -7,8 +7,8 @@ A saved folder is what timm's own Hub loader reads (`timm.models.save_for_hf` wr
   as keyword arguments -- the DEC options are written there as ``dec_*`` arguments, so loading rebuilds the same
   model;
 * ``model.safetensors``: the full state dict, DEC parameters under ``dec.``;
-* ``README.md``: the repo-root ``MODEL_CARD.md`` template rendered with the model's name, options and measured
-  metrics, which also go into the card's ``model-index`` metadata.
+* ``README.md``: the card template (``timm_dec/templates/model_card.md``, package data) rendered with the model's
+  name, options and measured metrics, which also go into the card's ``model-index`` metadata.
 
 After ``import timm_dec``, ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` or
 ``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the saved model back; `load_pretrained` does the
@@ -20,9 +20,8 @@ uploads it. Nothing here unpickles arbitrary objects: safetensors are read as te
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib.resources
 import json
-import math
 import os
 import re
 import tempfile
@@ -37,11 +36,13 @@ from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
-from .adapt import DECModelMixin
-from .models import base_model_name
+from .adapt import DECModelMixin, dec_options, jsonable
+from .metrics import format_scale
+from .models import base_model_name, load_dec_state_dict
+from .models._registry import dec_blocks_in
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "dec_options", "hub_architecture",
+    "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
     "normalize_metrics", "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
     "load_training_checkpoint", "add_arguments", "run",
 ]
@@ -49,8 +50,8 @@ __all__ = [
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 README_NAME = "README.md"
-# The card template lives at the repository root, beside README.md, where contributors edit it.
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
+# The card template ships inside the package (package data), so an installed wheel renders cards too.
+MODEL_CARD_TEMPLATE = importlib.resources.files(__package__) / "templates" / "model_card.md"
 # The json state that `timm_dec.finetune` writes beside the weights of each checkpoint.
 TRAINING_STATE_NAME = "state.json"
 
@@ -62,41 +63,6 @@ def _dec_cfg(model: nn.Module) -> Any:
     if isinstance(model, DECModelMixin):
         return model.dec_cfg
     return None
-
-
-def dec_options(model: nn.Module) -> dict[str, Any]:
-    """The static DEC options of a ``*_dec`` model as ``timm.create_model`` keyword arguments.
-
-    Args:
-        model: a model from a ``*_dec`` name or `timm_dec.adapt`.
-
-    Returns:
-        ``{"dec_blocks": [...], "dec_mode": ..., "dec_grid": ..., "dec_<field>": ...}`` for every field of the
-        model's `timm_dec.dec.DECConfig`, JSON-serialisable (tuples become lists); ``{}`` for a model without DEC.
-
-    Example:
-        >>> dec_options(timm.create_model("vit_tiny_dec", dec_grid=8))["dec_grid"]
-        8
-    """
-    cfg = _dec_cfg(model)
-    if cfg is None:
-        return {}
-    options: dict[str, Any] = {"dec_blocks": list(cfg.blocks), "dec_mode": cfg.mode}
-    for field in dataclasses.fields(cfg.dec):
-        options[f"dec_{field.name}"] = _jsonable(getattr(cfg.dec, field.name), f"DEC option {field.name}")
-    return options
-
-
-def _jsonable(value: Any, what: str) -> Any:
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v, what) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{what} = {value} cannot be written to config.json")
-        return value
-    raise TypeError(f"{what} = {value!r} ({type(value).__name__}) cannot be written to config.json")
 
 
 def hub_architecture(model: nn.Module) -> str:
@@ -180,7 +146,7 @@ def normalize_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"metrics[{values_key!r}] needs a {labels_key!r} list of the same length, got "
                              f"{values!r} and {labels!r}")
         out[values_key] = [_fraction(v, values_key) for v in values]
-        out[labels_key] = _jsonable(list(labels), f"metrics[{labels_key!r}]")
+        out[labels_key] = jsonable(list(labels), f"metrics[{labels_key!r}]")
     if "num_samples" in metrics:
         n = metrics["num_samples"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -195,12 +161,6 @@ def normalize_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fmt_scale(s: Any) -> str:
-    if isinstance(s, (list, tuple)):
-        return "(" + ", ".join(f"{float(v):g}" for v in s) + ")"
-    return f"{float(s):g}"
-
-
 def _card_metrics(metrics: Mapping[str, Any], dataset: Optional[str]) -> dict[str, Any]:
     """Metrics formatted for the card template: percentages with two decimals, InvE in 1e-2."""
     return {
@@ -208,7 +168,7 @@ def _card_metrics(metrics: Mapping[str, Any], dataset: Optional[str]) -> dict[st
         "num_samples": metrics.get("num_samples", "?"),
         "accuracy": f"{100 * metrics['acc']:.2f}",
         "inv_e": f"{100 * metrics['inv_e']:.2f}",
-        "per_scale": [(_fmt_scale(s), f"{100 * a:.2f}") for s, a in
+        "per_scale": [(format_scale(s), f"{100 * a:.2f}") for s, a in
                       zip(metrics.get("scales", []), metrics.get("per_scale_acc", []))],
         "per_bin": [(f"[{lo:g}, {hi:g}]", f"{100 * a:.2f}") for (lo, hi), a in
                     zip(metrics.get("scale_bins", []), metrics.get("per_bin_acc", []))],
@@ -247,7 +207,7 @@ def render_model_card(
     template_path = Path(template) if template is not None else MODEL_CARD_TEMPLATE
     if not template_path.is_file():
         raise FileNotFoundError(
-            f"model card template {template_path} not found; pass template= (the repository's MODEL_CARD.md)")
+            f"model card template {template_path} not found; pass template= (timm_dec/templates/model_card.md)")
     arch = hub_architecture(model)
     cfg = _dec_cfg(model)
     checked = normalize_metrics(metrics) if metrics is not None else None
@@ -270,7 +230,7 @@ def render_model_card(
         input_size=" x ".join(str(s) for s in input_size),
         dec_unit=getattr(model, "dec_unit_name", "block") + ("s" if len(cfg.blocks) > 1 else ""),
         dec_blocks=", ".join(str(b) for b in cfg.blocks),
-        dec_grid=cfg.dec.grid,
+        dec_grid=cfg.options.grid,
         dec_mode=cfg.mode,
         dec_options=list(dec_options(model).items()),
         timm_dec_version=__version__,
@@ -327,7 +287,7 @@ def save_pretrained(
         dataset, datasets, training, license: shown in the card (see `render_model_card`).
         data_config: the preprocessing used in training (``input_size``, ``mean``, ``std``, ``crop_pct``,
             ``interpolation``), recorded in ``pretrained_cfg``; default the model's own.
-        card_template: a Jinja2 card template; default the repository's ``MODEL_CARD.md``.
+        card_template: a Jinja2 card template; default `MODEL_CARD_TEMPLATE`.
 
     Returns:
         The folder.
@@ -444,10 +404,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
 
 
-def _dec_blocks_in(keys: Sequence[str]) -> list[int]:
-    return sorted({int(m.group(1)) for k in keys if (m := re.match(r"dec\.(\d+)\.", k))})
-
-
 def _check_architecture(arch: Any, source: str) -> str:
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"{source} names no architecture")
@@ -483,7 +439,7 @@ def check_pretrained(folder: PathLike) -> dict[str, Any]:
     keys = _safetensors_keys(folder / WEIGHTS_NAME)
     model_args = config.get("model_args") or {}
     if "dec_blocks" in model_args:
-        expected, found = sorted(int(b) for b in model_args["dec_blocks"]), _dec_blocks_in(keys)
+        expected, found = sorted(int(b) for b in model_args["dec_blocks"]), dec_blocks_in(keys)
         if expected != found:
             raise ValueError(
                 f"the DEC options of {config_path} (dec_blocks={expected}) do not match {folder / WEIGHTS_NAME}, "
@@ -650,9 +606,8 @@ def load_training_checkpoint(
 
 
 def _load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, arch: str) -> None:
-    """``model.load_state_dict(state_dict)`` with errors that say whether the DEC options are what differs."""
-    own = model.state_dict()
-    ckpt_dec, model_dec = _dec_blocks_in(list(state_dict)), _dec_blocks_in(list(own))
+    """`load_dec_state_dict`, after errors that say whether the DEC options are what differs."""
+    ckpt_dec, model_dec = dec_blocks_in(list(state_dict)), dec_blocks_in(list(model.state_dict()))
     if ckpt_dec != model_dec:
         if not model_dec:
             raise ValueError(
@@ -660,22 +615,7 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
         raise ValueError(
             f"the DEC options do not match: {what} holds DEC parameters for blocks {ckpt_dec}, but {arch} was built "
             f"with DEC on blocks {model_dec} (set dec_blocks={ckpt_dec})")
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:4]}")
-        dec_hint = " (DEC parameters differ: check the dec_* options)" if any(
-            k.startswith("dec.") for k in missing + unexpected + [s.split(":")[0] for s in shapes]) else ""
-        raise ValueError(f"{what} does not fit {arch}{dec_hint}: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+    load_dec_state_dict(model, state_dict, source=what, target=arch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from .ops import LAYOUTS, check_knots, monotone_warp
 
 __all__ = [
     "inv_error_from_probs", "inv_error", "equi_error_from_outputs", "equi_error", "accuracy", "per_scale_accuracy",
-    "prob_correct", "evaluate_scale_consistency", "evaluate_equivariance",
+    "prob_correct", "evaluate_scale_consistency", "evaluate_equivariance", "format_scale", "json_default",
 ]
 
 Warp = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -352,9 +352,8 @@ def evaluate_scale_consistency(
     For every image I of ``dataset`` (``dataset[i] -> (image (C, H, W), label)``), its locally scaled variants come
     from ``dataset.variants(i, scales) -> (images (S, C, H, W), label)`` (see `LocallyScaledDigits.variants`; a
     user dataset with masks can implement it with `rescale_object`). InvE (eq. 24) compares the softmax of I with
-    that of each variant. ``scale_bins`` adds Table 3-style bins: per image and bin, one variant whose per-part scales
-    (``dataset.num_digits`` parts, else 1) are drawn uniformly in the bin from ``numpy.random.default_rng((seed,
-    i))``.
+    that of each variant. ``scale_bins`` adds Table 3-style bins: per image and bin, one variant whose per-part
+    scales (``dataset.num_digits`` parts, else 1) are drawn uniformly in the bin from ``default_rng((seed, i))``.
 
     Args:
         model: classifier returning (B, K) logits; an ``nn.Module`` is put in eval mode (and restored after).
@@ -495,3 +494,22 @@ def evaluate_equivariance(
             total += err.sum().item()
             count += err.numel()
     return total / count
+
+
+def format_scale(scale: Union[float, Sequence[float]]) -> str:
+    """A scale as tables, cards and logs print it: ``0.7``, or ``(0.7,1.3)`` for per-part scales."""
+    if isinstance(scale, (list, tuple)):
+        return "(" + ",".join(f"{float(v):g}" for v in scale) + ")"
+    return f"{float(scale):g}"
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps(..., default=json_default)`` for metric and benchmark results: tensors and numpy scalars and
+    arrays become numbers and lists."""
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.integer, np.floating, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")

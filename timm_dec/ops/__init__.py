@@ -7,10 +7,11 @@ from .knots import (
     identity_logits, knots_from_logits, pixel_coords,
 )
 from .reference import monotone_warp_ref, sample_nchw
-from .warp import BACKEND_ENV, BACKENDS, LAYOUTS, monotone_warp, resolve_backend
+from .layout import LAYOUTS, pair, spatial_size
+from .warp import BACKEND_ENV, BACKENDS, monotone_warp, resolve_backend
 
 __all__ = [
     "knots_from_logits", "identity_logits", "identity_knots", "check_knots", "apply_map", "apply_inverse_map",
     "pixel_coords", "dense_coords", "monotone_warp", "monotone_warp_ref", "sample_nchw", "resolve_backend",
-    "LAYOUTS", "BACKENDS", "BACKEND_ENV", "DEFAULT_INVERSE_SWEEPS",
+    "LAYOUTS", "BACKENDS", "BACKEND_ENV", "DEFAULT_INVERSE_SWEEPS", "spatial_size", "pair",
 ]

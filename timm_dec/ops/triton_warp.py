@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess with Tr
     ) from e
 
 from .knots import DEFAULT_INVERSE_SWEEPS, SEGMENT_EPS, dense_coords
-from .warp import LAYOUTS
+from .layout import LAYOUTS
 
 __all__ = ["monotone_warp_triton", "MonotoneWarpFn", "interpreter_enabled"]
 
@@ -355,11 +355,8 @@ def _launch_config(hw: int, channels: int, channel_contiguous: bool, backward: b
     return bp, bc, 4
 
 
-def _check_inputs(x: torch.Tensor, knots: torch.Tensor, layout: str, height: int, width: int,
-                  num_prefix_tokens: int, sweeps: int) -> None:
-    """Cheap checks (no device sync) of what the Triton path needs beyond `monotone_warp`'s own checks."""
-    if not isinstance(x, torch.Tensor) or not isinstance(knots, torch.Tensor):
-        raise TypeError("x and knots must be tensors")
+def _check_inputs(x: torch.Tensor, knots: torch.Tensor) -> None:
+    """What the Triton path needs beyond `monotone_warp`'s checks: its devices and dtypes (no device sync)."""
     if x.device.type != "cuda" and not (interpreter_enabled() and x.device.type == "cpu"):
         raise ValueError(
             f"the Triton warp needs CUDA tensors, got x on {x.device} (CPU tensors only run under "
@@ -370,6 +367,13 @@ def _check_inputs(x: torch.Tensor, knots: torch.Tensor, layout: str, height: int
         raise ValueError(f"x must be float16, bfloat16, float32 or float64 for the Triton warp, got {x.dtype}")
     if not knots.is_floating_point():
         raise ValueError(f"knots must be a floating point tensor, got {knots.dtype}")
+
+
+def _check_shapes(x: torch.Tensor, knots: torch.Tensor, layout: str, height: int, width: int,
+                  num_prefix_tokens: int, sweeps: int) -> None:
+    """The shape checks of a direct call (`monotone_warp` runs its own and passes ``check=False``)."""
+    if not isinstance(x, torch.Tensor) or not isinstance(knots, torch.Tensor):
+        raise TypeError("x and knots must be tensors")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if knots.dim() != 4 or knots.shape[1] != 2 or knots.shape[2] != knots.shape[3] or knots.shape[3] < 2:
@@ -508,25 +512,31 @@ def monotone_warp_triton(
         *,
         block_p: Optional[int] = None,
         block_c: Optional[int] = None,
+        check: bool = True,
 ) -> torch.Tensor:
     """Fused Triton warp; the same contract and results as `monotone_warp_ref`, differentiable in ``x`` and ``knots``.
 
     Args:
         x: (B, C, H, W) for ``"nchw"``, (B, H, W, C) for ``"nhwc"``, (B, P + H*W, C) for ``"tokens"``; any strides;
             float16, bfloat16, float32 or float64; CUDA (CPU only under ``TRITON_INTERPRET=1``).
-        knots: (B, 2, G+1, G+1) knot tables (values already checked, e.g. from `knots_from_logits`).
+        knots: (B, 2, G+1, G+1) knot tables (shapes and values already checked, as `monotone_warp` does, or
+            straight from `knots_from_logits`).
         inverse: sample at l^{-1}(p) (the action S) instead of l(p) (S^{-1}).
         layout: ``"nchw"``, ``"nhwc"`` or ``"tokens"``.
         height, width: H, W of the map.
         num_prefix_tokens: P leading tokens copied through unchanged (``"tokens"`` only).
         sweeps: alternations of the 2D inverse.
         block_p, block_c: override the pixel / channel tile (powers of two), for tests and tuning.
+        check: check the layout and shapes (`monotone_warp`, which checks them itself, passes False); the devices
+            and dtypes are always checked.
 
     Returns:
         The warped map: shape, layout, dtype and device of ``x``. Coordinates are computed in float32 (float64 for
         float64 knots) and samples in float32 (float64 for float64 inputs). ``grad_x`` is accumulated with atomic
         adds, so on a GPU its last bits can vary from run to run.
     """
-    _check_inputs(x, knots, layout, height, width, num_prefix_tokens, sweeps)
+    if check:
+        _check_shapes(x, knots, layout, height, width, num_prefix_tokens, sweeps)
+    _check_inputs(x, knots)
     return MonotoneWarpFn.apply(x, knots, bool(inverse), layout, int(height), int(width), int(num_prefix_tokens),
                                 int(sweeps), block_p, block_c)

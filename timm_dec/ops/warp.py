@@ -12,11 +12,11 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .knots import DEFAULT_INVERSE_SWEEPS, check_knots
+from .layout import LAYOUTS, spatial_size
 from .reference import monotone_warp_ref
 
-__all__ = ["monotone_warp", "resolve_backend", "LAYOUTS", "BACKENDS", "BACKEND_ENV"]
+__all__ = ["monotone_warp", "resolve_backend", "BACKENDS", "BACKEND_ENV"]
 
-LAYOUTS = ("nchw", "nhwc", "tokens")
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "TIMM_DEC_WARP_BACKEND"
 
@@ -34,53 +34,6 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return choice
-
-
-def _spatial_size(
-        x: torch.Tensor,
-        layout: str,
-        grid_size: Optional[Union[int, Sequence[int]]],
-        num_prefix_tokens: int,
-) -> tuple[int, int]:
-    """(H, W) of the feature map in ``x``, checking the layout's rank and the token count."""
-    expected_rank = {"nchw": 4, "nhwc": 4, "tokens": 3}[layout]
-    names = {"nchw": "(B, C, H, W)", "nhwc": "(B, H, W, C)", "tokens": "(B, P + H*W, C)"}
-    if x.dim() != expected_rank:
-        raise ValueError(f"layout {layout!r} expects x of shape {names[layout]}, got {tuple(x.shape)}")
-    if layout != "tokens":
-        if num_prefix_tokens:
-            raise ValueError(f"num_prefix_tokens is only for layout 'tokens', got {num_prefix_tokens} with {layout!r}")
-        height, width = (x.shape[2], x.shape[3]) if layout == "nchw" else (x.shape[1], x.shape[2])
-        if grid_size is not None and tuple(_pair(grid_size)) != (height, width):
-            raise ValueError(f"grid_size {tuple(_pair(grid_size))} does not match the map size {(height, width)}")
-        return height, width
-    if num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
-    spatial = x.shape[1] - num_prefix_tokens
-    if grid_size is None:
-        side = int(round(max(spatial, 0) ** 0.5))
-        if spatial < 1 or side * side != spatial:
-            raise ValueError(
-                f"grid_size is required: {x.shape[1]} tokens minus {num_prefix_tokens} prefix tokens "
-                f"is not a square number of patches")
-        return side, side
-    height, width = _pair(grid_size)
-    if height < 1 or width < 1:
-        raise ValueError(f"grid_size must be positive, got {(height, width)}")
-    if num_prefix_tokens + height * width != x.shape[1]:
-        raise ValueError(
-            f"grid_size {(height, width)} with {num_prefix_tokens} prefix tokens needs "
-            f"{num_prefix_tokens + height * width} tokens, but x has N = {x.shape[1]}")
-    return height, width
-
-
-def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    v = tuple(int(s) for s in v)
-    if len(v) != 2:
-        raise ValueError(f"grid_size must be an int or (H, W), got {v}")
-    return v
 
 
 def monotone_warp(
@@ -110,7 +63,9 @@ def monotone_warp(
         num_prefix_tokens: P leading tokens (class, distillation, registers) that pass through unchanged.
         sweeps: alternations of the 2D inverse.
         backend: ``"torch"``, ``"triton"`` or ``"auto"``; default ``$TIMM_DEC_WARP_BACKEND`` or ``"auto"``.
-        check: validate the knot values (a device sync); knots straight from `knots_from_logits` need no check.
+        check: validate the inputs: the layout, the shapes of ``x`` and ``knots``, their devices, ``sweeps`` and the
+            knot values (a device sync). ``check=False`` checks nothing, for callers that checked the inputs once
+            (DEC's solve loop, knots straight from `knots_from_logits`).
 
     Returns:
         The warped map, with the layout, shape, dtype and device of ``x``.
@@ -122,20 +77,31 @@ def monotone_warp(
         >>> torch.equal(y[:, 0], x[:, 0])
         True
     """
+    if check:
+        _check_inputs(x, knots, layout, grid_size, num_prefix_tokens, sweeps)
+    height, width = spatial_size(x, layout, grid_size, num_prefix_tokens, check=False)
+    if resolve_backend(backend, x.device) == "triton":
+        from .triton_warp import monotone_warp_triton  # imports Triton on first use only
+        return monotone_warp_triton(x, knots, inverse, layout, height, width, num_prefix_tokens, sweeps, check=False)
+    return monotone_warp_ref(x, knots, inverse, layout, height, width, num_prefix_tokens, sweeps)
+
+
+def _check_inputs(
+        x: torch.Tensor,
+        knots: torch.Tensor,
+        layout: str,
+        grid_size: Optional[Union[int, Sequence[int]]],
+        num_prefix_tokens: int,
+        sweeps: int,
+) -> None:
+    """The checks of `monotone_warp`, each with an error naming what is wrong."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a floating point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    height, width = _spatial_size(x, layout, grid_size, num_prefix_tokens)
-    if check:
-        check_knots(knots, batch=x.shape[0])
-    elif knots.dim() != 4 or knots.shape[0] != x.shape[0]:
-        raise ValueError(f"knots of shape {tuple(knots.shape)} do not fit x of shape {tuple(x.shape)}")
+    spatial_size(x, layout, grid_size, num_prefix_tokens)
+    check_knots(knots, batch=x.shape[0])
     if knots.device != x.device:
         raise ValueError(f"knots are on {knots.device} but x is on {x.device}")
     if sweeps < 1:
         raise ValueError(f"sweeps must be >= 1, got {sweeps}")
-    if resolve_backend(backend, x.device) == "triton":
-        from .triton_warp import monotone_warp_triton  # imports Triton on first use only
-        return monotone_warp_triton(x, knots, inverse, layout, height, width, num_prefix_tokens, sweeps)
-    return monotone_warp_ref(x, knots, inverse, layout, height, width, num_prefix_tokens, sweeps)

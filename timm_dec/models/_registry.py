@@ -14,10 +14,11 @@ its arguments and stops (`_capture_base_build`): nothing is built twice and timm
 from __future__ import annotations
 
 import inspect
+import re
 import types
 from collections import deque
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,11 +26,11 @@ import timm.models
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
 from timm.models._pretrained import DefaultCfg
 
-from .adapt import dec_class_for, split_dec_kwargs
+from ..adapt import DECModelMixin, dec_class_for, split_dec_kwargs
 
 __all__ = [
-    "DEC_MODULES", "create_dec_model", "dec_checkpoint_filter", "list_dec_models", "register_dec_models",
-    "supported_base_names", "base_model_name",
+    "DEC_MODULES", "create_dec_model", "dec_checkpoint_filter", "load_dec_state_dict", "list_dec_models",
+    "register_dec_models", "supported_base_names", "base_model_name",
 ]
 
 DEC_MODULES = ("vit_dec", "swin_dec", "beit_dec")
@@ -133,6 +134,77 @@ def dec_checkpoint_filter(
     return out
 
 
+def _dec_models(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(state-dict prefix, module) of ``model`` itself or of each ``*_dec`` model inside it (a Canon wrapper's)."""
+    return [(f"{name}." if name else "", m) for name, m in model.named_modules() if isinstance(m, DECModelMixin)]
+
+
+def dec_blocks_in(keys: Iterable[str]) -> List[int]:
+    """The sorted block (Swin: stage) indices that the ``dec.<index>.`` keys among ``keys`` hold DEC weights for."""
+    return sorted({int(m.group(1)) for k in keys if (m := re.match(r"dec\.(\d+)\.", k))})
+
+
+def load_dec_state_dict(
+        model: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        source: str = "the checkpoint",
+        target: Optional[str] = None,
+) -> List[str]:
+    """Load a base or ``*_dec`` state dict into ``model`` strictly, through `dec_checkpoint_filter`.
+
+    A state dict without DEC weights (a base checkpoint) leaves every DEC module with the model's own weights (the
+    identity, for a new model); one with DEC weights must hold all of them. ``model`` may also be a module that
+    holds a ``*_dec`` model (a Canon wrapper: its keys carry the wrapper's prefix) or a model without DEC (a plain
+    strict load).
+
+    Args:
+        model: the model to load into.
+        state_dict: the weights (the keys of ``model.state_dict()``, DEC parameters under ``dec.``).
+        source: names the weights in errors, e.g. ``"checkpoint ckpt.safetensors"``.
+        target: names the model in errors; default its class name.
+
+    Returns:
+        The DEC keys that kept the model's own weights (empty unless ``state_dict`` is a base checkpoint).
+
+    Raises:
+        ValueError: DEC weights for blocks the model does not adapt, or keys that do not fit (missing, unexpected
+            or of another shape; the message names them and whether DEC parameters are among them).
+    """
+    state = dict(state_dict)
+    kept: List[str] = []
+    for prefix, dec_model in _dec_models(model):
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        filtered = dec_checkpoint_filter(inner, dec_model)  # raises for DEC weights of blocks it does not adapt
+        if not any(k.startswith("dec.") for k in inner):  # a base checkpoint: the DEC modules keep their weights
+            new = [k for k in filtered if k not in inner]
+            state.update({prefix + k: filtered[k] for k in new})
+            kept += [prefix + k for k in new]
+    _check_fit(model.state_dict(), state, source, target or type(model).__name__)
+    model.load_state_dict(state, strict=True)
+    return sorted(kept)
+
+
+def _check_fit(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str, target: str) -> None:
+    """A `ValueError` naming the missing, unexpected and reshaped keys of ``state``, if any."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    if shapes:
+        parts.append(f"shape mismatch {shapes[:4]}")
+    dec_hint = " (DEC parameters differ: check the dec_* options)" if any(
+        ".dec." in f".{k}" for k in missing + unexpected + [s.split(":")[0] for s in shapes]) else ""
+    raise ValueError(f"{source} does not fit {target}{dec_hint}: " + "; ".join(parts))
+
+
 def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build ``dec_name``: timm's build of ``base_name`` with the DEC class, the ``dec_name`` cfgs and DEC filter.
 
@@ -145,7 +217,7 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     Returns:
         The model (or its feature wrapper for ``features_only=True``).
     """
-    dec_options = {f"dec_{k}": v for k, v in split_dec_kwargs(kwargs).items()}
+    dec_options = split_dec_kwargs(kwargs, keep_prefix=True)
     arguments = _capture_base_build(base_name, pretrained, kwargs)
     dec_cls = dec_class_for(arguments.pop("model_cls"))
     arguments.pop("variant")

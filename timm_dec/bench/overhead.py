@@ -17,7 +17,7 @@ DEC's zero-initialised last layer gets N(0, ``DEC_HEAD_STD``^2) weights (`pertur
 (typically 6-8 Anderson steps at the default ``tol``), as a trained DEC's does.
 
 Timing runs base and DEC round-robin (warm-up rounds, then ``--repeats`` timed rounds, as
-`timm_dec.bench.time_interleaved` does), so background load slows both alike; a time ratio is the median over rounds
+`timm_dec.bench.timing.paired_times` does), so background load slows both alike; a time ratio is the median over rounds
 of that round's dec / base ratio (the two calls ran back to back), and the ratio of the fastest calls is kept too.
 On a CPU shared with other jobs run it with one thread per process (``OMP_NUM_THREADS=1``): with more threads than
 free cores, the many small operations of the solve wait on descheduled threads and the DEC figures balloon. The load
@@ -38,15 +38,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from .bench import environment, paired_times
-from .dec import DEC, solver_stats
+from ..dec import DEC, solver_stats
+from ..models import load_dec_state_dict
+from .timing import environment, paired_times, peak_cpu_memory
 
 __all__ = [
-    "bench_overhead", "bench_model", "format_overhead_table", "paired_times", "perturb_dec_heads", "peak_cpu_memory",
+    "bench_overhead", "bench_model", "format_overhead_table", "overhead_targets", "perturb_dec_heads",
     "peak_training_memory", "DEC_HEAD_STD", "FORWARD_MAX_RATIO", "TRAIN_MAX_RATIO", "MEMORY_MAX_RATIO",
+    "OVERHEAD_MODELS",
 ]
 
+OVERHEAD_MODELS = (
+    "vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "beit_base_patch16_224")
+
 DEC_HEAD_STD = 0.05
+# targets (`timm-dec bench overhead --check`): dec / base forward, training step and training memory
 FORWARD_MAX_RATIO = 1.20
 TRAIN_MAX_RATIO = 1.35
 MEMORY_MAX_RATIO = 1.15
@@ -69,21 +75,6 @@ def perturb_dec_heads(model: nn.Module, std: float = DEC_HEAD_STD, seed: int = 0
         for dec in decs:
             for p in (dec.head.weight, dec.head.bias):
                 p.copy_((std * torch.randn(p.shape, generator=gen)).to(p))
-
-
-def peak_cpu_memory(fn: Callable[[], Any]) -> int:
-    """Peak, in bytes, of the running sum of the CPU allocations and frees the profiler records while ``fn()`` runs.
-
-    Memory allocated before the call (parameters, buffers) is not included; an operation's own allocations count at
-    its start.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
 
 
 def _resident_bytes(model: nn.Module) -> int:
@@ -182,6 +173,44 @@ def _adjoint_share(step: Callable[[], Any]) -> float:
     return adjoint / total if total > 0 else 0.0
 
 
+def _twins(name: str, img_size: int, seed: int, head_std: float) -> tuple[nn.Module, nn.Module]:
+    """The base model and its ``*_dec`` twin with the base's weights and perturbed DEC heads."""
+    torch.manual_seed(seed)
+    base = timm.create_model(name, pretrained=False, img_size=img_size)
+    dec = timm.create_model(name + "_dec", pretrained=False, img_size=img_size)
+    load_dec_state_dict(dec, base.state_dict(), source=f"{name}'s weights", target=f"{name}_dec")
+    perturb_dec_heads(dec, head_std, seed)
+    return base, dec
+
+
+def _solver_figures(dec: nn.Module, x: torch.Tensor, train_step: Callable[[], None]) -> dict[str, Any]:
+    """Solver iterations of an eval forward and a training step (also the first call of everything)."""
+    dec.eval()
+    with torch.no_grad(), solver_stats() as eval_stats:
+        dec(x)
+    dec.train()
+    with solver_stats() as train_stats:
+        train_step()
+    return {
+        "eval_mean_iterations": eval_stats.mean_iterations,
+        "eval_max_iterations": max(r.max_iterations for r in eval_stats.records),
+        "train_mean_iterations": train_stats.mean_iterations,
+        "fallbacks": eval_stats.total_fallbacks + train_stats.total_fallbacks,
+        "per_dec": eval_stats.summary(),
+    }
+
+
+def overhead_targets(ratios: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """The targets of one model, each ``{"value": ..., "met": ...}``, named with its bound."""
+    return {
+        f"forward_<={FORWARD_MAX_RATIO}": {"value": ratios["forward"], "met": ratios["forward"] <= FORWARD_MAX_RATIO},
+        f"train_step_<={TRAIN_MAX_RATIO}": {
+            "value": ratios["train_step"], "met": ratios["train_step"] <= TRAIN_MAX_RATIO},
+        f"memory_<={MEMORY_MAX_RATIO}": {
+            "value": ratios["memory_total"], "met": ratios["memory_total"] <= MEMORY_MAX_RATIO},
+    }
+
+
 def bench_model(
         name: str,
         *,
@@ -208,30 +237,17 @@ def bench_model(
     Returns:
         JSON-serialisable dict: ``forward`` and ``train_step`` (median ms of base and dec, the median of the per-round
         dec / base ratios, the ratio of the minima, every round), ``memory`` in bytes, ``ratios`` (dec / base: the
-        per-round medians for time), ``solver`` iteration statistics, ``split`` (where the DEC model's time goes)
-        and the DEC options.
+        per-round medians for time), ``solver`` iteration statistics, ``split`` (where the DEC model's time goes),
+        the ``targets`` (`overhead_targets`) and the DEC options.
     """
-    torch.manual_seed(seed)
-    base = timm.create_model(name, pretrained=False, img_size=img_size)
-    dec = timm.create_model(name + "_dec", pretrained=False, img_size=img_size)
-    missing, unexpected = dec.load_state_dict(base.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("dec.") for k in missing):
-        raise RuntimeError(f"{name}_dec does not take {name}'s weights: missing {missing}, unexpected {unexpected}")
-    perturb_dec_heads(dec, head_std, seed)
+    base, dec = _twins(name, img_size, seed, head_std)
     base.to(device)
     dec.to(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
     target = torch.randint(0, base.num_classes, (batch_size,), generator=gen).to(device)
     steps = {"base": _train_step(base, x, target), "dec": _train_step(dec, x, target)}
-
-    # solver statistics (and a first call of everything), outside the timed rounds
-    dec.eval()
-    with torch.no_grad(), solver_stats() as eval_stats:
-        dec(x)
-    dec.train()
-    with solver_stats() as train_stats:
-        steps["dec"]()
+    solver = _solver_figures(dec, x, steps["dec"])  # outside the timed rounds
 
     base.eval()
     dec.eval()
@@ -255,30 +271,20 @@ def bench_model(
     return {
         "model": name,
         "dec_blocks": list(dec.dec_cfg.blocks),
-        "dec_options": dataclasses.asdict(dec.dec_cfg.dec),
+        "dec_options": dataclasses.asdict(dec.dec_cfg.options),
         "dec_params": sum(p.numel() for p in dec.dec.parameters()),
         "base_params": sum(p.numel() for p in base.parameters()),
         "forward": forward,
         "train_step": train,
         "memory": memory,
         "ratios": ratios,
-        "solver": {
-            "eval_mean_iterations": eval_stats.mean_iterations,
-            "eval_max_iterations": max(r.max_iterations for r in eval_stats.records),
-            "train_mean_iterations": train_stats.mean_iterations,
-            "fallbacks": eval_stats.total_fallbacks + train_stats.total_fallbacks,
-            "per_dec": eval_stats.summary(),
-        },
+        "solver": solver,
         "split": {
             "forward_dec_share": fwd_dec / fwd_total,
             "train_dec_forward_share": train_dec_fwd / train_total,
             "train_adjoint_share_profiled": adjoint_share,
         },
-        "bars": {
-            f"forward_<={FORWARD_MAX_RATIO}": ratios["forward"] <= FORWARD_MAX_RATIO,
-            f"train_step_<={TRAIN_MAX_RATIO}": ratios["train_step"] <= TRAIN_MAX_RATIO,
-            f"memory_<={MEMORY_MAX_RATIO}": ratios["memory_total"] <= MEMORY_MAX_RATIO,
-        },
+        "targets": overhead_targets(ratios),
     }
 
 
@@ -308,11 +314,6 @@ def format_overhead_table(result: dict[str, Any]) -> str:
                  "the step's peak alone); "
                  "iters: mean solver iterations per DEC call, eval / train; DEC% fwd: share of the eval forward inside "
                  "the DEC modules; adj% trn: share of a profiled training step in the implicit backward")
-    for name, r in result["models"].items():
-        for bar, ok in r["bars"].items():
-            key = bar.split("_<=")[0]
-            value = r["ratios"]["memory_total" if key == "memory" else key]
-            lines.append(f"bar {name} {bar}: {value:.3f} {'PASS' if ok else 'FAIL'}")
     return "\n".join(lines)
 
 

@@ -15,8 +15,8 @@ from torch import nn
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import SwinTransformer
 
-from .adapt import DECModelMixin, register_dec_family
-from .models import register_dec_models, supported_base_names
+from ..adapt import DECModelMixin, register_dec_family
+from ._registry import register_dec_models, supported_base_names
 
 __all__ = ["SwinTransformerDEC"]
 

@@ -17,8 +17,8 @@ from timm.models._features import feature_take_indices
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from .adapt import DECModelMixin, register_dec_family
-from .models import register_dec_models, supported_base_names
+from ..adapt import DECModelMixin, register_dec_family
+from ._registry import register_dec_models, supported_base_names
 
 __all__ = ["VisionTransformerDEC", "VisionTransformerDistilledDEC"]
 
@@ -33,7 +33,7 @@ class VisionTransformerDEC(DECModelMixin, VisionTransformer):
     default_dec_blocks = (0, 1)
 
     @classmethod
-    def check_adaptable(cls, model: nn.Module) -> None:
+    def dec_check_adaptable(cls, model: nn.Module) -> None:
         if isinstance(model.patch_drop, PatchDropout):
             raise ValueError("timm_dec cannot adapt a ViT with patch dropout (patch_drop_rate > 0): DEC warps the "
                              "full token grid")

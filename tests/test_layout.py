@@ -1,0 +1,141 @@
+"""The package's shape: no import cycle among the timm_dec modules, no ``import timm_dec`` inside the package, no
+module over 700 lines and no function over 80 lines (tests aside).
+
+Import cycles are checked on module-level imports (function-local imports, each there to defer a heavy or optional
+import, run only when called, after every module-level import has finished).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, Iterator, List, Set
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "timm_dec"
+MAX_MODULE_LINES = 700
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES: Dict[str, Path] = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def _resolve(importer: str, level: int, module: str | None) -> str:
+    """The absolute name of ``from <level dots><module> import ...`` inside ``importer``."""
+    if level == 0:
+        return module or ""
+    base = importer.split(".")
+    base = base if _is_package(importer) else base[:-1]
+    base = base[:len(base) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def _imported(importer: str, node: ast.AST) -> Iterator[str]:
+    """The timm_dec modules an import statement loads (a package's ``__init__`` for each package on the way)."""
+    if isinstance(node, ast.Import):
+        targets = [alias.name for alias in node.names]
+    else:
+        base = _resolve(importer, node.level, node.module)
+        targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+    for target in targets:
+        if target in MODULES and target != importer:
+            yield target
+
+
+def _module_level_imports(tree: ast.Module) -> Iterator[ast.AST]:
+    """Import statements that run when the module is imported (also inside module-level if/try blocks)."""
+    stack: List[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            stack.extend(ast.iter_child_nodes(node))
+        elif isinstance(node, ast.ExceptHandler):
+            stack.extend(node.body)
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    graph: Dict[str, Set[str]] = {}
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        graph[name] = {t for node in _module_level_imports(tree) for t in _imported(name, node)}
+        # a submodule's import first imports its parent packages, which is no edge of this module's own
+        graph[name] -= {p for p in graph[name] if name.startswith(p + ".")}
+    return graph
+
+
+def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    """One import cycle of ``graph`` as a list of modules (first == last), or [] when there is none."""
+    state: Dict[str, int] = {}
+    path: List[str] = []
+
+    def visit(node: str) -> List[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def test_the_checker_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_import_cycle_among_timm_dec_modules():
+    graph = import_graph()
+    assert graph["timm_dec"] and graph["timm_dec.models"], "the graph must see the package's own imports"
+    cycle = find_cycle(graph)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_import_of_timm_dec_inside_the_package():
+    offenders = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "timm_dec" for a in node.names):
+                offenders.append(f"{name}:{node.lineno}")
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("timm_dec"):
+                offenders.append(f"{name}:{node.lineno}")
+    assert not offenders, f"absolute imports of timm_dec inside the package (use relative imports): {offenders}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_size(name: str):
+    lines = len(MODULES[name].read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{MODULES[name]} has {lines} lines (at most {MAX_MODULE_LINES})"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_function_size(name: str):
+    tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
+            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"{MODULES[name]}: functions over {MAX_FUNCTION_LINES} lines: {long}"

@@ -1,0 +1,14 @@
+"""The ``*_dec`` models: the registry (`_registry`) and one module per timm model class (``<family>_dec``).
+
+Importing this package imports every family module, which registers its ``<base>_dec`` names in timm's registry.
+"""
+from ._registry import (
+    DEC_MODULES, base_model_name, create_dec_model, dec_checkpoint_filter, list_dec_models, load_dec_state_dict,
+    register_dec_models, supported_base_names,
+)
+from . import beit_dec, swin_dec, vit_dec  # noqa: F401  (importing them registers the *_dec models)
+
+__all__ = [
+    "DEC_MODULES", "base_model_name", "create_dec_model", "dec_checkpoint_filter", "list_dec_models",
+    "load_dec_state_dict", "register_dec_models", "supported_base_names",
+]
