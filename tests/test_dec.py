@@ -13,6 +13,8 @@ from timm_dec.dec import DEC, DECConfig, SolveRecord, solver_stats
 from timm_dec.ops import check_knots, identity_knots, identity_logits, knots_from_logits
 from timm_dec.solver import SOLVERS, anderson, fixed_point, get_solver, relative_residual
 
+from reference_solver import reference_anderson
+
 SMALL = dict(grid=3, widths=(8, 16), proj_chans=4)
 
 
@@ -49,16 +51,16 @@ def linear_toy(batch: int = 5, dim: int = 24, seed: int = 0):
 class TestSolvers:
     def test_linear_fixed_point_matches_direct_solve(self):
         a, c, exact = linear_toy()
-        func = lambda z, i: (a[i] @ z.unsqueeze(-1)).squeeze(-1) + c[i]
+        func = lambda z: (a @ z.unsqueeze(-1)).squeeze(-1) + c
         for solver in (anderson, fixed_point):
             z, fz, info = solver(func, torch.zeros_like(c), max_iter=1000, tol=1e-10)
             assert info.converged.all() and not info.failed.any()
             torch.testing.assert_close(fz, exact, atol=1e-8, rtol=0)
-            torch.testing.assert_close(info.residual, relative_residual(z, func(z, torch.arange(len(c)))))
+            torch.testing.assert_close(info.residual, relative_residual(z, func(z)))
 
     def test_anderson_same_point_as_plain_iteration_and_faster(self):
         a, c, _ = linear_toy(seed=1)
-        func = lambda z, i: torch.tanh((a[i] @ z.unsqueeze(-1)).squeeze(-1) + c[i])  # contractive, nonlinear
+        func = lambda z: torch.tanh((a @ z.unsqueeze(-1)).squeeze(-1) + c)  # contractive, nonlinear
         z0 = torch.zeros_like(c)
         _, f_plain, info_plain = fixed_point(func, z0, max_iter=5000, tol=1e-11)
         _, f_and, info_and = anderson(func, z0, max_iter=5000, tol=1e-11, history=5)
@@ -69,43 +71,70 @@ class TestSolvers:
         assert len(set(info_plain.iterations.tolist())) > 1
 
     @pytest.mark.parametrize("name", sorted(SOLVERS))
-    def test_each_sample_solves_alone(self, name):
+    @pytest.mark.parametrize("check_every", [1, 3, None])
+    def test_each_sample_solves_alone(self, name, check_every):
         a, c, _ = linear_toy(seed=2)
         rows = []
 
-        def func(z, i):
-            rows.append(len(i))
-            return (a[i] @ z.unsqueeze(-1)).squeeze(-1) + c[i]
+        def func(z):
+            rows.append(len(z))
+            return (a @ z.unsqueeze(-1)).squeeze(-1) + c
 
         z0 = torch.zeros_like(c)
-        _, f_all, info_all = get_solver(name)(func, z0, max_iter=400, tol=1e-9)
+        _, f_all, info_all = get_solver(name)(func, z0, max_iter=400, tol=1e-9, check_every=check_every)
         assert len(set(info_all.iterations.tolist())) > 1
-        # A converged sample is frozen: the map is evaluated on fewer rows as samples finish.
-        assert rows[0] == len(c) and rows[-1] < len(c) and rows == sorted(rows, reverse=True)
+        # Static shapes: the map always sees the whole batch; a converged sample is frozen, not removed.
+        assert set(rows) == {len(c)}
+        assert len(rows) == (400 if check_every is None else info_all.iterations.max().item() + (
+            -info_all.iterations.max().item() % check_every))
         for b in range(len(c)):
-            sub = lambda z, i, b=b: (a[i + b] @ z.unsqueeze(-1)).squeeze(-1) + c[i + b]
+            sub = lambda z, b=b: (a[b:b + 1] @ z.unsqueeze(-1)).squeeze(-1) + c[b:b + 1]
             _, f_one, info_one = get_solver(name)(sub, z0[b:b + 1], max_iter=400, tol=1e-9)
             assert info_one.iterations.item() == info_all.iterations[b].item()
             torch.testing.assert_close(f_one[0], f_all[b], atol=1e-13, rtol=0)
+
+    @pytest.mark.parametrize("history", [1, 5])
+    def test_matches_the_active_set_solver(self, history):
+        """The static-shape solve reproduces the old active-set solve (tests/reference_solver.py) per sample."""
+        a, c, _ = linear_toy(batch=6, seed=3)
+        func = lambda z: torch.tanh((a @ z.unsqueeze(-1)).squeeze(-1) + c)
+        ref_func = lambda z, i: torch.tanh((a[i] @ z.unsqueeze(-1)).squeeze(-1) + c[i])
+        z0 = torch.zeros_like(c)
+        _, f_new, info_new = anderson(func, z0, max_iter=60, tol=1e-7, history=history, check_every=None)
+        _, f_old, info_old = reference_anderson(ref_func, z0, max_iter=60, tol=1e-7, history=history)
+        both = info_new.converged & info_old.converged
+        assert both.sum() >= 4
+        assert torch.equal(info_new.iterations[both], info_old.iterations[both])
+        assert (f_new[both] - f_old[both]).abs().max() <= 1e-5
 
     def test_non_finite_sample_is_flagged_and_isolated(self):
         a, c, exact = linear_toy(batch=3)
         c = c.clone()
         c[1, 0] = float("nan")
-        func = lambda z, i: (a[i] @ z.unsqueeze(-1)).squeeze(-1) + c[i]
+        seen = []
+
+        def func(z):
+            seen.append(bool(torch.isfinite(z).all()))
+            return (a @ z.unsqueeze(-1)).squeeze(-1) + c
+
         _, fz, info = anderson(func, torch.zeros_like(c), max_iter=500, tol=1e-10)
         assert info.failed.tolist() == [False, True, False]
         assert info.iterations[1] == 1 and torch.isinf(info.residual[1])
+        assert all(seen)  # the failed sample restarts from z0: the map never sees its non-finite iterate
         torch.testing.assert_close(fz[[0, 2]], exact[[0, 2]], atol=1e-8, rtol=0)
 
     def test_bad_arguments(self):
-        func = lambda z, i: z
+        func = lambda z: z
         with pytest.raises(ValueError, match="max_iter"):
             anderson(func, torch.zeros(1, 2), max_iter=0, tol=1e-3)
         with pytest.raises(ValueError, match="tol"):
             anderson(func, torch.zeros(1, 2), max_iter=3, tol=0.0)
         with pytest.raises(ValueError, match="history"):
             anderson(func, torch.zeros(1, 2), max_iter=3, tol=1e-3, history=0)
+        with pytest.raises(ValueError, match="beta"):
+            anderson(func, torch.zeros(1, 2), max_iter=3, tol=1e-3, beta=1.5)
+        with pytest.raises(ValueError, match="check_every"):
+            anderson(func, torch.zeros(1, 2), max_iter=3, tol=1e-3, check_every=0)
         with pytest.raises(ValueError, match="unknown solver 'broyden'"):
             get_solver("broyden")
 
@@ -157,8 +186,9 @@ class TestBatchIndependence:
 
 def float64_setup(backward: str = "implicit", **kw):
     torch.manual_seed(0)
+    # the absolute form: its map is a contraction here, so the implicit gradient exists (DECConfig)
     opts = dict(grid=2, widths=(8, 8), proj_chans=4, tol=1e-12, max_iter=100, backward_tol=1e-12,
-                backward_max_iter=100, fallback_residual=1e-6, backward=backward)
+                backward_max_iter=100, backward=backward, update="absolute", logit_bound=8.0)
     dec = perturbed(DEC(3, **{**opts, **kw}).double().train(), std=0.3)
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 2, 3, 2, dtype=torch.float64)
@@ -183,7 +213,7 @@ class TestGradients:
         dec.zero_grad()
         x.grad = None
         # Reference: plain iteration from 0 with the whole graph kept, until it has converged.
-        p = dec._reduce(x, "nchw", None, 0)
+        p = dec.reduce_input(x, "nchw")
         z = torch.zeros(2, 2, 3, 2, dtype=torch.float64)
         for _ in range(80):
             z = dec.update(z, p)
@@ -238,7 +268,7 @@ def test_training_memory_does_not_grow_with_iterations():
 
     def peak(**kw) -> tuple[int, float]:
         # tol is unreachable, so every sample runs all max_iter iterations.
-        dec = perturbed(DEC(16, widths=(8, 16), tol=1e-12, fallback_residual=1e9, **kw).train())
+        dec = perturbed(DEC(16, widths=(8, 16), tol=1e-12, **kw).train())
 
         def step() -> None:
             with solver_stats() as stats:
@@ -279,16 +309,18 @@ class TestRobustness:
         if training:
             (knots[:3] * torch.randn(3, 2, 4, 4)).sum().backward()
 
-    def test_residual_fallback_is_counted_and_trains(self):
-        dec = perturbed(small_dec(max_iter=1, fallback_residual=1e-3), std=0.2).train()
+    def test_unconverged_sample_keeps_its_iterate_and_gradient(self):
+        """No silent switch-off: only a non-finite solve falls back; an unconverged one keeps its best iterate."""
+        dec = perturbed(small_dec(max_iter=2, tol=1e-9), std=0.2).train()
         x = torch.randn(3, 6, 6, 6)
         with solver_stats() as stats:
             knots = dec(x, layout="nchw")
-        assert stats.total_fallbacks == 3
-        assert stats.summary()["dec"]["max_residual"] > 1e-3
-        assert torch.equal(knots, knots_from_logits(identity_logits(3, 3)))
-        knots.sum().backward()  # the parameters stay in the graph, with zero gradient
-        assert all(q.grad is not None and (q.grad == 0).all() for q in dec.parameters())
+        assert stats.total_fallbacks == 0 and stats.total_not_converged == 3
+        assert stats.summary()["dec"]["max_residual"] > 1e-9
+        assert (knots - identity_knots(3, 3)).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+        knots.sum().backward()
+        grads = [q.grad for q in dec.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads) and dec.head.weight.grad.abs().sum() > 0
 
 
 class TestSolverStats:
@@ -309,18 +341,18 @@ class TestSolverStats:
         summary = outer.summary()
         assert summary["blocks.4.dec"]["calls"] == 2 and summary["blocks.4.dec"]["samples"] == 5
         assert summary["blocks.0.dec"] == dict(calls=1, samples=3, mean_iterations=1.0, max_iterations=1,
-                                               max_residual=0.0, fallbacks=0)
-        assert outer.records[0] == SolveRecord("blocks.0.dec", 3, 1.0, 1, 0.0, 0)
+                                               max_residual=0.0, fallbacks=0, not_converged=0, fold_guarded=0)
+        assert outer.records[0] == SolveRecord("blocks.0.dec", 3, 1.0, 1, 0.0, 0, 0, 0)
         assert outer.total_fallbacks == 0 and outer.mean_iterations == 1.0
 
     def test_iteration_counts_match_the_solver(self):
-        dec = perturbed(small_dec(tol=1e-4, max_iter=40), std=0.1).eval()
+        dec = perturbed(small_dec(tol=1e-4, max_iter=40, update="absolute"), std=0.1).eval()
         x = torch.randn(4, 6, 6, 6)
         with solver_stats() as stats:
             dec(x, layout="nchw")
-        p = dec._reduce(x, "nchw", None, 0)
+        p = dec.reduce_input(x, "nchw")
         with torch.no_grad():
-            _, _, info = anderson(lambda z, i: dec.update(z, p[i]), torch.zeros(4, 2, 4, 3), max_iter=40, tol=1e-4)
+            _, _, info = anderson(lambda z: dec.update(z, p), torch.zeros(4, 2, 4, 3), max_iter=40, tol=1e-4)
         record = stats.records[0]
         assert record.mean_iterations == pytest.approx(info.iterations.double().mean().item())
         assert record.max_iterations == info.iterations.max().item() > 1
@@ -332,10 +364,14 @@ class TestOptionsAndCopies:
         assert DECConfig(widths=[4, 8]).widths == (4, 8)
         bad = [dict(solver="newton"), dict(backward="unrolled"), dict(grid=0), dict(widths=(64,)),
                dict(widths=(64, 0)), dict(max_iter=0), dict(tol=-1.0), dict(pool_size=1), dict(act_layer="nope"),
-               dict(history=True), dict(backward_solver="x"), dict(logit_bound=float("inf")), dict(update="delta")]
+               dict(history=True), dict(backward_solver="x"), dict(logit_bound=float("inf")), dict(update="delta"),
+               dict(beta=0.0), dict(beta=1.5), dict(check_every=0), dict(input="pixels"), dict(min_jacobian=1.0)]
         for kw in bad:
             with pytest.raises(ValueError, match=next(iter(kw))):
                 DECConfig(**kw)
+        with pytest.raises(ValueError, match="implicit.*ill-posed for the residual"):
+            DECConfig(backward="implicit")
+        assert DECConfig(backward="implicit", update="absolute").backward == "implicit"
         with pytest.raises(TypeError, match="unknown DEC option"):
             DEC(8, gird=4)
         dec = DEC(8, DECConfig(grid=2, max_iter=3), grid=5)  # explicit keywords win over cfg
@@ -353,18 +389,18 @@ class TestOptionsAndCopies:
             dec(torch.ones(1, 6, 4, 4, dtype=torch.long), layout="nchw")
 
     def test_residual_update_adds_z(self):
-        absolute = perturbed(small_dec(logit_bound=1e6), std=0.1)
+        absolute = perturbed(small_dec(logit_bound=1e6, update="absolute"), std=0.1)
         residual = perturbed(small_dec(logit_bound=1e6, update="residual"), std=0.1)
         p, z = torch.randn(2, 4, 6, 6), 0.3 * torch.randn(2, 2, 4, 3)
         torch.testing.assert_close(residual.update(z, p), z + absolute.update(z, p), atol=1e-5, rtol=1e-5)
 
     def test_fixed_point_solver_and_options_agree(self):
         x = torch.randn(3, 6, 8, 8)
-        base = perturbed(small_dec(tol=1e-6, max_iter=200), std=0.05).eval()
-        other = perturbed(small_dec(tol=1e-6, max_iter=200, solver="fixed_point"), std=0.05).eval()
+        base = perturbed(small_dec(tol=1e-6, max_iter=200, update="absolute"), std=0.05).eval()
+        other = perturbed(small_dec(tol=1e-6, max_iter=200, update="absolute", solver="fixed_point"), std=0.05).eval()
         torch.testing.assert_close(other.logits(x, layout="nchw"), base.logits(x, layout="nchw"), atol=1e-5, rtol=0)
         pooled = perturbed(small_dec(pool_size=4), std=0.05).eval()
-        assert pooled._reduce(x, "nchw", None, 0).shape == (3, 4, 4, 4)
+        assert pooled.reduce_input(x, "nchw").shape == (3, 4, 4, 4)
 
     def test_deepcopy_and_state_dict_round_trip(self):
         dec = perturbed(small_dec(), std=0.1).eval()

@@ -1,30 +1,30 @@
 """The Deep Equilibrium Canonicalizer (DEC): the update network H and its equilibrium solve.
 
-A DEC maps a feature map F (B, C, H, W) to monotone-scaling knots at the fixed point
-``logits* = H(S^{-1}(F; knots(logits*)))`` (DESIGN.md "DEC"; paper Sec. 4.2, A1). F is first reduced to a small map
-P: average pooling to at most ``pool_size`` per side, then a 1x1 projection to ``proj_chans`` channels. Both are
-per-pixel linear (or spatially linear) maps, so reducing once and warping the small map each iteration costs little.
-The update ``f(z) = bound * tanh(H(S^{-1}(P; knots(z))) / bound)`` runs conv3x3 -> act -> conv3x3 -> instance norm ->
-act -> conv1x1 to 2 channels -> adaptive average pooling to (G+1, G). The last conv starts at exactly zero, so at
-initialisation f is constantly 0 and the fixed point is the identity warp, reached in one evaluation.
+A DEC maps a feature map F (B, C, H, W) to the knots of a monotone scaling at an equilibrium of its update map f
+(DESIGN.md "DEC"; paper Sec. 4.2, A1). F is first reduced to a small map P: average pooling to at most ``pool_size``
+per side, then a 1x1 projection to ``proj_chans`` channels (both per-pixel or spatially linear, so reducing once and
+warping the small map each iteration costs little). H is conv3x3 -> act -> conv3x3 -> instance norm -> act -> a
+zero-initialised conv1x1 to 2 channels. Its output map is read in the knots' own layout (`DEC.head_logits`).
 
-The forward solve (Anderson acceleration from logits = 0 by default) runs per sample under ``torch.no_grad()``; a
-sample whose solve produces a non-finite value or ends with a relative residual above ``fallback_residual`` gets the
-identity logits instead, and is counted. In training mode, with grad enabled, the solution re-enters the graph
-torchdeq-style: one application ``z = f(z*)`` with grad, whose incoming gradient is replaced by the solution g of the
-adjoint fixed point ``g = J_f(z*)^T g + grad`` (``backward="implicit"``), or ``phantom_steps`` unrolled applications
-of f from z* (``backward="phantom"``). No graph runs through the solver iterations, so training memory does not grow
-with ``max_iter``; in eval mode or without grad no graph is built at all.
+The state z is unconstrained; the warp it stands for has knots ``fold_free(knots_from_logits(bound(z)))``, with
+``bound(z) = logit_bound * tanh(z / logit_bound)`` (every segment stays wider than a fixed fraction of the grid) and
+the fold guard of `timm_dec.ops.folds` (det J >= ``min_jacobian`` everywhere, so the un-warp S exists). The update
+is ``f(z) = z + H(S^{-1}(P; knots(z)))`` (``update="residual"``, the default) or ``f(z) = H(S^{-1}(P; knots(z)))``
+(``"absolute"``, the form of the authors' code); `DECConfig` says why the residual form is the default. At
+initialisation H is 0, so both forms have the identity warp as their fixed point, reached in one evaluation.
 
-Why a compact solver of our own rather than torchdeq: torchdeq's solvers stop on a criterion over the whole batch (a
-sample keeps iterating, and its result keeps changing, until the batch is done, so it depends on its batch mates), its
-Anderson mixing and its fallback are not per sample, and its ``DEQ`` objects take a config bag that can silently
-override explicit keyword arguments; the no-grad solve, the adjoint solve and the phantom steps take ~200 lines here,
-all tested against independent references, without a new dependency.
+The forward solve (Anderson acceleration from z = 0 by default, `timm_dec.solver`) runs per sample under
+``torch.no_grad()`` with a static trip count. A sample whose solve produces a non-finite value gets the identity
+warp (and is counted); a sample that has not converged keeps its best iterate and its gradient (and is counted). In
+training mode, with grad enabled, the solution re-enters the graph torchdeq-style: ``phantom_steps`` applications of
+f from z* (``backward="phantom"``, the default), or one application whose incoming gradient is replaced by the
+solution of the adjoint fixed point ``g = J_f(z*)^T g + grad`` (``backward="implicit"``, absolute form only). No
+graph runs through the solver iterations, so training memory does not grow with ``max_iter``.
 
 Solver statistics are kept out of the modules: ``with solver_stats() as stats: model(x)`` collects, per DEC name and
-per call, the mean iterations, the largest final residual, the fallbacks and the batch size. Outside such a context
-nothing is recorded and no device sync is spent on statistics.
+per call, the mean iterations, the largest final residual, the fallbacks, the unconverged and the fold-guarded
+samples. Outside such a context (and always under ``torch.compile``) nothing is recorded and nothing is read on the
+host.
 """
 from __future__ import annotations
 
@@ -40,23 +40,17 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer
 
 from .ops import identity_logits, knots_from_logits, monotone_warp
+from .ops.folds import fold_free_knots
 from .ops.layout import LAYOUTS, spatial_size
 from .solver import SOLVERS, SolverInfo, get_solver
 
-__all__ = ["DECConfig", "DEC", "SolveRecord", "SolverStats", "solver_stats", "BACKWARD_MODES", "UPDATE_FORMS"]
+__all__ = [
+    "DECConfig", "DEC", "SolveRecord", "SolverStats", "solver_stats", "BACKWARD_MODES", "UPDATE_FORMS", "INPUTS",
+]
 
-BACKWARD_MODES = ("implicit", "phantom")
-UPDATE_FORMS = ("absolute", "residual")
-
-
-@contextmanager
-def _native_cpu_convs(device: torch.device) -> Iterator[None]:
-    """Run CPU convolutions on PyTorch's native kernels (oneDNN off); touches only the oneDNN on/off switch."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        yield
-        return
-    with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None):
-        yield
+BACKWARD_MODES = ("phantom", "implicit")
+UPDATE_FORMS = ("residual", "absolute")
+INPUTS = ("latent", "image")
 
 
 def _is_int(v: Any) -> bool:
@@ -67,25 +61,40 @@ def _is_int(v: Any) -> bool:
 class DECConfig:
     """Options of a DEC; `timm_dec.adapt` and ``create_model`` pass ``dec_<field>=...`` through.
 
+    Why the residual update is the default. With the absolute form f(z) = H(S^{-1}(F; z)), a fixed point z* = H(C)
+    depends on the canonical map C = S^{-1}(F; z*) only. For a rescaled input F' = S(F; g) the same C is canonical
+    again, so z' = H(C) = z*: the absolute form cannot follow the input along its orbit, whereas equivariance needs
+    the warp of F' to be g composed with the warp of F. The residual form f(z) = z + H(S^{-1}(F; z)) (paper eq. 16-18,
+    the gradient step Phi - grad E) has its fixed points where H, looking at the canonical map, asks for no change;
+    that condition is carried along the orbit. Its Jacobian I + dH/dz is the identity where dH/dz is 0 (at
+    initialisation H is 0), so the implicit adjoint g = J^T g + v has no solution there: the residual form is
+    trained with phantom gradients (unrolled steps from the solution, the authors' choice), and asking for the
+    implicit backward with it is an error.
+
     Attributes:
         grid: G, cells per side of the monotone-scaling grid.
         widths: output channels of H's two 3x3 convolutions (paper A1: 64 and 128).
         proj_chans: channels of the 1x1 projection of the feature map that H sees.
         pool_size: the projected map is average-pooled to at most this size per side before the solve; None keeps it.
         act_layer: activation of H, any name timm's ``get_act_layer`` knows.
+        input: what H sees: ``"latent"`` (the block's input feature map) or ``"image"`` (the model's normalised
+            input image resized to the block's map, as the authors' code does).
+        update: ``"residual"``: f(z) = z + H(S^{-1}(P; z)); ``"absolute"``: f(z) = H(S^{-1}(P; z)).
         solver: forward solver, a key of `timm_dec.solver.SOLVERS` (``"anderson"``, ``"fixed_point"``).
         max_iter: most evaluations of H per sample in the forward solve.
         tol: a sample stops once its relative residual ``||f(z) - z|| / (||f(z)|| + eps)`` is below this.
         history: Anderson memory m.
-        backward: ``"implicit"`` (adjoint fixed point) or ``"phantom"`` (unrolled steps from the solution).
-        backward_max_iter: most iterations of the adjoint solve.
-        backward_tol: relative residual at which the adjoint solve stops.
-        backward_solver: solver of the adjoint fixed point; None uses ``solver``.
+        beta: Anderson (or fixed-point) damping, in (0, 1]; 1 is undamped.
+        check_every: the solve stops early once every sample has converged, checked on the host every this many
+            iterations; None runs ``max_iter`` iterations with no host sync (the choice for CUDA graphs).
+        backward: ``"phantom"`` (unrolled steps from the solution) or ``"implicit"`` (adjoint fixed point).
         phantom_steps: unrolled applications of f in phantom mode.
-        fallback_residual: a sample whose final relative residual exceeds this (or is non-finite) gets the identity.
-        logit_bound: logits pass through ``bound * tanh(logits / bound)``, so every knot segment stays positive.
-        update: ``"absolute"``: f(z) = H(S^{-1}(P; z)) (DESIGN.md); ``"residual"``: f(z) = z + H(S^{-1}(P; z)), the
-            gradient-step form of paper eq. 17-18, whose fixed points are where H sees a canonical map and returns 0.
+        backward_max_iter: most iterations of the adjoint solve (implicit mode).
+        backward_tol: relative residual at which the adjoint solve stops (implicit mode).
+        backward_solver: solver of the adjoint fixed point; None uses ``solver``.
+        logit_bound: the logits of the knots are ``bound * tanh(z / bound)``: a segment is at least
+            ``1 / (1 + (G-1) exp(2 bound))`` of its row, at most ``1 / (1 + (G-1) exp(-2 bound))``.
+        min_jacobian: the fold guard keeps det J of the warp at least this everywhere (`timm_dec.ops.folds`).
     """
 
     grid: int = 4
@@ -93,18 +102,21 @@ class DECConfig:
     proj_chans: int = 16
     pool_size: Optional[int] = 16
     act_layer: str = "gelu"
+    input: str = "latent"
+    update: str = "residual"
     solver: str = "anderson"
-    max_iter: int = 12
-    tol: float = 1e-3
+    max_iter: int = 16
+    tol: float = 1e-2
     history: int = 5
-    backward: str = "implicit"
+    beta: float = 1.0
+    check_every: Optional[int] = 1
+    backward: str = "phantom"
+    phantom_steps: int = 1
     backward_max_iter: int = 12
     backward_tol: float = 1e-4
     backward_solver: Optional[str] = None
-    phantom_steps: int = 3
-    fallback_residual: float = 0.1
-    logit_bound: float = 8.0
-    update: str = "absolute"
+    logit_bound: float = 1.5
+    min_jacobian: float = 0.05
 
     def __post_init__(self) -> None:
         widths = self.widths
@@ -117,20 +129,31 @@ class DECConfig:
             value = getattr(self, field)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"dec {field} must be an integer >= 1, got {value!r}")
-        if self.pool_size is not None and (not _is_int(self.pool_size) or self.pool_size < 2):
-            raise ValueError(f"dec pool_size must be None or an integer >= 2, got {self.pool_size!r}")
-        for field in ("tol", "backward_tol", "fallback_residual", "logit_bound"):
+        for field, low in (("pool_size", 2), ("check_every", 1)):
+            value = getattr(self, field)
+            if value is not None and (not _is_int(value) or value < low):
+                raise ValueError(f"dec {field} must be None or an integer >= {low}, got {value!r}")
+        for field in ("tol", "backward_tol", "logit_bound", "beta", "min_jacobian"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"dec {field} must be a positive finite number, got {value!r}")
+        if self.beta > 1 or self.min_jacobian >= 1:
+            raise ValueError(f"dec beta must be in (0, 1] and min_jacobian in (0, 1), got {self.beta}, "
+                             f"{self.min_jacobian}")
+        self._check_choices()
+
+    def _check_choices(self) -> None:
         for field in ("solver", "backward_solver"):
             value = getattr(self, field)
             if (value is not None or field == "solver") and value not in SOLVERS:
                 raise ValueError(f"unknown dec {field} {value!r}; choose one of {tuple(SOLVERS)}")
-        if self.update not in UPDATE_FORMS:
-            raise ValueError(f"unknown dec update {self.update!r}; choose one of {UPDATE_FORMS}")
-        if self.backward not in BACKWARD_MODES:
-            raise ValueError(f"unknown dec backward {self.backward!r}; choose one of {BACKWARD_MODES}")
+        for field, choices in (("update", UPDATE_FORMS), ("backward", BACKWARD_MODES), ("input", INPUTS)):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"unknown dec {field} {getattr(self, field)!r}; choose one of {choices}")
+        if self.update == "residual" and self.backward == "implicit":
+            raise ValueError(
+                "dec backward 'implicit' is ill-posed for the residual update (its adjoint has no solution where "
+                "dH/dz = 0, e.g. at initialisation); use dec_backward='phantom' or dec_update='absolute'")
         if not isinstance(self.act_layer, str):
             raise ValueError(f"dec act_layer must be an activation name, got {self.act_layer!r}")
         try:
@@ -153,7 +176,9 @@ class SolveRecord:
         mean_iterations: mean evaluations of H per sample.
         max_iterations: most evaluations of H spent on one sample.
         max_residual: largest final relative residual among the samples whose solve stayed finite (0 if none).
-        fallbacks: samples that fell back to the identity.
+        fallbacks: samples whose solve went non-finite and fell back to the identity.
+        not_converged: finite samples whose residual stayed above ``tol`` (they keep their best iterate).
+        fold_guarded: samples whose warp the fold guard blended toward the identity.
     """
 
     name: str
@@ -162,6 +187,11 @@ class SolveRecord:
     max_iterations: int
     max_residual: float
     fallbacks: int
+    not_converged: int = 0
+    fold_guarded: int = 0
+
+
+_SUMMED = ("fallbacks", "not_converged", "fold_guarded")
 
 
 class SolverStats:
@@ -186,6 +216,10 @@ class SolverStats:
         return sum(r.fallbacks for r in self.records)
 
     @property
+    def total_not_converged(self) -> int:
+        return sum(r.not_converged for r in self.records)
+
+    @property
     def total_samples(self) -> int:
         return sum(r.batch for r in self.records)
 
@@ -197,23 +231,24 @@ class SolverStats:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per DEC name: ``calls``, ``samples``, ``mean_iterations`` (sample-weighted), ``max_iterations``,
-        ``max_residual`` and ``fallbacks``."""
+        ``max_residual``, ``fallbacks``, ``not_converged`` and ``fold_guarded``."""
         out: dict[str, dict[str, float]] = {}
         for r in self.records:
-            s = out.setdefault(r.name, dict(
-                calls=0, samples=0, mean_iterations=0.0, max_iterations=0, max_residual=0.0, fallbacks=0))
+            s = out.setdefault(r.name, dict(calls=0, samples=0, mean_iterations=0.0, max_iterations=0,
+                                            max_residual=0.0, **{k: 0 for k in _SUMMED}))
             s["mean_iterations"] = (s["mean_iterations"] * s["samples"] + r.mean_iterations * r.batch) / (
                 s["samples"] + r.batch)
             s["calls"] += 1
             s["samples"] += r.batch
             s["max_iterations"] = max(s["max_iterations"], r.max_iterations)
             s["max_residual"] = max(s["max_residual"], r.max_residual)
-            s["fallbacks"] += r.fallbacks
+            for k in _SUMMED:
+                s[k] += getattr(r, k)
         return out
 
     def __repr__(self) -> str:
         return (f"SolverStats(calls={len(self)}, mean_iterations={self.mean_iterations:.2f}, "
-                f"fallbacks={self.total_fallbacks})")
+                f"fallbacks={self.total_fallbacks}, not_converged={self.total_not_converged})")
 
 
 _COLLECTORS: contextvars.ContextVar[tuple[SolverStats, ...]] = contextvars.ContextVar(
@@ -239,17 +274,20 @@ def solver_stats() -> Iterator[SolverStats]:
         _COLLECTORS.reset(token)
 
 
-def _record(name: str, info: SolverInfo, fallback: torch.Tensor) -> None:
-    collectors = _COLLECTORS.get()
-    if not collectors:
-        return
-    finite = torch.isfinite(info.residual)
+def _recording() -> bool:
+    # dynamo folds is_compiling() to True, so a compiled graph never reads the context variable or the host
+    return not torch.compiler.is_compiling() and bool(_COLLECTORS.get())
+
+
+def _record(name: str, info: SolverInfo, guard: torch.Tensor) -> None:
+    finite = ~info.failed
     max_res = info.residual[finite].max().item() if bool(finite.any()) else 0.0
     record = SolveRecord(
         name=name or "dec", batch=int(info.iterations.numel()),
         mean_iterations=info.iterations.double().mean().item(), max_iterations=int(info.iterations.max().item()),
-        max_residual=float(max_res), fallbacks=int(fallback.sum().item()))
-    for stats in collectors:
+        max_residual=float(max_res), fallbacks=int(info.failed.sum().item()),
+        not_converged=int((finite & ~info.converged).sum().item()), fold_guarded=int((guard < 1).sum().item()))
+    for stats in _COLLECTORS.get():
         stats.add(record)
 
 
@@ -269,6 +307,18 @@ class _ImplicitGrad(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.adjoint(grad), None
+
+
+def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)``; on the CPU through PyTorch's native im2col kernel, which computes each sample on its own.
+
+    oneDNN picks convolution algorithms by batch size, which rounds differently (~1e-7) and the solve magnifies that;
+    the native kernel keeps a sample's result independent of its batch (DESIGN.md) without touching the process-wide
+    oneDNN switch, so concurrent threads are unaffected.
+    """
+    if x.device.type != "cpu":
+        return conv(x)
+    return torch._C._nn.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,7 +342,7 @@ class DEC(nn.Module):
 
     def __init__(self, in_chans: int, cfg: Optional[DECConfig] = None, name: str = "", **overrides: Any) -> None:
         """Args:
-            in_chans: C, channels of the feature maps the DEC sees.
+            in_chans: C, channels of the maps the DEC sees (the block's, or the image's with ``input="image"``).
             cfg: options; defaults to ``DECConfig()``.
             name: label of this DEC in `solver_stats` records, e.g. ``"blocks.4.dec"``.
             **overrides: any `DECConfig` field, overriding ``cfg`` (explicit keywords always win).
@@ -331,8 +381,13 @@ class DEC(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def _reduce(self, x: torch.Tensor, layout: str, grid_size: Any, num_prefix_tokens: int) -> torch.Tensor:
-        """The map P that H warps: (B, proj_chans, h, w), h and w at most ``pool_size``, in the parameters' dtype."""
+    def reduce_input(self, x: torch.Tensor, layout: str, grid_size: Any = None, num_prefix_tokens: int = 0
+                     ) -> torch.Tensor:
+        """The map P that H warps: (B, proj_chans, h, w), h and w at most ``pool_size``, in the parameters' dtype.
+
+        Args:
+            x: the feature map in ``layout`` (see `logits`); its channels must be ``in_chans``.
+        """
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -347,36 +402,53 @@ class DEC(nn.Module):
             x = x[:, num_prefix_tokens:].unflatten(1, (height, width))
         elif layout == "nchw":
             x = x.permute(0, 2, 3, 1)
-        x = x.to(self.proj.weight.dtype)  # (B, H, W, C)
+        x = x.to(self.proj.weight.dtype).permute(0, 3, 1, 2)  # (B, C, H, W)
         pool = self.cfg.pool_size
         if pool is not None and (height > pool or width > pool):
             # Pooling commutes with the per-pixel projection, so pool the wide map first.
-            size = (min(height, pool), min(width, pool))
-            x = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
-        return self.proj(x).permute(0, 3, 1, 2).contiguous()
+            x = F.adaptive_avg_pool2d(x, (min(height, pool), min(width, pool)))
+        if x.device.type != "cpu":
+            return F.conv2d(x, self.proj.weight[:, :, None, None], self.proj.bias)
+        # a per-sample GEMM (a Linear folds the batch into one GEMM whose blocking, and rounding, depend on B)
+        return torch._C._nn.thnn_conv2d(
+            x.contiguous(), self.proj.weight[:, :, None, None], (1, 1), self.proj.bias, (1, 1), (0, 0))
+
+    def knots(self, z: torch.Tensor) -> torch.Tensor:
+        """(b, 2, G+1, G+1) fold-free knots of the state z (b, 2, G+1, G): bounded logits, softmax, fold guard."""
+        bound = self.cfg.logit_bound
+        return fold_free_knots(knots_from_logits(bound * torch.tanh(z / bound)), self.cfg.min_jacobian)[0]
+
+    def head_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """H's 2-channel output map (b, 2, h, w), rows y and columns x, read in the knots' layout: (b, 2, G+1, G).
+
+        Channel 0 drives the row functions: pooled to (G+1, G), entry [m, n] is the segment n (along x) of the row
+        function at y_m. Channel 1 drives the column functions: pooled to (G, G+1) = [segment m along y, column
+        x_n] and transposed to [n, m], so the column function of x_n is moved by the content near x_n.
+
+        The softmax of the knots ignores a constant added to a row's logits, so that component is removed: left in,
+        it is a direction in which the residual update drifts without ever converging.
+        """
+        g = self.grid
+        rows = F.adaptive_avg_pool2d(out[:, :1], (g + 1, g))
+        cols = F.adaptive_avg_pool2d(out[:, 1:], (g, g + 1)).transpose(-1, -2)
+        logits = torch.cat((rows, cols), dim=1)
+        return logits - logits.mean(dim=-1, keepdim=True)
 
     def update(self, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """One application of the DEC map, f(z) = bound * tanh(u / bound) with u = H(S^{-1}(P; knots(z))) (or z + H
-        for ``update="residual"``).
+        """One application of the DEC map: f(z) = z + H(S^{-1}(P; knots(z))), or H(...) for ``update="absolute"``.
 
         Args:
-            z: (b, 2, G+1, G) logits.
+            z: (b, 2, G+1, G) state.
             p: (b, proj_chans, h, w) reduced feature map.
 
         Returns:
-            (b, 2, G+1, G) next logits.
+            (b, 2, G+1, G) next state.
         """
-        warped = monotone_warp(p, knots_from_logits(z), layout="nchw", check=False)
-        # On the CPU, oneDNN picks convolution algorithms by batch size, which rounds differently (~1e-7) and the
-        # solve magnifies that; the native kernels keep a sample's result independent of its batch (DESIGN.md).
-        with _native_cpu_convs(z.device):
-            h = self.act1(self.conv1(warped))
-            h = self.act2(self.norm(self.conv2(h)))
-        h = F.adaptive_avg_pool2d(self.head(h), (self.grid + 1, self.grid))
-        if self.cfg.update == "residual":
-            h = z + h
-        bound = self.cfg.logit_bound
-        return bound * torch.tanh(h / bound)
+        warped = monotone_warp(p, self.knots(z), layout="nchw", check=False)
+        h = self.act1(_conv(warped, self.conv1))
+        h = self.act2(self.norm(_conv(h, self.conv2)))
+        h = self.head_logits(_conv(h, self.head))
+        return z + h if self.cfg.update == "residual" else h
 
     def _adjoint(self, fz: torch.Tensor, z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """Backward of the implicit mode: v -> g solving g = J_f(z*)^T g + v, per sample (J is block diagonal).
@@ -389,10 +461,9 @@ class DEC(nn.Module):
         solver = get_solver(c.backward_solver or c.solver)
 
         def adjoint(v: torch.Tensor) -> torch.Tensor:
-            def vjp_step(g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-                full = torch.zeros_like(v).index_copy(0, index, g.to(v.dtype))
-                (jtg,) = torch.autograd.grad(fz, z, full, retain_graph=True)
-                return jtg[index] + v[index]
+            def vjp_step(g: torch.Tensor) -> torch.Tensor:
+                (jtg,) = torch.autograd.grad(fz, z, g.to(v.dtype), retain_graph=True)
+                return jtg + v
 
             g, _, info = solver(vjp_step, v.detach(), max_iter=c.backward_max_iter, tol=c.backward_tol,
                                 history=c.history)
@@ -409,7 +480,7 @@ class DEC(nn.Module):
             grid_size: Optional[Union[int, Sequence[int]]] = None,
             num_prefix_tokens: int = 0,
     ) -> torch.Tensor:
-        """Equilibrium logits of the feature map ``x``.
+        """Equilibrium state z* of the feature map ``x`` (the knots are `knots` of it).
 
         Args:
             x: (B, P + H*W, C) for ``layout="tokens"`` (the P prefix tokens are ignored), (B, H, W, C) for
@@ -419,43 +490,40 @@ class DEC(nn.Module):
             num_prefix_tokens: P, class / distillation / register tokens before the patch tokens.
 
         Returns:
-            (B, 2, G+1, G) logits*, in the parameters' dtype; identity (zero) logits for a sample whose solve fell back.
+            (B, 2, G+1, G) z*, in the parameters' dtype; zero (the identity) for a sample whose solve went non-finite.
         """
+        p = self.reduce_input(x, layout, grid_size, num_prefix_tokens)
+        if p.device.type == "meta":  # shapes only (models built on the meta device before loading or sharding)
+            return identity_logits(p.shape[0], self.grid, device=p.device, dtype=p.dtype)
         needs_graph = self.training and torch.is_grad_enabled() and (
-            x.requires_grad or any(q.requires_grad for q in self.parameters()))
-        return self._logits(x, layout, grid_size, num_prefix_tokens, needs_graph)
+            p.requires_grad or any(q.requires_grad for q in self.parameters()))
+        with torch.autocast(device_type=p.device.type, enabled=False):
+            return self._equilibrium(p, needs_graph)
 
-    @torch.compiler.disable
-    def _logits(self, x: torch.Tensor, layout: str, grid_size: Any, num_prefix_tokens: int,
-                needs_graph: bool) -> torch.Tensor:
+    def _equilibrium(self, p: torch.Tensor, needs_graph: bool) -> torch.Tensor:
         c = self.cfg
-        with torch.autocast(device_type=x.device.type, enabled=False), torch.set_grad_enabled(needs_graph):
-            p = self._reduce(x, layout, grid_size, num_prefix_tokens)
-            p_const = p.detach()
-            z0 = identity_logits(p.shape[0], c.grid, device=p.device, dtype=p.dtype)
-            with torch.no_grad():
-                z_star, f_star, info = get_solver(c.solver)(
-                    lambda z, index: self.update(z, p_const[index]), z0, max_iter=c.max_iter, tol=c.tol,
-                    history=c.history)
-            fallback = info.failed | ~(info.residual <= c.fallback_residual)
-            _record(self.name, info, fallback)
-            if not needs_graph:
-                return torch.where(fallback.view(-1, 1, 1, 1), z0, f_star)
-            ok = (~fallback).nonzero().squeeze(1)
-            if ok.numel() == 0:
-                # Every sample fell back: keep the parameters in the graph (with zero gradient) for DDP.
-                return z0 + sum(q.sum() for q in self.parameters()) * 0
-            all_ok = ok.numel() == p.shape[0]
-            z_ok, p_ok = (z_star, p) if all_ok else (z_star[ok], p[ok])
-            if c.backward == "implicit":
-                z_leaf = z_ok.detach().requires_grad_()
-                fz = self.update(z_leaf, p_ok)
-                out = _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf))
-            else:
-                out = z_ok
-                for _ in range(c.phantom_steps):
-                    out = self.update(out, p_ok)
-            return out if all_ok else z0.index_copy(0, ok, out)
+        z0 = identity_logits(p.shape[0], c.grid, device=p.device, dtype=p.dtype)
+        p_const = p.detach()
+        with torch.no_grad():
+            z_star, f_star, info = get_solver(c.solver)(
+                lambda z: self.update(z, p_const), z0, max_iter=c.max_iter, tol=c.tol, history=c.history,
+                beta=c.beta, check_every=c.check_every)
+        failed = info.failed.view(-1, 1, 1, 1)
+        if _recording():
+            _record(self.name, info, fold_free_knots(knots_from_logits(
+                c.logit_bound * torch.tanh(f_star / c.logit_bound)), c.min_jacobian)[1])
+        if not needs_graph:
+            return torch.where(failed, z0, f_star)
+        z_start = torch.where(failed, z0, z_star)  # a failed sample's iterate is non-finite: keep it out of the graph
+        if c.backward == "implicit":
+            z_leaf = z_start.detach().requires_grad_()
+            fz = self.update(z_leaf, p)
+            out = _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf))
+        else:
+            out = z_start
+            for _ in range(c.phantom_steps):
+                out = self.update(out, p)
+        return torch.where(failed, z0, out)
 
     def forward(
             self,
@@ -468,11 +536,12 @@ class DEC(nn.Module):
         """Knots of the equilibrium monotone scaling of ``x`` (arguments as in `logits`).
 
         Returns:
-            (B, 2, G+1, G+1) valid knots (identity for a sample whose solve fell back), in the parameters' dtype.
+            (B, 2, G+1, G+1) fold-free knots (identity for a sample whose solve went non-finite), in the parameters'
+            dtype.
         """
-        return knots_from_logits(self.logits(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens))
+        return self.knots(self.logits(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens))
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (f"name={self.name!r}, in_chans={self.in_chans}, grid={c.grid}, solver={c.solver}, "
-                f"max_iter={c.max_iter}, tol={c.tol}, backward={c.backward}, update={c.update}")
+        return (f"name={self.name!r}, in_chans={self.in_chans}, grid={c.grid}, input={c.input}, update={c.update}, "
+                f"solver={c.solver}, max_iter={c.max_iter}, tol={c.tol}, backward={c.backward}")
