@@ -54,7 +54,7 @@ def _check_labels(labels: Any, num: int, num_classes: int) -> torch.Tensor:
     return labels.long()
 
 
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+def _apply_reduction(values: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         if values.numel() == 0:
             raise ValueError("cannot average over zero samples")
@@ -87,7 +87,7 @@ def inv_error_from_probs(probs: torch.Tensor, probs_variants: torch.Tensor, redu
                          f"{tuple(probs_variants.shape)}")
     if probs_variants.shape[1] == 0:
         raise ValueError("probs_variants has no variants (S = 0)")
-    return _reduce((probs.unsqueeze(1) - probs_variants).pow(2).sum(-1), reduction)
+    return _apply_reduction((probs.unsqueeze(1) - probs_variants).pow(2).sum(-1), reduction)
 
 
 def inv_error(logits: torch.Tensor, logits_variants: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -137,7 +137,7 @@ def equi_error_from_outputs(
         raise ValueError(f"channel_dim {channel_dim} must name a non-batch dim of a {warped_outputs.dim()}-dim tensor")
     dtype = torch.promote_types(warped_outputs.dtype, torch.float32)
     sq = (warped_outputs.to(dtype) - outputs_of_warped.to(dtype)).pow(2).sum(channel_dim)
-    return _reduce(sq.flatten(1).mean(1), reduction)
+    return _apply_reduction(sq.flatten(1).mean(1), reduction)
 
 
 def equi_error(
@@ -200,7 +200,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy, a fraction: logits (N, K), labels (N,) -> scalar."""
     _check_tensor("logits", logits, 2)
     labels = _check_labels(labels, logits.shape[0], logits.shape[1])
-    return _reduce((logits.argmax(-1) == labels).float(), "mean")
+    return _apply_reduction((logits.argmax(-1) == labels).float(), "mean")
 
 
 def per_scale_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
