@@ -23,7 +23,6 @@ def perturbed(dec: DEC, std: float = 0.05, seed: int = 1) -> DEC:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         dec.head.weight.copy_(std * torch.randn(dec.head.weight.shape, generator=gen))
-        dec.head.bias.copy_(std * torch.randn(dec.head.bias.shape, generator=gen))
     return dec
 
 

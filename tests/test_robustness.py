@@ -31,6 +31,13 @@ TINY: dict[str, tuple[str, dict[str, Any], int]] = {
     "swin": (
         "swin_tiny_patch4_window7_224",
         dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2,
+                                             head_init_scale=1.0), 28),
+    "dinov3_reg": (
+        "vit_small_patch16_dinov3", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0, head_init_scale=1.0), 32),
+    "relpos_cls": ("vit_relpos_medium_patch16_cls_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
+    "swinv2_cr": ("swinv2_cr_tiny_224", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
 }
 FAMILIES = list(TINY)
 DEC_KWARGS = dict(dec_blocks=(0, 1), dec_widths=(8, 8), dec_proj_chans=4, dec_pool_size=8)
@@ -62,7 +69,7 @@ def perturb_dec(model: nn.Module, std: float = 0.3, seed: int = 2) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for dec in model.dec.values():
-            for p in (dec.head.weight, dec.head.bias):
+            for p in (dec.head.weight,):
                 p.copy_(std * torch.randn(p.shape, generator=gen))
     return model
 
@@ -85,12 +92,16 @@ def test_sample_alone_equals_sample_in_batch_of_8(family, training):
     model = perturb_dec(create(family)).train(training)
     x = images(family, 8)
     # train mode with grad: the path that re-enters the graph after the solve; eval: the no-grad solve alone
+    # the same dropout draws for every run: relpos and Swin V2 cr drop units of their position MLPs in training
+    # (one mask for the whole batch, so it does not couple the samples)
+    torch.manual_seed(3)
     with torch.set_grad_enabled(training), solver_stats() as stats:
         batch = model(x).detach()
     assert stats.total_fallbacks == 0 and stats.mean_iterations > 2  # a real solve, samples stopping apart
     assert (batch - base_logits(family, model, x)).abs().max() > 1e-2  # the DECs change the logits
     with torch.set_grad_enabled(training):
         for b in range(8):
+            torch.manual_seed(3)
             alone = model(x[b:b + 1]).detach()
             assert (alone[0] - batch[b]).abs().max().item() <= 1e-5, (family, b)
 
@@ -166,7 +177,7 @@ def training_step_peak(**dec_options: Any) -> tuple[int, float]:
 @pytest.mark.slow
 def test_training_memory_does_not_grow_with_solver_iterations():
     # tol far below float32 resolution: every sample runs every iteration (a residual of exactly 0 may stop it)
-    forced = dict(dec_tol=1e-30, dec_fallback_residual=10.0)
+    forced = dict(dec_tol=1e-30)
     short, it_short = training_step_peak(dec_max_iter=5, **forced)
     long, it_long = training_step_peak(dec_max_iter=30, **forced)
     assert it_short == 5 and it_long > 20, (it_short, it_long)

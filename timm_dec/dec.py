@@ -329,7 +329,7 @@ class DEC(nn.Module):
     """Deep Equilibrium Canonicalizer of one block: feature map -> knots of the equilibrium monotone scaling.
 
     Parameters: ``proj`` (the 1x1 projection, a Linear on channels), ``conv1``, ``conv2``, ``norm``, ``head`` (the
-    zero-initialised 1x1 conv). The module keeps no per-call state, so it is reentrant and safe under DDP, deepcopy
+    zero-initialised 1x1 conv; it and ``conv2`` have no bias). The module keeps no per-call state, so it is reentrant and safe under DDP, deepcopy
     (EMA) and threads.
 
     Example:
@@ -366,10 +366,11 @@ class DEC(nn.Module):
         self.proj = nn.Linear(in_chans, c.proj_chans)
         self.conv1 = nn.Conv2d(c.proj_chans, c.widths[0], 3, padding=1)
         self.act1 = act()
-        self.conv2 = nn.Conv2d(c.widths[0], c.widths[1], 3, padding=1)
+        # no bias where it could never learn: instance norm removes conv2's, the row centring of `head_logits` the head's
+        self.conv2 = nn.Conv2d(c.widths[0], c.widths[1], 3, padding=1, bias=False)
         self.norm = nn.InstanceNorm2d(c.widths[1], affine=True)  # per sample: no batch statistics
         self.act2 = act()
-        self.head = nn.Conv2d(c.widths[1], 2, 1)
+        self.head = nn.Conv2d(c.widths[1], 2, 1, bias=False)
         self.reset_head()
 
     @property
@@ -379,7 +380,6 @@ class DEC(nn.Module):
     def reset_head(self) -> None:
         """Zero the last layer, so that the fixed point is the identity warp."""
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
 
     def reduce_input(self, x: torch.Tensor, layout: str, grid_size: Any = None, num_prefix_tokens: int = 0
                      ) -> torch.Tensor:

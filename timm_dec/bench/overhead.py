@@ -73,7 +73,7 @@ def perturb_dec_heads(model: nn.Module, std: float = DEC_HEAD_STD, seed: int = 0
         raise ValueError(f"{type(model).__name__} has no DEC modules to perturb")
     with torch.no_grad():
         for dec in decs:
-            for p in (dec.head.weight, dec.head.bias):
+            for p in (dec.head.weight,):
                 p.copy_((std * torch.randn(p.shape, generator=gen)).to(p))
 
 
