@@ -32,6 +32,14 @@ TINY = {
     "swin": (
         "swin_tiny_patch4_window7_224",
         dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2,
+                                             head_init_scale=1.0), 28),
+    "dinov3_reg": (
+        "vit_small_patch16_dinov3", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0, head_init_scale=1.0), 32),
+    "relpos_cls": ("vit_relpos_medium_patch16_cls_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
+    "swinv2_cr": ("swinv2_cr_tiny_224", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
+    "srelpos": ("vit_srelpos_small_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
 }
 FAMILIES = list(TINY)
 SMALL_DEC = dict(widths=(8, 8), proj_chans=4, pool_size=8)  # a cheap H for the tests
@@ -73,10 +81,33 @@ def unit_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return monotone_warp(out, knots, inverse=True, layout=layout, grid_size=grid if layout == "tokens" else None,
                              num_prefix_tokens=prefix)
 
-    if hasattr(model, "layers"):  # Swin: stages on NHWC maps
+    if hasattr(model, "layers"):  # Swin, Swin V2: stages on NHWC maps
         feat = model.patch_embed(x)
         for k, stage in enumerate(model.layers):
             feat = around(k, stage, feat, "nhwc")
+        return model.norm(feat)
+    if hasattr(model, "stages"):  # Swin V2 cr: stages on NCHW maps, no final norm
+        feat = model.patch_embed(x)
+        for k, stage in enumerate(model.stages):
+            feat = around(k, stage, feat, "nchw")
+        return feat
+    if hasattr(model, "rope"):  # Eva: RoPE for the fixed grid, per block in mixed mode
+        feat = model.patch_embed(x)
+        grid = tuple(feat.shape[1:3]) if feat.dim() == 4 else model.patch_embed.dynamic_feat_size(x.shape[-2:])
+        feat, rope = model._pos_embed(feat)
+        feat = model.norm_pre(feat)
+        for k, blk in enumerate(model.blocks):
+            rope_k = rope[k] if model.rope_mixed else rope
+            feat = around(k, blk, feat, "tokens", grid, model.num_prefix_tokens, rope=rope_k)
+        return model.norm(feat)
+    if hasattr(model, "shared_rel_pos"):  # relative-position ViT: no position embedding, optional class token
+        grid = model.patch_embed.dynamic_feat_size(x.shape[-2:])
+        feat = model.patch_embed(x)
+        if model.cls_token is not None:
+            feat = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), feat), dim=1)
+        shared = model.shared_rel_pos.get_bias() if model.shared_rel_pos is not None else None
+        for k, blk in enumerate(model.blocks):
+            feat = around(k, blk, feat, "tokens", grid, model.num_prefix_tokens, shared_rel_pos=shared)
         return model.norm(feat)
     grid = model.patch_embed.dynamic_feat_size(x.shape[-2:])
     feat = model.patch_embed(x)
@@ -103,13 +134,19 @@ def test_identity_at_init_matches_base(family, mode):
         base.train(training)
         model.train(training)
         with torch.no_grad():
-            expected, got = base(x), model(x)
+            # the same dropout draws: relpos and Swin V2 cr drop units of their position MLPs in training
+            torch.manual_seed(3)
+            expected = base(x)
+            torch.manual_seed(3)
+            got = model(x)
         assert got.shape == expected.shape
         assert (got - expected).abs().max().item() <= 1e-5, (family, mode, training)
 
 
 @pytest.mark.parametrize("mode", ["equivariant", "invariant"])
-@pytest.mark.parametrize("family", ["vit", "dinov2_reg", "beitv2_shared_bias", "swin"])
+@pytest.mark.parametrize(
+    "family", ["vit", "dinov2_reg", "beitv2_shared_bias", "swin", "eva02", "dinov3_reg", "relpos_cls", "srelpos",
+               "swinv2", "swinv2_cr"])
 def test_adapted_blocks_match_explicit_loop(family, mode):
     model = timm_dec.adapt(make_base(family), blocks=(0, 1), mode=mode, **SMALL_DEC).eval()
     perturb_dec(model)
@@ -172,6 +209,8 @@ def test_default_blocks_per_family():
     assert timm_dec.adapt(make_base("vit", depth=4)).dec_cfg.blocks == (0, 1)
     assert timm_dec.adapt(make_base("beit")).dec_cfg.blocks == (0, 1)
     assert timm_dec.adapt(make_base("swin")).dec_cfg.blocks == (0, 1)
+    for family in ("eva02", "relpos_cls", "swinv2", "swinv2_cr"):
+        assert timm_dec.adapt(make_base(family), **SMALL_DEC).dec_cfg.blocks == (0, 1), family
     assert timm_dec.adapt(make_base("vit", depth=1)).dec_cfg.blocks == (0,)  # defaults past the depth are dropped
     assert timm_dec.adapt(make_base("vit"), blocks=-1, **SMALL_DEC).dec_cfg.blocks == (2,)
 
@@ -250,13 +289,14 @@ def test_forward_intermediates_match_base(family):
     assert len(inter_m) == len(inter_b) and len(last_m) == len(last_b) == 1
 
 
-@pytest.mark.parametrize("family", ["vit", "beit", "swin"])
+@pytest.mark.parametrize("family", ["vit", "beit", "swin", "eva02", "relpos_cls", "swinv2", "swinv2_cr"])
 def test_grad_checkpointing_gives_the_same_gradients(family):
     model = timm_dec.adapt(make_base(family), blocks=(0, 1), **SMALL_DEC).train()
     perturb_dec(model)
     x = make_input(family)
 
     def grads(enable):
+        torch.manual_seed(3)  # the same dropout draws (relpos and Swin V2 cr position MLPs)
         model.zero_grad()
         model.set_grad_checkpointing(enable)
         model(x).square().sum().backward()
@@ -274,20 +314,21 @@ def test_pruning_drops_dec_of_removed_blocks():
     assert len(model.blocks) == 2 and list(model.dec) == ["0"] and model.dec_cfg.blocks == (0,)
 
 
-@pytest.mark.parametrize("family", ["vit", "swin", "beit"])
+@pytest.mark.parametrize("family", ["vit", "swin", "beit", "eva02", "relpos_cls", "swinv2", "swinv2_cr"])
 def test_layer_decay_groups_each_dec_with_its_block(family):
     model = timm_dec.adapt(make_base(family), blocks=(0, 1), **SMALL_DEC)
     groups = timm.optim.create_optimizer_v2(model, "sgd", lr=1.0, layer_decay=0.5).param_groups
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     params = dict(model.named_parameters())
     for k in ("0", "1"):
-        unit = f"layers.{k}.blocks.0" if family == "swin" else f"blocks.{k}"
+        unit = {"swin": f"layers.{k}.blocks.0", "swinv2": f"layers.{k}.blocks.0",
+                "swinv2_cr": f"stages.{k}.blocks.0"}.get(family, f"blocks.{k}")
         block_scale = {scale[id(p)] for n, p in params.items() if n.startswith(unit + ".")}
         dec_scale = {scale[id(p)] for n, p in params.items() if n.startswith(f"dec.{k}.")}
         assert len(block_scale) == 1 and dec_scale == block_scale, (k, dec_scale, block_scale)
     coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True))
-    assert any(any(n.startswith("dec.1.") for n in names) and any(n.startswith("blocks.1.") or
-               n.startswith("layers.1.") for n in names) for names in coarse.values())
+    assert any(any(n.startswith("dec.1.") for n in names) and any(n.startswith(("blocks.1.", "layers.1.", "stages.1."))
+               for n in names) for names in coarse.values())
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")

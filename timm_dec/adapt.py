@@ -4,8 +4,8 @@ An adapted block k runs as ``knots = dec[k](F)``, ``F' = S^{-1}(F; knots)``, ``o
 equivariant mode, ``out = S(out; knots)``. Knots live in normalised coordinates, so the same knots un-canonicalise a
 Swin stage output of another size. Blocks are not wrapped: the DEC modules sit in one ``nn.ModuleDict`` at
 ``model.dec`` keyed by block (or Swin stage) index, so the backbone's state-dict keys stay exactly the base model's.
-The family classes (`timm_dec.models.vit_dec`, `timm_dec.models.beit_dec`, `timm_dec.models.swin_dec`) subclass
-timm's models and drive their blocks through `DECModelMixin.dec_block`; `adapt` switches an existing instance to its
+The family classes (`timm_dec.models.vit_dec`, `~.beit_dec`, `~.swin_dec`, `~.eva_dec`, `~.relpos_dec`,
+`~.swinv2_dec`) subclass timm's models and drive their blocks through `DECModelMixin.dec_block`; `adapt` switches an existing instance to its
 family class in place.
 """
 from __future__ import annotations
@@ -206,13 +206,15 @@ def adapt(
     `timm_dec.models.vit_dec.VisionTransformerDEC`) and the DEC modules are added under ``model.dec``. Every DEC starts
     at the identity, so the adapted model returns what the model returned before.
 
-    Default ``blocks``: the family class's ``default_dec_blocks`` -- ``(0, 1)`` for ViT, DeiT and BEiT (the first
-    two transformer blocks), ``(0, 1)`` for Swin (the first two stages). Adapt more blocks for consistency deeper
+    Default ``blocks``: the family class's ``default_dec_blocks`` -- ``(0, 1)`` for the ViT-class models (the first
+    two transformer blocks), ``(0, 1)`` for Swin and Swin V2 (the first two stages). Adapt more blocks for consistency deeper
     in the net, at a proportional cost (the README's benchmark section has measured figures).
 
     Args:
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT3, DINOv2 with or without registers),
-            ``VisionTransformerDistilled``, ``Beit`` (BEiT, BEiTv2) or ``SwinTransformer`` (v1).
+            ``VisionTransformerDistilled``, ``Beit`` (BEiT, BEiTv2), ``Eva`` (EVA, EVA02, RoPE ViTs, Perception
+            Encoder, DINOv3), ``VisionTransformerRelPos``, ``SwinTransformer`` (v1), ``SwinTransformerV2`` or
+            ``SwinTransformerV2Cr``.
         blocks: indices of the transformer blocks (Swin: stages) to adapt; negative indices count from the end.
         grid: G, the DEC grid of G x G cells.
         mode: ``"equivariant"`` (eq. 21: ``S(M_k(S^{-1}(F_k)))``) or ``"invariant"`` (eq. 22: ``M_k(S^{-1}(F_k))``).

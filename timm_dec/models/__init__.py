@@ -6,7 +6,7 @@ from ._registry import (
     DEC_MODULES, base_model_name, create_dec_model, dec_checkpoint_filter, list_dec_models, load_dec_state_dict,
     register_dec_models, supported_base_names,
 )
-from . import beit_dec, swin_dec, vit_dec  # noqa: F401  (importing them registers the *_dec models)
+from . import beit_dec, eva_dec, relpos_dec, swin_dec, swinv2_dec, vit_dec  # noqa: F401  (registers the models)
 
 __all__ = [
     "DEC_MODULES", "base_model_name", "create_dec_model", "dec_checkpoint_filter", "list_dec_models",

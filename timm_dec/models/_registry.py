@@ -33,11 +33,12 @@ __all__ = [
     "register_dec_models", "supported_base_names", "base_model_name",
 ]
 
-DEC_MODULES = ("vit_dec", "swin_dec", "beit_dec")
+DEC_MODULES = ("vit_dec", "swin_dec", "beit_dec", "eva_dec", "relpos_dec", "swinv2_dec")
 # timm modules whose entrypoints build the supported classes; their helpers are re-bound when capturing
 _TIMM_FAMILY_MODULES = (
     "timm.models.vision_transformer", "timm.models.vision_transformer_hybrid", "timm.models.deit",
-    "timm.models.beit", "timm.models.swin_transformer",
+    "timm.models.beit", "timm.models.swin_transformer", "timm.models.eva", "timm.models.vision_transformer_relpos",
+    "timm.models.swin_transformer_v2", "timm.models.swin_transformer_v2_cr",
 )
 _BUILDER_SIGNATURE = inspect.signature(build_model_with_cfg)
 _BASE_OF: Dict[str, str] = {}  # <name>_dec -> base name

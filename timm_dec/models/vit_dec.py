@@ -3,8 +3,10 @@
 The classes extend timm's ``VisionTransformer`` and ``VisionTransformerDistilled`` the way timm's DeiT extends ViT:
 they override only the methods that run the blocks, so each adapted block runs through `DECModelMixin.dec_block`
 on the (B, P + H*W, C) tokens; the P prefix tokens (class, distillation, registers) pass through unwarped.
-Importing this module registers ``<base>_dec`` for every ``vit_*``, ``deit*`` and ``beit3*`` model that timm
-builds as one of these classes, and the aliases ``vit_{tiny,small,base,large}_dec``, ``deit_{tiny,small,base}_dec``.
+Importing this module registers ``<base>_dec`` for every model of timm's ``vision_transformer``,
+``vision_transformer_hybrid`` and ``deit`` modules (all built as one of these classes: ``vit_*``, ``deit*``,
+``beit3*``, ``eva_large_*``, ``aimv2_*``, ``flexivit_*``, ``test_vit*``), and the aliases
+``vit_{tiny,small,base,large}_dec``, ``deit_{tiny,small,base}_dec``.
 """
 from __future__ import annotations
 
@@ -154,7 +156,6 @@ _ALIASES = {
 
 register_dec_models(
     globals(),
-    supported_base_names(
-        ('vit_*', 'deit*', 'beit*'), modules=('vision_transformer', 'vision_transformer_hybrid', 'deit')),
+    supported_base_names(('*',), modules=('vision_transformer', 'vision_transformer_hybrid', 'deit')),
     _ALIASES,
 )

@@ -68,7 +68,7 @@ def monotone_warp(
             (DEC's solve loop, knots straight from `knots_from_logits`).
 
     Returns:
-        The warped map, with the layout, shape, dtype and device of ``x``.
+        The warped map, with the layout, shape, dtype and device of ``x`` (an empty tensor for meta ``x``).
 
     Example:
         >>> x = torch.randn(2, 1 + 16, 8)
@@ -80,6 +80,9 @@ def monotone_warp(
     if check:
         _check_inputs(x, knots, layout, grid_size, num_prefix_tokens, sweeps)
     height, width = spatial_size(x, layout, grid_size, num_prefix_tokens, check=False)
+    if x.is_meta:
+        # shapes only (a model built with device="meta", before its weights are loaded or sharded)
+        return torch.empty_like(x)
     if resolve_backend(backend, x.device) == "triton":
         from .triton_warp import monotone_warp_triton  # imports Triton on first use only
         return monotone_warp_triton(x, knots, inverse, layout, height, width, num_prefix_tokens, sweeps, check=False)

@@ -1,0 +1,118 @@
+"""Relative-position ViTs with DEC: `VisionTransformerRelPosDEC` and the ``vit_relpos_*`` / ``vit_srelpos_*`` names.
+
+timm's ``VisionTransformerRelPos`` has no absolute position embedding: each block's attention adds a relative
+position bias (a table or a small MLP over log-spaced offsets, per block or shared) for the fixed token grid. Each
+adapted block runs through `DECModelMixin.dec_block` on the (B, P + H*W, C) tokens (a class token, where the model
+has one, passes through unwarped) and keeps receiving ``shared_rel_pos``.
+
+Position codes: latent canonicalisation (paper Sec. 4.3, eq. 21) adapts a module M_k that maps a feature map on the
+fixed token grid to another, ``S(M_k(S^{-1}(F_k)))``. The relative bias belongs to M_k: the canonical map
+``S^{-1}(F_k)`` is resampled onto the same grid, the token at grid position p holding the content of canonical
+coordinate p, so the bias between two tokens is the one for their grid offset, as in the base model (and as for
+Swin's relative bias and the RoPE of `timm_dec.models.eva_dec`). Biasing by warped offsets would apply the warp
+twice and the adapted block would no longer be ``S ∘ M_k ∘ S^{-1}`` of the pretrained block.
+
+Importing this module registers ``<base>_dec`` for every model of timm's ``vision_transformer_relpos`` module
+(``vit_relpos_*``, ``vit_srelpos_*``, ``test_vit_relpos``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+from ..adapt import DECModelMixin, register_dec_family
+from ._registry import register_dec_models, supported_base_names
+
+__all__ = ["VisionTransformerRelPosDEC"]
+
+
+class VisionTransformerRelPosDEC(DECModelMixin, VisionTransformerRelPos):
+    """A timm ``VisionTransformerRelPos`` whose blocks in ``dec_cfg.blocks`` are canonicalised by a DEC.
+
+    Takes the ``VisionTransformerRelPos`` arguments plus the ``dec_*`` options. Default DEC blocks: ``(0, 1)``.
+    """
+    dec_unit_name = "block"
+    default_dec_blocks = (0, 1)
+
+    def dec_units(self) -> Sequence[nn.Module]:
+        return self.blocks
+
+    def dec_in_chans(self, index: int) -> int:
+        return self.embed_dim
+
+    def _dec_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
+        """Patch-embed ``x`` (B, C, H, W) and add the class token: (B, P + h*w, D), the shared relative position
+        bias (or None) and the grid (h, w)."""
+        self.dec_check_input(x)
+        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        shared_rel_pos = self.shared_rel_pos.get_bias() if self.shared_rel_pos is not None else None
+        return x, shared_rel_pos, grid
+
+    def _dec_run_block(
+            self,
+            index: int,
+            block: nn.Module,
+            x: torch.Tensor,
+            grid: Tuple[int, int],
+            shared_rel_pos: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return self.dec_block(
+            index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
+            checkpointing=self.grad_checkpointing, shared_rel_pos=shared_rel_pos)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D)."""
+        x, shared_rel_pos, grid = self._dec_embed(x)
+        for i, blk in enumerate(self.blocks):
+            x = self._dec_run_block(i, blk, x, grid, shared_rel_pos)
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``VisionTransformerRelPos.forward_intermediates`` with the adapted blocks run through their DEC."""
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        reshape = output_fmt == 'NCHW'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        B = x.shape[0]
+        x, shared_rel_pos, (H, W) = self._dec_embed(x)
+        blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            x = self._dec_run_block(i, blk, x, (H, W), shared_rel_pos)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        prefix_tokens = None
+        if self.num_prefix_tokens:
+            prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
+            intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if reshape:
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+register_dec_family(VisionTransformerRelPos, VisionTransformerRelPosDEC, "relative-position ViT (relpos, srelpos)")
+
+default_cfgs: Dict[str, Any] = {}  # filled by register_dec_models, read by timm's register_model
+
+register_dec_models(globals(), supported_base_names(('*',), modules=('vision_transformer_relpos',)), {})

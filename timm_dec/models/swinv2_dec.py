@@ -1,0 +1,172 @@
+"""Swin Transformer V2 with DEC: `SwinTransformerV2DEC` (``swinv2_*``) and `SwinTransformerV2CrDEC`
+(``swinv2_cr_*``).
+
+As for Swin v1 (`timm_dec.models.swin_dec`), the DEC unit is a stage: stage k's DEC reads the map entering the
+stage, the map is canonicalised, the stage runs (its patch merging may halve H and W) and, in the equivariant mode,
+its output is un-canonicalised with the same knots, which are in normalised coordinates and so fit the smaller map.
+``SwinTransformerV2`` stages take and return (B, H, W, C) maps; ``SwinTransformerV2Cr`` stages take and return
+(B, C, H, W) maps, so the same adapter runs them with the ``nchw`` layout.
+
+Position codes: the continuous relative position bias (a small MLP over log-spaced window offsets) is part of each
+block, for the fixed window grid. Latent canonicalisation (paper Sec. 4.3, eq. 21) adapts the stage as a function
+of a map on that grid, ``S(M_k(S^{-1}(F_k)))``: the canonical map is resampled onto the same grid, so the block
+biases by grid offsets exactly as the pretrained block does.
+
+Importing this module registers ``<base>_dec`` for every model of timm's ``swin_transformer_v2`` and
+``swin_transformer_v2_cr`` modules (``swinv2_*``, ``swinv2_cr_*``) and the aliases ``swinv2_{tiny,small,base}_dec``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from timm.models._features import feature_take_indices
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
+
+from ..adapt import DECModelMixin, register_dec_family
+from ._registry import register_dec_models, supported_base_names
+
+__all__ = ["SwinTransformerV2DEC", "SwinTransformerV2CrDEC"]
+
+
+class SwinTransformerV2DEC(DECModelMixin, SwinTransformerV2):
+    """A timm ``SwinTransformerV2`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
+
+    Takes the ``SwinTransformerV2`` arguments plus the ``dec_*`` options. Default DEC stages: ``(0, 1)``.
+    ``forward_intermediates`` also accepts ``output_fmt='NHWC'``, so ``features_only`` keeps the base's NHWC maps.
+    """
+    dec_unit_name = "stage"
+    default_dec_blocks = (0, 1)
+    dec_feature_cfg = {"feature_cls": "getter", "output_fmt": "NHWC"}
+    dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
+
+    def dec_units(self) -> Sequence[nn.Module]:
+        return self.layers
+
+    def dec_in_chans(self, index: int) -> int:
+        return self.layers[index].dim
+
+    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # a stage checkpoints its own blocks when grad checkpointing is on
+        return self.dec_block(index, stage, x, layout="nhwc")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, the stages (adapted ones through their DEC) and the final norm: (B, H', W', C')."""
+        self.dec_check_input(x)
+        x = self.patch_embed(x)
+        for i, stage in enumerate(self.layers):
+            x = self._dec_run_stage(i, stage, x)
+        return self.norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``SwinTransformerV2.forward_intermediates`` with the adapted stages run through their DEC.
+
+        ``output_fmt`` may be ``'NCHW'`` (timm's) or ``'NHWC'`` (the stages' own layout, as timm's Swin V2
+        ``features_only`` returns).
+        """
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output shape must be NCHW or NHWC.'
+        self.dec_check_input(x)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+
+        x = self.patch_embed(x)
+        num_stages = len(self.layers)
+        stages = self.layers if not stop_early else self.layers[:max_index + 1]
+        i = 0
+        for i, stage in enumerate(stages):
+            x = self._dec_run_stage(i, stage, x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm and i == num_stages - 1 else x
+                if output_fmt == 'NCHW':
+                    x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
+                intermediates.append(x_inter)
+
+        if intermediates_only:
+            return intermediates
+        if i == num_stages - 1:
+            x = self.norm(x)  # sized for (and only applied to) the last stage
+        return x, intermediates
+
+
+class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
+    """A timm ``SwinTransformerV2Cr`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
+
+    Its stages take and return (B, C, H, W) maps: the DEC reads and warps them in the ``nchw`` layout. Default DEC
+    stages: ``(0, 1)``.
+    """
+    dec_unit_name = "stage"
+    default_dec_blocks = (0, 1)
+    dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
+
+    def dec_units(self) -> Sequence[nn.Module]:
+        return self.stages
+
+    def dec_in_chans(self, index: int) -> int:
+        stage = self.stages[index]
+        if stage.downscale:
+            return stage.downsample.reduction.in_features // 4
+        return stage.blocks[0].norm1.normalized_shape[0]
+
+    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # a stage checkpoints its own blocks when grad checkpointing is on
+        return self.dec_block(index, stage, x, layout="nchw")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding and the stages (adapted ones through their DEC): (B, C', H', W')."""
+        self.dec_check_input(x)
+        x = self.patch_embed(x)
+        for i, stage in enumerate(self.stages):
+            x = self._dec_run_stage(i, stage, x)
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``SwinTransformerV2Cr.forward_intermediates`` with the adapted stages run through their DEC."""
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        self.dec_check_input(x)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+
+        x = self.patch_embed(x)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = self._dec_run_stage(i, stage, x)
+            if i in take_indices:
+                intermediates.append(x)
+
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+
+register_dec_family(SwinTransformerV2, SwinTransformerV2DEC, "Swin V2")
+register_dec_family(SwinTransformerV2Cr, SwinTransformerV2CrDEC, "Swin V2 (cr)")
+
+default_cfgs: Dict[str, Any] = {}  # filled by register_dec_models, read by timm's register_model
+
+_ALIASES = {
+    'swinv2_tiny_dec': 'swinv2_tiny_window8_256',
+    'swinv2_small_dec': 'swinv2_small_window8_256',
+    'swinv2_base_dec': 'swinv2_base_window8_256',
+}
+
+register_dec_models(
+    globals(), supported_base_names(('*',), modules=('swin_transformer_v2', 'swin_transformer_v2_cr')),
+    _ALIASES)
