@@ -11,6 +11,8 @@ import argparse
 import os
 from typing import Any
 
+import torch
+
 from .overhead import OVERHEAD_MODELS, bench_overhead
 from .timing import environment, paired_times, peak_cpu_memory, time_interleaved, write_json
 from .warp import WARP_SHAPES, bench_warp, composed_warp, format_warp_table
@@ -33,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=".", help="directory of the JSON result (default: the current directory)")
     parser.add_argument("--json", default=None, help="path of the JSON result (default: OUT/bench_WHICH.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (torch.set_num_threads); 1 on a CPU shared with other jobs")
     parser.add_argument("--check", action="store_true",
                         help="print each target with its verdict; exit status 1 when one is missed")
     warp = parser.add_argument_group("warp")
@@ -43,13 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     overhead = parser.add_argument_group("overhead")
     overhead.add_argument("--models", nargs="+", default=list(OVERHEAD_MODELS), help="timm base model names")
     overhead.add_argument("--batch-size", type=int, default=8, help="batch size of the overhead benchmark")
-    overhead.add_argument("--img-size", type=int, default=224, help="input resolution of the overhead benchmark")
+    overhead.add_argument("--img-size", type=int, default=224,
+                          help="input resolution of the overhead benchmark; 0: each model's own")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark ``args.which``, print its table and write its JSON; returns the exit status."""
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     if args.which == "warp":
         shapes = {name: dict(WARP_SHAPES[name]) for name in args.shapes}
         if args.batch is not None:

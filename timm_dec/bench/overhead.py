@@ -174,10 +174,17 @@ def _adjoint_share(step: Callable[[], Any]) -> float:
 
 
 def _twins(name: str, img_size: int, seed: int, head_std: float) -> tuple[nn.Module, nn.Module]:
-    """The base model and its ``*_dec`` twin with the base's weights and perturbed DEC heads."""
+    """The base model and its ``*_dec`` twin with the base's weights and perturbed DEC heads.
+
+    ``img_size`` 0 keeps the model's own resolution. A headless base (DINOv3, EVA02 MIM: ``num_classes=0``) gets a
+    1000-class classifier, so that the training step has a loss.
+    """
+    kwargs: dict[str, Any] = {"num_classes": timm.models.get_pretrained_cfg_value(name, "num_classes") or 1000}
+    if img_size:
+        kwargs["img_size"] = img_size
     torch.manual_seed(seed)
-    base = timm.create_model(name, pretrained=False, img_size=img_size)
-    dec = timm.create_model(name + "_dec", pretrained=False, img_size=img_size)
+    base = timm.create_model(name, pretrained=False, **kwargs)
+    dec = timm.create_model(name + "_dec", pretrained=False, **kwargs)
     load_dec_state_dict(dec, base.state_dict(), source=f"{name}'s weights", target=f"{name}_dec")
     perturb_dec_heads(dec, head_std, seed)
     return base, dec
@@ -228,7 +235,7 @@ def bench_model(
         name: a timm base model name with a registered ``_dec`` twin.
         device: where to run.
         batch_size: images per batch.
-        img_size: input resolution (square).
+        img_size: input resolution (square); 0 for the model's own (its pretrained cfg's input size).
         repeats: timed rounds; figures are medians.
         warmup: untimed rounds first.
         seed: seed of the weights, the inputs and the DEC heads.
@@ -241,6 +248,7 @@ def bench_model(
         the ``targets`` (`overhead_targets`) and the DEC options.
     """
     base, dec = _twins(name, img_size, seed, head_std)
+    img_size = img_size or base.pretrained_cfg["input_size"][-1]
     base.to(device)
     dec.to(device)
     gen = torch.Generator().manual_seed(seed)
@@ -270,6 +278,7 @@ def bench_model(
     }
     return {
         "model": name,
+        "img_size": img_size,
         "dec_blocks": list(dec.dec_cfg.blocks),
         "dec_options": dataclasses.asdict(dec.dec_cfg.options),
         "dec_params": sum(p.numel() for p in dec.dec.parameters()),
@@ -293,17 +302,18 @@ def format_overhead_table(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [
         f"*_dec overhead on {env['device']} ({env.get('device_name', env['machine'])}, {env['torch_threads']} threads, "
-        f"torch {env['torch']}), batch {result['batch_size']}, {result['img_size']} px, median of {result['repeats']}, "
+        f"torch {env['torch']}), batch {result['batch_size']}, {result['img_size'] or 'own'} px, "
+        f"median of {result['repeats']}, "
         f"DEC heads ~ N(0, {result['dec_head_std']}^2), load average {result['load_average_before'][0]:.1f} -> "
         f"{result['load_average_after'][0]:.1f}",
-        f"{'model':<30} {'fwd ms base/dec':>17} {'x':>6} {'train ms base/dec':>19} {'x':>6} "
+        f"{'model':<30} {'px':>4} {'fwd ms base/dec':>17} {'x':>6} {'train ms base/dec':>19} {'x':>6} "
         f"{'mem MB base/dec':>17} {'x':>6} {'x step':>7} {'iters e/t':>10} {'DEC% fwd':>9} {'adj% trn':>9}",
     ]
     for name, r in result["models"].items():
         f, t, m, q = r["forward"], r["train_step"], r["memory"], r["ratios"]
         adjoint = r["split"]["train_adjoint_share_profiled"]
         lines.append(
-            f"{name:<30} {f['base_ms']:>8.0f}/{f['dec_ms']:<8.0f} {q['forward']:>6.3f} "
+            f"{name:<30} {r['img_size']:>4} {f['base_ms']:>8.0f}/{f['dec_ms']:<8.0f} {q['forward']:>6.3f} "
             f"{t['base_ms']:>9.0f}/{t['dec_ms']:<9.0f} "
             f"{q['train_step']:>6.3f} {m['base']['total_bytes'] / 2**20:>8.0f}/{m['dec']['total_bytes'] / 2**20:<8.0f} "
             f"{q['memory_total']:>6.3f} {q['memory_step']:>7.3f} "
@@ -326,8 +336,9 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available")
-    if args.batch_size < 1 or args.img_size < 32:
-        raise ValueError(f"--batch-size must be >= 1 and --img-size >= 32, got {args.batch_size} and {args.img_size}")
+    if args.batch_size < 1 or not (args.img_size == 0 or args.img_size >= 32):
+        raise ValueError(f"--batch-size must be >= 1 and --img-size 0 or >= 32, got {args.batch_size} and "
+                         f"{args.img_size}")
     unknown = [m for m in args.models if not timm.is_model(m + "_dec")]
     if unknown:
         raise ValueError(f"no *_dec twin registered for {unknown}; see timm_dec.list_dec_models()")
