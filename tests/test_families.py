@@ -193,3 +193,22 @@ def test_meta_device_builds_the_7b_dinov3_without_memory():
     x = torch.empty(1, 3, 64, 64, device="meta")
     with torch.no_grad():
         assert model(x).shape == (1, model.num_features)  # headless (num_classes=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile on a RoPE model (the ViT compile test in test_timm_contract covers the solve's graph break)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_rope_model_matches_eager():
+    model = timm_dec.adapt(make_base("dinov3_reg"), blocks=(0, 1), **SMALL_DEC).eval()
+    perturb_dec(model, std=0.3)
+    x = make_input("dinov3_reg")
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        expected = model(x)
+        got = compiled(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    model.train()
+    compiled(x).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.dec.parameters())
