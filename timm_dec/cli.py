@@ -1,15 +1,21 @@
-"""The ``timm-dec`` command: ``demo | eval | bench | push``.
+"""The timm-dec command: demo | eval | bench | push.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``. A user
+error (a bad file, a missing folder, options that contradict a checkpoint, no CUDA, no network, ...) ends with one
+line ``timm-dec <cmd>: error: <message>`` on stderr and exit status 2; ``--debug`` (or ``TIMM_DEC_DEBUG=1``) shows
+the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
 from . import __version__
+
+__all__ = ["SUBCOMMANDS", "build_parser", "error_line", "main"]
 
 SUBCOMMANDS = {
     "demo": ("timm_dec.demo", "train base, Aug, InvL, Canon and DEC on locally scaled digits and compare them"),
@@ -17,18 +23,43 @@ SUBCOMMANDS = {
     "bench": ("timm_dec.bench", "benchmarks: 'warp' (the warp op) or 'overhead' (base vs *_dec models)"),
     "push": ("timm_dec.hub", "save a checkpoint as a Hub folder with a model card and push it"),
 }
+DESCRIPTION = ("timm-dec: local scale consistency for timm vision transformers with the Deep Equilibrium "
+               "Canonicalizer (DEC). Run 'timm-dec COMMAND --help' for the options of a command.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="timm-dec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="timm-dec", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"timm-dec {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line (also TIMM_DEC_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        # defaults shown in --help, as timm's validate.py does (demo and bench word their defaults themselves)
+        formatter = argparse.ArgumentDefaultsHelpFormatter if name in ("eval", "push") else argparse.HelpFormatter
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common],
+                                  formatter_class=formatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
+
+
+def error_line(error: BaseException) -> str:
+    """An exception as one line of text: its message (a DataLoader worker's wrapper reduced to the original error),
+    whitespace runs joined; the exception's type name when it has no message."""
+    text = str(error).strip()
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        text = str(error.args[0])
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        lines = lines[-1:]  # torch's DataLoader: "Caught X in DataLoader worker ... Original Traceback ... X: msg"
+    text = " ".join(" ".join(lines).split())
+    return text or type(error).__name__
+
+
+def _debug_wanted(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("TIMM_DEC_DEBUG", "") not in ("", "0")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,7 +68,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        if _debug_wanted(args):
+            raise
+        print(f"timm-dec {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int) or _debug_wanted(args):
+            raise
+        message = str(e.code)
+        prefix = f"timm-dec {args.command}: "
+        message = message[len(prefix):] if message.startswith(prefix) else message
+        message = message[len("error: "):] if message.startswith("error: ") else message
+        print(f"timm-dec {args.command}: error: {error_line(SystemExit(message))}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001  (every error becomes one line; --debug shows the traceback)
+        if _debug_wanted(args):
+            raise
+        print(f"timm-dec {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

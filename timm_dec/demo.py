@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 
 from .baselines import InputCanonicalizer, InvarianceLoss
 from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
+from .hub import save_checkpoint
 from .evaluate import (
     evaluate_model, format_per_scale_table, format_table, normalize_transform, parse_bins, parse_scales,
 )
@@ -563,8 +563,7 @@ def _evaluate_all(s: _Setup, models: dict[str, nn.Module], timings: dict[str, di
                                             return_per_sample=True)
             prob_curves[method] = pc["prob_correct"]
         ckpt = s.out / "checkpoints" / f"{method}.safetensors"
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                                    str(ckpt))
+        save_checkpoint(model, ckpt, data=s.data_kw)  # records model, DEC options, data; creates checkpoints/
         r.update(checkpoint=str(ckpt), eval_command=_eval_command(cfg, method, ckpt),
                  stage1_seconds=timings[method]["stage1"], stage2_seconds=timings[method]["stage2"],
                  eval_seconds=timings[method]["eval"], train_steps=timings[method]["train_steps"])
@@ -648,7 +647,6 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     progress = not args.no_progress
     out = Path(args.out)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     seed = cfg["seed"]
 
     data_kw = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], scale_range=tuple(cfg["scale_range"]),

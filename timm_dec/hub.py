@@ -14,7 +14,8 @@ After ``import timm_dec``, ``timm.create_model("hf-hub:ORG/NAME", pretrained=Tru
 ``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the saved model back; `load_pretrained` does the
 same after checking the folder, with clear errors. ``timm-dec push`` turns a training checkpoint (timm's
 ``train.py`` output, a `timm_dec.finetune` checkpoint folder or a ``.safetensors`` file) into such a folder and
-uploads it. Nothing here unpickles arbitrary objects: safetensors are read as tensors, and timm's ``.pth.tar`` with
+uploads it; reading checkpoints and rebuilding the model they record is `timm_dec.checkpoint` (re-exported here).
+Nothing here unpickles arbitrary objects: safetensors are read as tensors, and timm's ``.pth.tar`` with
 ``torch.load(weights_only=True)`` (argparse's ``Namespace`` of the training args allowed as plain data).
 """
 from __future__ import annotations
@@ -28,32 +29,30 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import safetensors
-import safetensors.torch
 import timm
-import torch
 from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
 from .adapt import DECModelMixin, dec_options, jsonable
+from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
+    CHECKPOINT_METADATA_KEY, CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME, TrainingCheckpoint, _read_json,
+    _same_option, check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
+    read_training_checkpoint, save_checkpoint,
+)
 from .metrics import format_scale
-from .models import base_model_name, load_dec_state_dict
-from .models._registry import dec_blocks_in
+from .models import base_model_name
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
     "normalize_metrics", "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
-    "load_training_checkpoint", "add_arguments", "run",
+    "load_training_checkpoint", "read_training_checkpoint", "model_from_checkpoint", "TrainingCheckpoint",
+    "save_checkpoint", "prepare_output_folder", "add_arguments", "run",
 ]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 README_NAME = "README.md"
 # The card template ships inside the package (package data), so an installed wheel renders cards too.
 MODEL_CARD_TEMPLATE = importlib.resources.files(__package__) / "templates" / "model_card.md"
-# The json state that `timm_dec.finetune` writes beside the weights of each checkpoint.
-TRAINING_STATE_NAME = "state.json"
 
 PathLike = Union[str, os.PathLike]
 
@@ -88,14 +87,6 @@ def hub_architecture(model: nn.Module) -> str:
     if not timm.is_model(arch):
         raise ValueError(f"no registered timm_dec architecture {arch!r} rebuilds this model")
     return arch
-
-
-def _is_dec_name(arch: str) -> bool:
-    try:
-        base_model_name(arch)
-    except ValueError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -270,6 +261,7 @@ def save_pretrained(
         data_config: Optional[Mapping[str, Any]] = None,
         license: Optional[str] = None,
         card_template: Optional[PathLike] = None,
+        data: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Write a ``*_dec`` model as a Hub folder: ``config.json``, ``model.safetensors`` and a ``README.md`` card.
 
@@ -279,7 +271,9 @@ def save_pretrained(
 
     Args:
         model: a ``*_dec`` model (from a ``*_dec`` name or `timm_dec.adapt`), unwrapped (no DDP wrapper).
-        folder: output folder; created if missing, files of the same names are replaced.
+        folder: output folder; created if missing. A folder that holds an earlier save has its ``config.json``,
+            ``model.safetensors`` and ``README.md`` replaced; one that holds other weight files (``*.bin``,
+            ``*.pth``, another ``*.safetensors``, ...) is refused, so no stale weights end up beside the new ones.
         metrics: measured metrics (see `normalize_metrics`), shown in the card.
         label_names: ``num_classes`` class names, written where timm's loader reads them.
         label_descriptions: optional ``{label name: description}``.
@@ -288,13 +282,17 @@ def save_pretrained(
         data_config: the preprocessing used in training (``input_size``, ``mean``, ``std``, ``crop_pct``,
             ``interpolation``), recorded in ``pretrained_cfg``; default the model's own.
         card_template: a Jinja2 card template; default `MODEL_CARD_TEMPLATE`.
+        data: the data settings the model was trained with (e.g. ``num_digits``, ``canvas``, ``digit_size``,
+            ``scale_range`` of the digits), recorded under ``timm_dec.data`` in ``config.json``; ``timm-dec eval``
+            takes its defaults from them.
 
     Returns:
         The folder.
 
     Raises:
         TypeError: the model has no DEC or is wrapped.
-        ValueError: wrong number of label names, bad metrics, or a DEC option that is not JSON data.
+        ValueError: wrong number of label names, bad metrics, a DEC option that is not JSON data, or a folder
+            with other weight files.
     """
     from timm.models import save_for_hf
 
@@ -309,12 +307,13 @@ def save_pretrained(
     readme = render_model_card(
         model, repo_id=repo_id, metrics=checked, dataset=dataset, datasets=datasets, training=training,
         license=license, template=card_template)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = prepare_output_folder(folder, (CONFIG_NAME, WEIGHTS_NAME, README_NAME))
     model_config: dict[str, Any] = {
         "pretrained_cfg": {"architecture": arch},
         "timm_dec": {"version": __version__, "metrics": checked},
     }
+    if data is not None:
+        model_config["timm_dec"]["data"] = jsonable(dict(data), "data settings")
     if label_names is not None:
         model_config["label_names"] = label_names
     if label_descriptions is not None:
@@ -323,6 +322,34 @@ def save_pretrained(
         model, folder, model_config=model_config, model_args=dec_options(model), safe_serialization=True,
         data_config=dict(data_config) if data_config is not None else None)
     (folder / README_NAME).write_text(readme, encoding="utf-8")
+    return folder
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".tar", ".h5", ".msgpack", ".npz", ".onnx")
+
+
+def prepare_output_folder(folder: PathLike, names: Sequence[str]) -> Path:
+    """Make ``folder`` ready to receive the files ``names``: created if missing; if it exists, the files of those
+    names are removed first, and any other weight file in it is an error (stale weights must not sit beside new
+    ones: a loader may pick either).
+
+    Raises:
+        ValueError: ``folder`` is a file, or holds weight files other than ``names``.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output folder {folder} is a file; choose a folder")
+    if folder.is_dir():
+        stale = sorted(p.name for p in folder.iterdir()
+                       if p.name not in names and p.is_file() and p.name.lower().endswith(_WEIGHT_SUFFIXES))
+        if stale:
+            raise ValueError(
+                f"output folder {folder} already holds other weight files ({', '.join(stale)}); they would sit "
+                f"beside the new {WEIGHTS_NAME}: choose an empty folder or remove them")
+        for name in names:
+            if (folder / name).is_file():
+                (folder / name).unlink()
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -375,247 +402,48 @@ def push_to_hub(
 # checking and loading
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} {path} is not readable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    """The tensor names of a safetensors file, reading only its header; ValueError if it is not one."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} is missing (timm_dec reads only {WEIGHTS_NAME})")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
-        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    _safetensors_keys(path)
-    try:
-        return safetensors.torch.load_file(str(path), device="cpu")
-    except Exception as e:
-        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
-
-
-def _check_architecture(arch: Any, source: str) -> str:
-    if not isinstance(arch, str) or not arch:
-        raise ValueError(f"{source} names no architecture")
-    if not timm.is_model(arch):
-        near = timm.list_models(f"*{arch.split('.')[0][-12:]}*")[:5]
-        raise ValueError(
-            f"{source} names architecture {arch!r}, which neither timm nor timm_dec {__version__} registers"
-            + (f" (similar: {near})" if near else "")
-            + "; check the name, or update timm / timm_dec if it comes from a newer version")
-    return arch
-
-
-def check_pretrained(folder: PathLike) -> dict[str, Any]:
-    """Check a saved Hub folder before loading it, with a clear error for each way it can be broken.
-
-    Args:
-        folder: a folder from `save_pretrained` (or a Hub snapshot of one).
-
-    Returns:
-        Its parsed ``config.json``.
-
-    Raises:
-        FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
-        ValueError: unreadable config, unknown architecture, a weights file that is not safetensors, or DEC
-            parameters for other blocks than the config's ``dec_blocks``.
-    """
-    folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a folder written by save_pretrained?")
-    config = _read_json(config_path, "config")
-    _check_architecture(config.get("architecture"), f"{config_path}")
-    keys = _safetensors_keys(folder / WEIGHTS_NAME)
-    model_args = config.get("model_args") or {}
-    if "dec_blocks" in model_args:
-        expected, found = sorted(int(b) for b in model_args["dec_blocks"]), dec_blocks_in(keys)
-        if expected != found:
-            raise ValueError(
-                f"the DEC options of {config_path} (dec_blocks={expected}) do not match {folder / WEIGHTS_NAME}, "
-                f"which holds DEC parameters for blocks {found}")
-    return config
-
-
 def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
     """``timm.create_model(source, pretrained=True)`` for a saved ``*_dec`` model, after `check_pretrained`.
 
     Args:
         source: ``"hf-hub:ORG/NAME"`` (downloads or reads huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` works),
             ``"local-dir:FOLDER"`` or a folder path.
-        **kwargs: passed to ``timm.create_model`` (e.g. ``cache_dir``); DEC options come from the config.
+        **kwargs: passed to ``timm.create_model`` (e.g. ``cache_dir``); DEC options come from the config (one
+            given here must equal the saved one).
 
     Returns:
         The model, in eval mode, with the saved weights (loaded strictly, from safetensors only).
+
+    Raises:
+        TypeError: a ``dec_*`` kwarg that differs from the saved option.
     """
+    config = check_pretrained_source(source, cache_dir=kwargs.get("cache_dir"))
+    source = os.fspath(source)
+    if not source.startswith(("hf-hub:", "local-dir:")):
+        source = f"local-dir:{source}"
+    saved = dict(config.get("model_args") or {})
+    for key in [k for k in kwargs if k.startswith("dec_")]:
+        if key in saved and _same_option(saved[key], kwargs[key]):
+            kwargs.pop(key)
+            continue
+        raise TypeError(
+            f"{key} cannot be changed when loading a saved model: it was saved with "
+            f"{key}={saved.get(key, '(the default)')!r}, and its DEC options come from config.json")
+    return timm.create_model(source, pretrained=True, **kwargs).eval()
+
+
+def check_pretrained_source(source: PathLike, cache_dir: Optional[PathLike] = None) -> dict[str, Any]:
+    """`check_pretrained` for ``"hf-hub:ORG/NAME"`` (downloading or reading the cache), ``"local-dir:FOLDER"`` or a
+    folder; returns its config."""
     source = os.fspath(source)
     if source.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
         from timm.models._hub import hf_split
         repo, revision = hf_split(source[len("hf-hub:"):])
-        paths = [hf_hub_download(repo, name, revision=revision, cache_dir=kwargs.get("cache_dir"))
+        paths = [hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir)
                  for name in (CONFIG_NAME, WEIGHTS_NAME)]
-        check_pretrained(Path(paths[0]).parent)
-    else:
-        folder = source[len("local-dir:"):] if source.startswith("local-dir:") else source
-        check_pretrained(folder)
-        source = f"local-dir:{folder}"
-    for key in [k for k in kwargs if k.startswith("dec_")]:
-        raise TypeError(f"{key} cannot be changed when loading a saved model; its DEC options come from config.json")
-    return timm.create_model(source, pretrained=True, **kwargs).eval()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# training checkpoints
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _torch_load_checkpoint(path: Path) -> dict[str, Any]:
-    """A timm train.py checkpoint, unpickled with ``weights_only=True`` (tensors and plain data only)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{path} could not be read as a timm checkpoint with torch.load(weights_only=True), which refuses "
-            f"anything but tensors and plain data: {e}") from e
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    return ckpt
-
-
-def _split_create_kwargs(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    dec = {k: v for k, v in kwargs.items() if k.startswith("dec_")}
-    return dec, {k: v for k, v in kwargs.items() if not k.startswith("dec_")}
-
-
-def _same_option(a: Any, b: Any) -> bool:
-    norm = (lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
-    return norm(a) == norm(b)
-
-
-def _read_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], Optional[str], dict[str, Any], str]:
-    """(state dict, architecture or None, recorded create_model kwargs, description) of any supported checkpoint."""
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file() and not (path / TRAINING_STATE_NAME).is_file():
-            config = check_pretrained(path)
-            return (_load_safetensors(path / WEIGHTS_NAME), config["architecture"],
-                    dict(config.get("model_args") or {}), f"Hub folder {path}")
-        if not (path / TRAINING_STATE_NAME).is_file():
-            raise FileNotFoundError(
-                f"{path} is neither a timm_dec.finetune checkpoint ({TRAINING_STATE_NAME} + {WEIGHTS_NAME}) nor a "
-                f"save_pretrained folder ({CONFIG_NAME} + {WEIGHTS_NAME})")
-        state = _read_json(path / TRAINING_STATE_NAME, "training state")
-        return (_load_safetensors(path / WEIGHTS_NAME), state.get("model"), dict(state.get("model_kwargs") or {}),
-                f"timm_dec.finetune checkpoint {path}")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        arch, kwargs = None, {}
-        sibling = path.parent / TRAINING_STATE_NAME
-        if sibling.is_file():
-            state = _read_json(sibling, "training state")
-            arch, kwargs = state.get("model"), dict(state.get("model_kwargs") or {})
-        return _load_safetensors(path), arch, kwargs, f"safetensors file {path}"
-    ckpt = _torch_load_checkpoint(path)
-    key = "state_dict_ema" if use_ema else "state_dict"
-    if key not in ckpt:
-        available = [k for k in ("state_dict", "state_dict_ema") if k in ckpt]
-        raise ValueError(f"{path} has no {key!r} (it has {available or list(ckpt)[:8]})")
-    from timm.models import clean_state_dict
-    state_dict = clean_state_dict(ckpt[key])
-    args = ckpt.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    # what timm's train.py passes to create_model besides its --model-kwargs
-    kwargs = dict(args.get("model_kwargs") or {})
-    for arg_name, kwarg in (("num_classes", "num_classes"), ("in_chans", "in_chans"), ("gp", "global_pool")):
-        if args.get(arg_name) is not None:
-            kwargs.setdefault(kwarg, args[arg_name])
-    input_size = args.get("input_size")
-    img_size = args.get("img_size") or (tuple(input_size[1:]) if input_size else None)
-    if img_size is not None:
-        kwargs.setdefault("img_size", img_size)
-    return state_dict, ckpt.get("arch") or args.get("model"), kwargs, f"timm checkpoint {path}"
-
-
-def load_training_checkpoint(
-        path: PathLike,
-        *,
-        model_name: Optional[str] = None,
-        model_kwargs: Optional[Mapping[str, Any]] = None,
-        use_ema: bool = False,
-) -> nn.Module:
-    """Rebuild a model from a training checkpoint and load its weights strictly.
-
-    Supported: timm's ``train.py`` output (``.pth.tar``: a dict with ``state_dict``, ``arch`` and ``args``; read
-    with ``torch.load(weights_only=True)``), a `timm_dec.finetune` checkpoint folder (``model.safetensors`` +
-    ``state.json``), a folder from `save_pretrained`, or a bare ``.safetensors`` file (``model_name`` required
-    unless a ``state.json`` sits beside it).
-
-    Args:
-        path: the checkpoint.
-        model_name: architecture; default the one the checkpoint records.
-        model_kwargs: ``timm.create_model`` kwargs; they extend the recorded ones (``num_classes``, ``dec_*``, ...),
-            and a ``dec_*`` option that contradicts a recorded one is an error.
-        use_ema: take timm's ``state_dict_ema`` instead of ``state_dict``.
-
-    Returns:
-        The model in eval mode.
-
-    Raises:
-        FileNotFoundError: no such checkpoint, or missing weights.
-        ValueError: unreadable or corrupt file, unknown architecture, DEC options that do not match the
-            checkpoint, or weights that do not fit the model.
-    """
-    path = Path(path)
-    state_dict, arch, recorded, what = _read_checkpoint(path, use_ema)
-    arch = model_name or arch
-    if not arch:
-        raise ValueError(f"{what} does not record its architecture; pass model_name (timm-dec push --model NAME)")
-    _check_architecture(arch, f"{what} (model {arch!r})" if not model_name else f"model_name {arch!r}")
-    requested = dict(model_kwargs or {})
-    for key, value in requested.items():
-        if key.startswith("dec_") and key in recorded and not _same_option(recorded[key], value):
-            raise ValueError(
-                f"the DEC options do not match: {what} was trained with {key}={recorded[key]!r}, but {key}={value!r} "
-                f"was asked for")
-    kwargs = {**recorded, **requested}
-    kwargs.pop("pretrained_model_args", None)
-    dec_kwargs = sorted(k for k in kwargs if k.startswith("dec_"))
-    if dec_kwargs and not _is_dec_name(arch):
-        raise ValueError(
-            f"{what} has DEC options ({', '.join(dec_kwargs)}), but {arch} has no DEC; use its '*_dec' name")
-    model = timm.create_model(arch, pretrained=False, **kwargs)
-    options = dec_options(model)
-    for key, value in recorded.items():
-        if key.startswith("dec_") and key in options and not _same_option(options[key], value):
-            raise ValueError(
-                f"the DEC options do not match: {what} records {key}={value!r}, but {arch} was built with "
-                f"{key}={options[key]!r}")
-    _load_strict(model, state_dict, what, arch)
-    return model.eval()
-
-
-def _load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, arch: str) -> None:
-    """`load_dec_state_dict`, after errors that say whether the DEC options are what differs."""
-    ckpt_dec, model_dec = dec_blocks_in(list(state_dict)), dec_blocks_in(list(model.state_dict()))
-    if ckpt_dec != model_dec:
-        if not model_dec:
-            raise ValueError(
-                f"{what} holds DEC parameters for blocks {ckpt_dec}, but {arch} has no DEC; use its '*_dec' name")
-        raise ValueError(
-            f"the DEC options do not match: {what} holds DEC parameters for blocks {ckpt_dec}, but {arch} was built "
-            f"with DEC on blocks {model_dec} (set dec_blocks={ckpt_dec})")
-    load_dec_state_dict(model, state_dict, source=what, target=arch)
+        return check_pretrained(Path(paths[0]).parent)
+    return check_pretrained(source[len("local-dir:"):] if source.startswith("local-dir:") else source)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -665,9 +493,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``timm-dec push``: checkpoint -> Hub folder with a model card -> one commit on the Hub."""
     if not args.dry_run and not args.repo_id:
-        raise SystemExit("timm-dec push: --repo-id is required (or --dry-run with --output)")
+        raise ValueError("--repo-id is required (or --dry-run with --output)")
     if args.dry_run and not args.output:
-        raise SystemExit("timm-dec push: --dry-run needs --output DIR")
+        raise ValueError("--dry-run needs --output DIR")
     model = load_training_checkpoint(
         args.checkpoint, model_name=args.model, model_kwargs=args.model_kwargs,
         use_ema=args.use_ema)

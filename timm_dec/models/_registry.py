@@ -113,7 +113,8 @@ def dec_checkpoint_filter(
         A state dict with every key of ``model.state_dict()`` under ``dec.``.
 
     Raises:
-        ValueError: the checkpoint holds DEC weights for a block the model has no DEC for.
+        ValueError: the checkpoint holds DEC weights for a block the model has no DEC for, or some but not all of
+            the model's DEC weights (the missing keys are named).
     """
     for wrapper in ("model", "state_dict", "module"):
         inner = state_dict.get(wrapper)
@@ -128,6 +129,13 @@ def dec_checkpoint_filter(
         raise ValueError(
             f"the checkpoint has DEC weights for {model.dec_unit_name}(s) {foreign} that this model does not adapt "
             f"(dec_blocks={model.dec_cfg.blocks}); create it with dec_blocks covering them")
+    missing = sorted(k for k in own_dec if k not in dec_state)
+    if dec_state and missing:
+        # some DEC weights but not all: filling the rest with the identity start would load silently wrong
+        raise ValueError(
+            f"the checkpoint has some DEC weights but not all: {len(missing)} of {len(own_dec)} are missing "
+            f"({', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}); a *_dec checkpoint must hold every "
+            f"dec.* tensor (or none, for a base checkpoint whose DEC starts at the identity)")
     out = dict(base_filter(backbone, model) if base_filter is not None else backbone)
     out.update(dec_state)
     for key, value in own_dec.items():
@@ -176,7 +184,10 @@ def load_dec_state_dict(
     kept: List[str] = []
     for prefix, dec_model in _dec_models(model):
         inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        filtered = dec_checkpoint_filter(inner, dec_model)  # raises for DEC weights of blocks it does not adapt
+        try:  # raises for DEC weights of blocks it does not adapt, and for some but not all DEC weights
+            filtered = dec_checkpoint_filter(inner, dec_model)
+        except ValueError as e:
+            raise ValueError(f"{source} does not fit {target or type(model).__name__}: {e}") from None
         if not any(k.startswith("dec.") for k in inner):  # a base checkpoint: the DEC modules keep their weights
             new = [k for k in filtered if k not in inner]
             state.update({prefix + k: filtered[k] for k in new})
