@@ -156,7 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     draw_warp(images, knots, cfg["mean"], cfg["std"], out / "warp.png", block)
-    save_pretrained(model, out / "model", dataset="locally scaled digits (quickstart)")
+    # the data settings go into config.json: `timm-dec eval --model local-dir:<output>/model` evaluates on the same
+    save_pretrained(model, out / "model", dataset="locally scaled digits (quickstart)",
+                    data=dict(num_digits=args.num_digits, canvas=args.canvas, digit_size=common["digit_size"],
+                              scale_range=[0.4, 2.0]))
     print(f"wrote {out / 'warp.png'} and {out / 'model'} (load it with "
           f"timm.create_model('local-dir:{out / 'model'}', pretrained=True))")
     return 0

@@ -51,8 +51,8 @@ def test_quickstart_trains_predicts_and_draws_the_warp(in_tmp: Path, capsys: pyt
 
 def test_evaluate_writes_metrics_for_the_model_and_without_its_dec(in_tmp: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
-    assert example("evaluate").main(["--samples", "6", "--scales", "0.5", "1.0", "--compare-base",
-                                     "--output", "m.json"]) == 0
+    assert example("evaluate").main(["--num-samples", "6", "--scales", "0.5,1.0", "--compare-base",
+                                     "--results-file", "m.json"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^model\s+\d+\.\d\d\s+\d+\.\d{3}", out, re.M)
     assert re.search(r"^without DEC\s+\d+\.\d\d", out, re.M)
@@ -153,7 +153,8 @@ def test_train_with_timm_commands(in_tmp: Path) -> None:
     checkpoint = evaluate[evaluate.index("--checkpoint") + 1]
     assert (in_tmp / checkpoint).is_file()
 
-    assert example("evaluate").main(evaluate[2:] + ["--samples", "4", "--scales", "1.0"]) == 0
+    assert example("evaluate").main(evaluate[2:] + ["--num-samples", "4", "--scales", "1.0"]) == 0
+    assert json.loads((in_tmp / evaluate[evaluate.index("--results-file") + 1]).read_text())["num_samples"] == 4
     parser = argparse.ArgumentParser()
     hub.add_arguments(parser)
     push_args = parser.parse_args(push[2:] + ["--dry-run"])

@@ -208,6 +208,14 @@ def _data_num_classes(args: argparse.Namespace, recorded: Mapping[str, Any]) -> 
     raise ValueError(f"--data must be 'digits', 'mnist' or 'folder:PATH', got {args.data!r}")
 
 
+def model_data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's data config of the model (of the model inside a Canon wrapper): the input size it was built with
+    (``img_size``), its mean and std."""
+    inner = model.model if isinstance(model, InputCanonicalizer) else model
+    resolve = getattr(timm.data, "resolve_input_data_config", None)  # timm >= 1.0.20 reads the built size
+    return dict(resolve(inner) if resolve is not None else resolve_data_config({}, model=inner))
+
+
 def check_class_count(model: nn.Module, dataset: Dataset, data: str) -> None:
     """An error, before anything runs, when the data's labels do not fit the model's classifier."""
     num_classes = getattr(model, "num_classes", None)
@@ -215,11 +223,11 @@ def check_class_count(model: nn.Module, dataset: Dataset, data: str) -> None:
         num_classes = getattr(model.model, "num_classes", None)
     if num_classes is None:
         return
-    if isinstance(dataset, LocallyScaledDigits):
-        if dataset.num_classes != num_classes:
+    if isinstance(dataset, (LocallyScaledDigits, argparse.Namespace)):  # the digits (or their settings)
+        if 10 ** dataset.num_digits != num_classes:
             hint = default_num_digits(num_classes)
             raise ValueError(
-                f"{dataset.num_digits}-digit numbers have {dataset.num_classes} classes, but the model has "
+                f"{dataset.num_digits}-digit numbers have {10 ** dataset.num_digits} classes, but the model has "
                 f"{num_classes}: " + (f"use --num-digits {hint}" if hint else "this model was not trained on the "
                                       "digits; evaluate it on --data folder:PATH"))
     elif dataset.num_classes != num_classes:
@@ -478,12 +486,13 @@ def run(args: argparse.Namespace) -> int:
     model, recorded = build_eval_model(
         args.model, num_classes=lambda rec: _data_num_classes(args, rec), checkpoint=args.checkpoint,
         model_kwargs=model_kwargs, canon=canon, pretrained=args.pretrained, in_chans=chans, use_ema=args.use_ema)
-    data_cfg = resolve_data_config({}, model=model)
+    data_cfg = model_data_config(model)
     chans = int(data_cfg["input_size"][0])
     size = int(data_cfg["input_size"][-1])
     digits = None
     if args.data in ("digits", "mnist"):
         digits = resolve_digits(args, recorded, getattr(model, "num_classes", None), size)
+        check_class_count(model, argparse.Namespace(num_digits=digits["num_digits"]), args.data)
     dataset = data_dataset(args, chans, digits, img_size=size)
     check_class_count(model, dataset, args.data)
     dataset.transform = normalize_transform(data_cfg, chans)

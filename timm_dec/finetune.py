@@ -475,9 +475,13 @@ def _save_final(args: argparse.Namespace, model: nn.Module, folder: Path, metric
                 label_names: Optional[list], model_cfg: dict[str, Any], is_dec: bool) -> None:
     data_config = {k: model_cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in model_cfg}
     if is_dec:
+        # the digits settings, so that `timm-dec eval --model local-dir:FOLDER` evaluates on the same kind of images
+        data = None if args.data != "digits" else dict(
+            num_digits=args.num_digits, canvas=args.img_size or int(model_cfg["input_size"][-1]),
+            digit_size=args.digit_size, scale_range=list(args.scale_range))
         save_pretrained(model, folder, metrics=metrics,
                         label_names=label_names, dataset=_dataset_name(args), training=_training_table(args),
-                        data_config=data_config, repo_id=args.push_to_hub)
+                        data_config=data_config, repo_id=args.push_to_hub, data=data)
     else:
         config = {"label_names": label_names} if label_names else None
         save_for_hf(model, str(folder), model_config=config, safe_serialization=True, data_config=data_config)

@@ -313,7 +313,7 @@ def save_pretrained(
         "timm_dec": {"version": __version__, "metrics": checked},
     }
     if data is not None:
-        model_config["timm_dec"]["data"] = jsonable(dict(data), "data settings")
+        model_config["timm_dec"]["data"] = {str(k): jsonable(v, f"data setting {k}") for k, v in data.items()}
     if label_names is not None:
         model_config["label_names"] = label_names
     if label_descriptions is not None:

@@ -1,0 +1,284 @@
+"""`timm-dec` as a user meets it: one-line errors with exit status 2 (tracebacks with --debug), validate.py-style
+eval flags, loading that is never silently wrong (weights implied by local-dir:, recorded options, class counts),
+and the README snippet. Offline; tiny models."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from PIL import Image
+
+import timm_dec  # noqa: F401
+from timm_dec import cli, hub
+from timm_dec.evaluate import build_eval_model, evaluate_model, resolve_digits
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, dec_widths=(8, 16),
+            dec_proj_chans=8)
+DEC = dict(dec_blocks=(1,), dec_grid=3, dec_max_iter=6)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_model(seed: int = 0, **kwargs: Any) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_dec", **{**TINY, **DEC, **kwargs})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def saved(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "m"
+    hub.save_pretrained(model, folder, data=dict(num_digits=1, canvas=32, digit_size=16, scale_range=[0.4, 2.0]))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ckpt(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint as the demo writes it (`save_checkpoint`: model, DEC options and data in its metadata)."""
+    return hub.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "dec.safetensors",
+                               data=dict(num_digits=1, canvas=32, digit_size=16))
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_line_error(rc: int, err: str, command: str, pattern: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"timm-dec {command}: error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in err
+
+
+EVAL = ["eval", "--num-samples", "2", "--scales", "1", "--no-progress", "-b", "2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one-line errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_missing_and_corrupt_safetensors(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_error(*run_cli(EVAL + ["--checkpoint", str(tmp_path / "nope.safetensors")], capsys)[::2],
+                          "eval", "does not exist")
+    data = (saved / "model.safetensors").read_bytes()
+    (tmp_path / "half.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(*run_cli(EVAL + ["--model", "vit_tiny_dec", "--checkpoint",
+                                           str(tmp_path / "half.safetensors")], capsys)[::2],
+                          "eval", "not a valid safetensors file")
+    (tmp_path / "junk.pth.tar").write_bytes(b"\x00" * 100)
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(tmp_path / "junk.pth.tar"), "--dry-run", "--output",
+                                    str(tmp_path / "o")], capsys)[::2], "push", "could not be read")
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(saved)], capsys)[::2], "push", "--repo-id")
+
+
+def test_checkpoint_of_another_architecture(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, _, err = run_cli(EVAL + ["--model", "vit_tiny_dec", "--model-kwargs", "embed_dim=48", "--checkpoint",
+                                 str(ckpt)], capsys)
+    assert_one_line_error(rc, err, "eval", "does not fit vit_tiny_dec.*shape mismatch")
+
+
+def _folder(root: Path, classes: int, broken: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"c{c}" / "a.png")
+    if broken:
+        (root / "c0" / "b.png").write_bytes(b"not a png")
+    return root
+
+
+def test_data_folder_errors(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = EVAL + ["--model", f"local-dir:{saved}"]
+    assert_one_line_error(*run_cli(base + ["--data", f"folder:{tmp_path / 'missing'}"], capsys)[::2], "eval",
+                          "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(*run_cli(base + ["--data", f"folder:{tmp_path / 'empty'}"], capsys)[::2], "eval",
+                          "no class folders")
+    # fewer class folders than the model's classes: said before anything runs
+    few = _folder(tmp_path / "few", 3)
+    assert_one_line_error(*run_cli(base + ["--data", f"folder:{few}"], capsys)[::2], "eval",
+                          "has 3 class folders, but the model has 10 classes")
+    broken = _folder(tmp_path / "broken", 10, broken=True)
+    assert_one_line_error(*run_cli(base + ["--data", f"folder:{broken}", "--num-samples", "20"], capsys)[::2], "eval",
+                          "b.png")
+
+
+def test_num_digits_must_match_the_class_count(saved: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, out, err = run_cli(EVAL + ["--model", f"local-dir:{saved}", "--num-digits", "2"], capsys)
+    assert_one_line_error(rc, err, "eval", "2-digit numbers have 100 classes, but the model has 10: use --num-digits 1")
+    assert "Acc" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda(saved: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_error(*run_cli(EVAL + ["--model", f"local-dir:{saved}", "--device", "cuda"], capsys)[::2],
+                          "eval", "CUDA is not available.*--device cpu")
+
+
+def test_hub_without_network(model: torch.nn.Module, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(ckpt), "--repo-id", "org/x"], capsys)[::2], "push",
+                          "offline|Offline")
+    assert_one_line_error(*run_cli(EVAL + ["--model", "hf-hub:org/not-cached"], capsys)[::2], "eval", ".")
+
+
+def test_debug_flag_and_env_show_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = EVAL + ["--checkpoint", str(tmp_path / "nope.safetensors")]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(argv + ["--debug"])
+    monkeypatch.setenv("TIMM_DEC_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(argv)
+
+
+def test_exit_status_of_the_installed_command(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "timm_dec.cli", "eval", "--checkpoint", str(tmp_path / "x.pth.tar")],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TIMM_DEC_DEBUG": ""})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"timm-dec eval: error: checkpoint {tmp_path / 'x.pth.tar'} does "
+                                                f"not exist"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval: validate.py's flags, help, and loading what a name points at
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_eval_help_follows_validate_py() -> None:
+    parser = cli.build_parser()
+    sub = parser._subparsers._group_actions[0].choices["eval"]
+    text = " ".join(sub.format_help().split())
+    for flag in ("-b N, --batch-size N", "-j N, --workers N", "--results-file FILE, --json FILE", "--amp",
+                 "--channels-last", "--debug"):
+        assert flag in text, flag
+    assert "(default: 64)" in text and "(default: 0.7,0.8,0.9,1,1.1,1.2,1.3)" in text
+    assert "``" not in parser.format_help() and "``" not in text
+    args = parser.parse_args(["eval", "-b", "8", "-j", "1", "--json", "r.json"])
+    assert (args.batch_size, args.workers, args.results_file) == (8, 1, "r.json")
+
+
+def test_local_dir_implies_its_weights(model: torch.nn.Module, saved: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    loaded, recorded = build_eval_model(f"local-dir:{saved}")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    assert recorded["digit_size"] == 16
+    out = tmp_path / "r.json"
+    rc, _, err = run_cli(EVAL + ["--model", f"local-dir:{saved}", "--num-samples", "4", "--results-file", str(out)],
+                         capsys)
+    assert rc == 0, err
+    r = json.loads(out.read_text())
+    # the data the model records (1 digit, 32 px, 16 px digits), not eval's generic defaults
+    assert r["digits"] == {"num_digits": 1, "canvas": 32, "digit_size": 16, "scale_range": [0.4, 2.0]}
+    args = argparse.Namespace(num_digits=None, canvas=None, digit_size=None, scale_range=None, data_seed=0,
+                              num_samples=4, data="digits", mnist_root=None)
+    from timm_dec.evaluate import data_dataset, normalize_transform
+    ds = data_dataset(args, 3, resolve_digits(args, recorded, 10, 32))
+    ds.transform = normalize_transform(timm.data.resolve_data_config({}, model=model), 3)
+    direct = evaluate_model(model, ds, [1.0], batch_size=2, progress=False)
+    assert r["acc"] == direct["acc"] and r["inv_e"] == pytest.approx(direct["inv_e"], abs=1e-7)
+
+
+def test_eval_reads_checkpoints_as_push_does(model: torch.nn.Module, saved: Path, ckpt: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    from timm.utils import CheckpointSaver
+    args = argparse.Namespace(model="vit_tiny_dec", num_classes=10, in_chans=None, gp=None, img_size=32,
+                              input_size=None, model_kwargs={k: v for k, v in {**TINY, **DEC}.items()
+                                                             if k not in ("num_classes", "img_size")})
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args,
+                            checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=0, metric=0.5)
+    results = []
+    for source in (saved, ckpt, tmp_path / "last.pth.tar"):  # a save_pretrained folder, demo file, train.py output
+        out = tmp_path / f"{len(results)}.json"
+        rc, _, err = run_cli(EVAL + ["--checkpoint", str(source), "--num-digits", "1", "--digit-size", "16",
+                                     "--results-file", str(out)], capsys)
+        assert rc == 0, err
+        results.append(json.loads(out.read_text()))
+    assert results[0]["model"] == "vit_tiny_dec"
+    assert len({json.dumps(r["per_scale_prob_correct"]) for r in results}) == 1
+
+
+def test_amp_and_channels_last_run(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "r.json"
+    rc, _, err = run_cli(EVAL + ["--model", f"local-dir:{saved}", "--amp", "--channels-last", "--json", str(out)],
+                         capsys)
+    assert rc == 0, err
+    assert json.loads(out.read_text())["amp"] == "bfloat16"  # autocast on a CPU is bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# recorded DEC options: push and eval refuse contradictions
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_recorded_options_are_used_and_contradictions_refused(model: torch.nn.Module, ckpt: Path, saved: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    loaded = hub.load_training_checkpoint(ckpt)  # everything comes from the file's metadata
+    assert loaded.dec_cfg == model.dec_cfg
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    rc, _, err = run_cli(["push", "--checkpoint", str(ckpt), "--model-kwargs", "dec_grid=8", "--dry-run",
+                          "--output", str(tmp_path / "o")], capsys)
+    assert_one_line_error(rc, err, "push", "trained with dec_grid=3, but dec_grid=8 was asked for")
+    assert not (tmp_path / "o").exists()
+    rc, _, err = run_cli(EVAL + ["--checkpoint", str(ckpt), "--model-kwargs", "dec_grid=8"], capsys)
+    assert_one_line_error(rc, err, "eval", "trained with dec_grid=3")
+    rc, _, err = run_cli(EVAL + ["--model", f"local-dir:{saved}", "--model-kwargs", "dec_grid=8"], capsys)
+    assert_one_line_error(rc, err, "eval", "dec_grid cannot be changed.*saved with dec_grid=3")
+    assert hub.load_pretrained(saved, dec_grid=3).dec_cfg == model.dec_cfg  # the same value is no contradiction
+
+
+def test_train_py_defaults_are_recorded_options_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # train.py records only the --model-kwargs given: dec_grid was the default (4), so 8 contradicts it
+    from timm.utils import CheckpointSaver
+    model = timm.create_model("vit_tiny_dec", **{k: v for k, v in TINY.items()})
+    args = argparse.Namespace(model="vit_tiny_dec", num_classes=10, img_size=32, input_size=None,
+                              model_kwargs={k: v for k, v in TINY.items() if k not in ("num_classes", "img_size")})
+    CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args, checkpoint_dir=str(tmp_path),
+                    recovery_dir=str(tmp_path)).save_checkpoint(epoch=0, metric=0.5)
+    rc, _, err = run_cli(["push", "--checkpoint", str(tmp_path / "last.pth.tar"), "--model-kwargs", "dec_grid=8",
+                          "--dry-run", "--output", str(tmp_path / "o")], capsys)
+    assert_one_line_error(rc, err, "push", r"trained with dec_grid=4 \(the default")
+    assert run_cli(["push", "--checkpoint", str(tmp_path / "last.pth.tar"), "--model-kwargs", "dec_grid=4",
+                    "--dry-run", "--output", str(tmp_path / "o")], capsys)[0] == 0
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["model_args"]["dec_grid"] == 4
+
+
+def test_base_checkpoint_hint_names_a_usable_option(tmp_path: Path) -> None:
+    base = timm.create_model("vit_tiny_patch16_224", **{k: v for k, v in TINY.items() if not k.startswith("dec_")})
+    path = tmp_path / "base.safetensors"
+    safetensors.torch.save_file(base.state_dict(), str(path))
+    with pytest.raises(ValueError, match="no DEC parameters .* use the base name 'vit_tiny_patch16_224'") as info:
+        hub.load_training_checkpoint(path, model_name="vit_tiny_dec", model_kwargs=TINY)
+    assert "dec_blocks=[]" not in str(info.value)
+    dec = hub.load_training_checkpoint(path, model_name="vit_tiny_dec", model_kwargs=TINY, allow_base=True)
+    torch.testing.assert_close(logits(dec), logits(base), rtol=0, atol=1e-5)
