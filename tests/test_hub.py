@@ -438,3 +438,45 @@ def test_cli_dry_run_does_not_touch_the_hub(timm_ckpt: Path, tmp_path: Path, fak
     assert push_cli(["--checkpoint", str(timm_ckpt), "--dry-run", "--output", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "model.safetensors").is_file()
     assert not [r for r in fake_hub.requests if "/api/" in r[1] and "agent" not in r[1]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nothing loads silently wrong; reused output folders
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_partial_dec_weights_are_an_error_naming_the_missing_keys(saved: Path, tmp_path: Path) -> None:
+    folder = _copy(saved, tmp_path / "m")
+    weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    partial = {k: v for k, v in weights.items() if not k.startswith("dec.") or k == "dec.1.head.weight"}
+    safetensors.torch.save_file(partial, str(folder / "model.safetensors"))
+    missing = sorted(k for k in weights if k.startswith("dec.") and k not in partial)
+    with pytest.raises(ValueError, match="some DEC weights but not all") as info:
+        timm.create_model(f"local-dir:{folder}", pretrained=True)   # timm's own loader, through the DEC filter
+    assert missing[0] in str(info.value)
+    with pytest.raises(ValueError, match="some DEC weights but not all"):
+        hub.load_pretrained(folder)
+    model = tiny_model()
+    with pytest.raises(ValueError, match=f"the checkpoint does not fit .*{missing[0]}"):
+        timm_dec.models.load_dec_state_dict(model, partial, source="the checkpoint")
+
+
+def test_base_weights_still_load_with_the_dec_at_the_identity(saved: Path, tmp_path: Path) -> None:
+    folder = _copy(saved, tmp_path / "m")
+    weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    safetensors.torch.save_file({k: v for k, v in weights.items() if not k.startswith("dec.")},
+                                str(folder / "model.safetensors"))
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert all(not p.any() for n, p in loaded.named_parameters() if n.startswith("dec.") and "head" in n)
+
+
+def test_reused_output_folder_is_cleaned_or_refused(model: torch.nn.Module, tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    hub.save_pretrained(tiny_model(seed=1), folder, metrics=METRICS)
+    hub.save_pretrained(model, folder)            # an earlier save is replaced, not merged
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "timm_dec" in json.loads((folder / "config.json").read_text())
+    assert json.loads((folder / "config.json").read_text())["timm_dec"]["metrics"] is None
+    torch.testing.assert_close(logits(hub.load_pretrained(folder)), logits(model), rtol=0, atol=0)
+    torch.save({}, folder / "pytorch_model.bin")  # stale weights of another writer
+    with pytest.raises(ValueError, match=r"already holds other weight files \(pytorch_model.bin\)"):
+        hub.save_pretrained(model, folder)
