@@ -87,6 +87,24 @@ class TestDemo:
         with pytest.raises(ValueError, match="weights of a InputCanonicalizer .* pass --canon"):
             cli.main(argv + ["--no-progress", "--debug"])
 
+    def test_checkpoints_record_the_dec_options_and_data(self, demo_out: Path):
+        # each checkpoint records its model, every DEC option and the digits, so eval/push rebuild it by themselves
+        from timm_dec import hub
+        dec = hub.read_training_checkpoint(demo_out / "checkpoints" / "dec.safetensors")
+        assert dec.architecture.endswith("_dec")
+        assert dec.model_kwargs["dec_grid"] == PRESETS["smoke"]["dec_grid"]
+        assert dec.model_kwargs["dec_blocks"] == list(PRESETS["smoke"]["dec_blocks"])
+        assert dec.data["canvas"] == PRESETS["smoke"]["canvas"]
+        assert hub.read_training_checkpoint(demo_out / "checkpoints" / "canon.safetensors").wrapper == \
+            "InputCanonicalizer"
+
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="fails the demo with --device cuda on a CPU machine")
+    def test_failed_demo_leaves_no_empty_checkpoints_folder(self, tmp_path: Path, capsys: pytest.CaptureFixture):
+        out = tmp_path / "out"
+        assert cli.main(["demo", "--preset", "smoke", "--out", str(out), "--no-progress", "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.startswith("timm-dec demo: error: ")
+        assert not (out / "checkpoints").exists()
+
     def test_config_overrides_preset(self):
         parser = argparse.ArgumentParser()
         demo_arguments(parser)
