@@ -1,42 +1,46 @@
-"""``timm-dec demo``: the paper's locally scaled digits comparison (Tables 2 and 3, Fig. 8, Fig. A2), end to end.
+"""``timm-dec demo``: the paper's locally scaled digits comparison (Sec. 5.2, Tables 2 and 3, Fig. 8, Fig. A2).
 
-One seed, one architecture, the same training budget for every method. Stage 1 trains the plain model without
-augmentation for ``--epochs`` (from scratch, or from timm's pretrained weights with ``--pretrained``); it is the
-shared starting point, as the pretrained weights are in the paper ("all other baselines are initialized from Base",
-Sec. 5.4). Stage 2 gives every method ``--finetune-epochs`` from those weights: **Base** keeps training without
-augmentation; **Aug** trains with `RandomMonotoneScale` (the strong baseline); **InvL** is Aug plus the eq. 25 loss;
-**Canon** is Aug with the model inside `InputCanonicalizer`; **DEC** is Aug with the ``<model>_dec`` variant (the same
-backbone weights, DEC at identity), so DEC is trained with the augmentation too, as in the paper. Every model has
-seen the same number of optimiser steps; all are evaluated on the same held-out test set (disjoint source digits).
-(The paper's MNIST runs fine-tune DEC and the baselines from Aug; from scratch on a CPU, a tiny ViT trained with the
-augmentation from the first step often stays on its initial loss plateau, so the shared start is the plain model.)
+The task: images of k-digit numbers whose digits are each resized by their own scale (local scale variation, Fig. 6).
+The default preset uses 2 digits on a 48 px canvas, per-digit scales in [0.5, 2.0], and the ``digits`` label rule:
+the model has 10 outputs per digit position and is scored on the whole number (`timm_dec.heads`), so accuracy means
+"both digits right" and InvE compares distributions over the 100 numbers.
 
-Outputs, in ``--out`` (default ``demo_out/``):
+The order of training is the paper's: a shared start (a plain stage, then an Aug stage from it: "Aug also serves as
+the starting weights for DEC and the other baselines"), then every method gets ``finetune_steps`` more steps from it:
+**Base** continues the plain model without augmentation; **Aug** keeps training with `RandomMonotoneScale`; **InvL**
+is Aug plus the eq. 25 loss; **Canon** is Aug with the model inside `InputCanonicalizer`; **DEC** is Aug with the
+``<model>_dec`` twin (the Aug weights, DEC at identity), which first trains its DEC alone for ``dec_warmup_steps``
+(backbone frozen, as the authors do) and then trains everything with the DEC at ``dec_lr_mult`` times the backbone's
+learning rate. Every method ends with the same number of backbone steps; all are evaluated on the same test images.
 
-* ``summary.json``: the configuration, per method ``acc``, ``inv_e`` (raw; x100 = the paper's InvE(1e-2)),
-  per-scale and per-bin accuracy, timings, the checkpoint and the ``timm-dec eval`` command that re-evaluates it;
-* ``tables.txt``: the printed tables; ``per_scale_accuracy.png``; ``prob_correct.png`` (Fig. 8 style);
-  ``warp_grids.png`` (Fig. A2: the warps the DEC of the first adapted block finds, drawn over the inputs);
-* ``checkpoints/<method>.safetensors``.
+The shared start costs more than the rest of the demo on a CPU, so the default preset ships it: the weights in
+``timm_dec/demo_start/`` were made by this command (``timm-dec demo --write-start DIR``, seeded; their SHA-256 and
+configuration are in ``default_start.json``), the way the paper starts from pretrained weights. ``--from-scratch``
+trains it in the run instead, identically.
 
-Presets: ``default`` finishes in under 15 minutes on 2 CPU cores (a tiny ViT on a 48 px canvas, 1-digit numbers);
-``paper`` is the paper's MNIST setting for a GPU (224 px, 3 digits, 6000 / 50000 images, pretrained ViT, 50 + 40
-epochs, the A1 learning rates); ``smoke`` runs in seconds for tests. Any option given explicitly overrides the preset.
+Outputs, in ``--out`` (default ``demo_out/``): ``summary.json`` (every configuration value, the shared start, per
+method the accuracy, InvE, per-scale and per-bin tables, the checkpoint and the ``timm-dec eval`` command that
+re-evaluates it, the paired comparisons with Aug, the DEC's solver statistics and scale-stretch correlation, the
+wall time); ``tables.txt``; ``per_scale_accuracy.png``; ``prob_correct.png`` (Fig. 8); ``warp_grids.png`` (Fig.
+A2); ``checkpoints/<method>.safetensors`` (each loads with ``timm.create_model(name, **model_kwargs)`` +
+``load_state_dict(strict=True)``). Presets: ``default`` (CPU, about 12 minutes on 2 cores), ``paper`` (the paper's
+setting for a GPU: 224 px, 3 digits, pretrained ViT), ``smoke`` (seconds, for tests; its numbers mean nothing).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
 import platform
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
@@ -46,56 +50,63 @@ from timm.utils import ParseKwargs
 from tqdm.auto import tqdm
 
 from .baselines import InputCanonicalizer, InvarianceLoss
+from .checkpoint import save_checkpoint
 from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
-from .hub import save_checkpoint
-from .evaluate import (
-    evaluate_model, format_per_scale_table, format_table, normalize_transform, parse_bins, parse_scales,
-)
-from .metrics import evaluate_scale_consistency, format_scale
+from .demo_report import dec_evidence, dec_kwargs, eval_command, paired_rows, plots, tables
+from .evaluate import evaluate_model, normalize_transform, parse_bins, parse_scales
+from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
+from .metrics import evaluate_scale_consistency, json_default
 from .models import load_dec_state_dict
-from .ops import apply_map, monotone_warp
+from .ops import monotone_warp
 
-__all__ = ["PRESETS", "METHODS", "add_arguments", "run", "resolve_config", "paper_lr"]
+__all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train"]
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
 LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC"}
+START_DIR = Path(__file__).parent / "demo_start"
+# the configuration values that determine the shared start (a shipped start must have been made with these)
+START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "canvas", "digit_size", "scale_range",
+              "train_samples", "plain_steps", "aug_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
+              "warmup_frac", "aug_strength", "aug_p", "seed")
 
+_COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, invl_weight=1.0, canon_warps=64,
+               dec_grid=4, dec_mode="equivariant")
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
-        model="vit_tiny_patch16_224", pretrained=False,
-        model_kwargs=dict(img_size=48, patch_size=6, embed_dim=96, depth=4, num_heads=3),
-        num_digits=1, canvas=48, digit_size=16, scale_range=(0.4, 2.0),
-        train_samples=4000, test_samples=600, epochs=12, finetune_epochs=4, batch_size=64, lr=2e-3, finetune_lr=5e-4,
-        weight_decay=0.05, warmup_frac=0.1, new_lr_mult=5.0,
-        aug_strength=0.2, aug_p=0.5, invl_weight=1.0,
-        canon_warps=64, canon_energy_size=16, canon_energy_widths=(8, 16),
-        dec_blocks=(0, 1), dec_grid=4, dec_mode="equivariant", dec_widths=(16, 32), dec_max_iter=12,
-        scales=(0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0), scale_bins=((0.4, 1.0), (1.0, 2.0), (2.0, 3.0)),
-        prob_scales=tuple(round(0.4 + 0.1 * i, 2) for i in range(17)), prob_images=4, grid_images=4, eval_batch=100,
+        _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
+        model_kwargs=dict(img_size=48, patch_size=6, embed_dim=96, depth=4, num_heads=3, global_pool="avg",
+                          class_token=False, in_chans=1),
+        num_digits=2, label="digits", canvas=48, digit_size=12, scale_range=(0.5, 2.0),
+        train_samples=8000, test_samples=2000, batch_size=64, lr=2e-3, finetune_lr=5e-4,
+        plain_steps=3000, aug_steps=1000, finetune_steps=250, dec_warmup_steps=100, dec_lr_mult=10.0,
+        canon_energy_size=16, canon_energy_widths=(8, 16),
+        dec_blocks=(0, 1), dec_widths=(16, 32), dec_max_iter=16,
+        scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_bins=((0.5, 1.0), (1.0, 2.0)),
+        prob_scales=tuple(round(0.5 + 0.1 * i, 2) for i in range(16)), prob_images=4, grid_images=6,
+        stretch_images=500, eval_batch=250,
     ),
     "paper": dict(
-        model="vit_base_patch16_224", pretrained=True, model_kwargs={},
-        num_digits=3, canvas=224, digit_size=None, scale_range=(0.4, 2.0),
-        train_samples=6000, test_samples=50000, epochs=50, finetune_epochs=40, batch_size=64, lr=None, finetune_lr=None,
-        weight_decay=0.05, warmup_frac=0.05, new_lr_mult=10.0,
-        aug_strength=0.2, aug_p=0.5, invl_weight=1.0,
-        canon_warps=64, canon_energy_size=32, canon_energy_widths=(32, 64),
-        dec_blocks=None, dec_grid=4, dec_mode="equivariant", dec_widths=(64, 128), dec_max_iter=12,
+        _COMMON, model="vit_base_patch16_224", pretrained=True, start="scratch", model_kwargs={},
+        num_digits=3, label="number", canvas=224, digit_size=None, scale_range=(0.4, 2.0),
+        train_samples=6000, test_samples=50000, batch_size=64, lr=None, finetune_lr=None,
+        plain_steps=4700, aug_steps=4700, finetune_steps=3750, dec_warmup_steps=500, dec_lr_mult=10.0,
+        canon_energy_size=32, canon_energy_widths=(32, 64),
+        dec_blocks=None, dec_widths=(64, 128), dec_max_iter=16,
         # Table 3's third bin is [2, 3]; three 28 px digits fit side by side on 224 px only up to scale 2.66.
         scales=(0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3), scale_bins=((0.4, 1.0), (1.0, 2.0), (2.0, 2.6)),
-        prob_scales=tuple(round(0.7 + 0.05 * i, 2) for i in range(13)), prob_images=6, grid_images=6, eval_batch=128,
+        prob_scales=tuple(round(0.7 + 0.05 * i, 2) for i in range(13)), prob_images=6, grid_images=6,
+        stretch_images=1000, eval_batch=128,
     ),
     "smoke": dict(
-        model="vit_tiny_patch16_224", pretrained=False,
+        _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="scratch", canon_warps=4,
         model_kwargs=dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2),
-        num_digits=1, canvas=32, digit_size=None, scale_range=(0.4, 2.0),
-        train_samples=16, test_samples=6, epochs=1, finetune_epochs=1, batch_size=8, lr=1e-3, finetune_lr=1e-3,
-        weight_decay=0.05, warmup_frac=0.0, new_lr_mult=1.0,
-        aug_strength=0.2, aug_p=0.5, invl_weight=1.0,
-        canon_warps=4, canon_energy_size=8, canon_energy_widths=(4, 4),
-        dec_blocks=(0,), dec_grid=2, dec_mode="equivariant", dec_widths=(4, 4), dec_max_iter=4,
-        scales=(0.8, 1.0, 1.2), scale_bins=((0.4, 1.0), (1.0, 2.0)),
-        prob_scales=(0.8, 1.0, 1.2), prob_images=2, grid_images=2, eval_batch=8,
+        num_digits=2, label="digits", canvas=32, digit_size=8, scale_range=(0.5, 2.0),
+        train_samples=16, test_samples=6, batch_size=8, lr=1e-3, finetune_lr=1e-3,
+        plain_steps=2, aug_steps=1, finetune_steps=2, dec_warmup_steps=1, dec_lr_mult=1.0,
+        canon_energy_size=8, canon_energy_widths=(4, 4), dec_grid=2,
+        dec_blocks=(0,), dec_widths=(4, 4), dec_max_iter=4,
+        scales=(0.8, 1.0, 1.2), scale_bins=((0.5, 1.0), (1.0, 2.0)),
+        prob_scales=(0.8, 1.0, 1.2), prob_images=2, grid_images=2, stretch_images=4, eval_batch=8,
     ),
 }
 # Paper A1, locally scaled MNIST: 1e-4 for ResNet, ViT, DeiT, BEiT; 2e-5 for DINOv2; 8e-4 for Swin.
@@ -130,64 +141,61 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec demo`` options; those left out come from ``--preset``."""
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
-                        help="default: < 15 min on 2 CPU cores; paper: the paper's setting for a GPU; smoke: seconds")
+                        help="default: ~12 min on 2 CPU cores; paper: the paper's setting for a GPU; smoke: seconds")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
-                        default=METHODS,
-                        help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
+                        default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = parser.add_argument_group("model (default from the preset)")
+    parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
+                        help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
+    parser.add_argument("--write-start", default=None, metavar="DIR",
+                        help="only train the shared start and write it to DIR (how the shipped start was made)")
+    g = parser.add_argument_group("model and data (default from the preset)")
     g.add_argument("--model", default=None, help="timm base model name; DEC uses <model>_dec")
     g.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
                    help="create_model kwargs replacing the preset's (img_size=64 patch_size=8 ...)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="start Base and Aug from timm's pretrained weights (needs the Hub or its cache)")
-    g = parser.add_argument_group("data")
+                   help="start from timm's pretrained weights (needs the Hub or its cache)")
     g.add_argument("--num-digits", type=int, default=None)
-    g.add_argument("--canvas", type=int, default=None)
-    g.add_argument("--digit-size", type=int, default=None)
+    g.add_argument("--label", choices=LABEL_RULES, default=None,
+                   help="number: 10**k classes; digits: 10 outputs per digit, scored on the whole number")
+    for name in ("canvas", "digit-size", "train-samples", "test-samples"):
+        g.add_argument(f"--{name}", type=int, default=None)
     g.add_argument("--scale-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
-    g.add_argument("--train-samples", type=int, default=None)
-    g.add_argument("--test-samples", type=int, default=None)
-    g = parser.add_argument_group("training (same budget for every method)")
-    g.add_argument("--epochs", type=int, default=None, help="stage 1: the shared plain model, without augmentation")
-    g.add_argument("--finetune-epochs", type=int, default=None, help="stage 2: every method, from stage 1")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None, help="stage 1 peak learning rate (paper preset: A1's per model)")
-    g.add_argument("--finetune-lr", type=float, default=None, help="stage 2 peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--warmup-frac", type=float, default=None, help="linear warm-up, as a fraction of each stage")
-    g.add_argument("--new-lr-mult", type=float, default=None,
-                   help="learning-rate multiplier of the modules new in stage 2 (the DEC, Canon's energy net)")
-    g.add_argument("--aug-strength", type=float, default=None,
-                   help="RandomMonotoneScale strength for Aug, InvL, Canon's bank and DEC (presets: 0.2; at 0.5, the "
-                        "independent row and column functions shear a digit beyond recognition)")
-    g.add_argument("--aug-p", type=float, default=None, help="RandomMonotoneScale probability")
-    g.add_argument("--invl-weight", type=float, default=None, help="weight of the eq. 25 loss")
-    g.add_argument("--canon-warps", type=int, default=None)
-    g.add_argument("--canon-energy-size", type=int, default=None)
+    g = parser.add_argument_group("training (the same backbone steps for every method)")
+    for name, text in (("plain-steps", "shared start: plain steps"), ("aug-steps", "shared start: Aug steps"),
+                       ("finetune-steps", "steps of every method from the shared start"),
+                       ("dec-warmup-steps", "DEC-only steps before the DEC's joint steps"),
+                       ("batch-size", None), ("canon-warps", None), ("canon-energy-size", None),
+                       ("dec-grid", None), ("dec-max-iter", None)):
+        g.add_argument(f"--{name}", type=int, default=None, help=text)
+    for name, text in (("lr", "plain-stage peak learning rate (paper preset: A1's per model)"),
+                       ("finetune-lr", "peak learning rate of the Aug stage and every method"),
+                       ("dec-lr-mult", "the DEC's (and Canon's energy net's) learning rate over the backbone's"),
+                       ("weight-decay", None), ("warmup-frac", "linear warm-up, as a fraction of each stage"),
+                       ("aug-strength", "RandomMonotoneScale strength for Aug, InvL, Canon's bank and DEC"),
+                       ("aug-p", "RandomMonotoneScale probability"), ("invl-weight", "weight of the eq. 25 loss")):
+        g.add_argument(f"--{name}", type=float, default=None, help=text)
     g.add_argument("--canon-energy-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"))
     g.add_argument("--dec-blocks", type=_ints, default=None, help="comma-separated block indices")
-    g.add_argument("--dec-grid", type=int, default=None)
     g.add_argument("--dec-mode", choices=("equivariant", "invariant"), default=None)
     g.add_argument("--dec-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"))
-    g.add_argument("--dec-max-iter", type=int, default=None)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--scales", type=_floats, default=None, help="per-digit scales of the per-scale curve and InvE")
-    g.add_argument("--scale-bins", type=_bins, default=None, help="Table 3 bins, e.g. 0.4-1.0,1.0-2.0")
+    g.add_argument("--scale-bins", type=_bins, default=None, help="Table 3 bins, e.g. 0.5-1.0,1.0-2.0")
     g.add_argument("--prob-scales", type=_floats, default=None, help="scales of the Fig. 8 curves")
-    g.add_argument("--prob-images", type=int, default=None, help="test images in the Fig. 8 plot")
-    g.add_argument("--grid-images", type=int, default=None, help="test images in the Fig. A2 plot")
-    g.add_argument("--eval-batch", type=int, default=None)
+    for name, text in (("prob-images", "test images in the Fig. 8 plot"), ("grid-images", "in the Fig. A2 plot"),
+                       ("stretch-images", "test images for the scale-stretch correlation"), ("eval-batch", None)):
+        g.add_argument(f"--{name}", type=int, default=None, help=text)
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """The preset, overridden by every option given explicitly; checked."""
     cfg = copy.deepcopy(PRESETS[args.preset])
-    for key in cfg:
+    for key in list(cfg) + ["start"]:
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = dict(value) if key == "model_kwargs" else value
@@ -202,13 +210,14 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("train_samples", "test_samples", "batch_size", "eval_batch", "canon_warps", "num_digits", "canvas"):
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("epochs", "finetune_epochs", "prob_images", "grid_images"):
+    for key in ("plain_steps", "aug_steps", "finetune_steps", "dec_warmup_steps", "prob_images", "grid_images",
+                "stretch_images"):
         if cfg[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     if not 0 <= cfg["warmup_frac"] < 1:
         raise ValueError(f"--warmup-frac must be in [0, 1), got {cfg['warmup_frac']}")
-    if cfg["epochs"] + cfg["finetune_epochs"] == 0:
-        raise ValueError("--epochs and --finetune-epochs are both 0: nothing would be trained")
+    if cfg["plain_steps"] + cfg["aug_steps"] + cfg["finetune_steps"] == 0:
+        raise ValueError("--plain-steps, --aug-steps and --finetune-steps are all 0: nothing would be trained")
     cfg["seed"] = args.seed
     return cfg
 
@@ -238,233 +247,95 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_frac: float) 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: Sequence[str],
-                  new_lr_mult: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay for 1-D parameters (timm's habit); ``new_lr_mult`` for the new modules."""
+                  new_lr_mult: float, only_new: bool) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for 1-D parameters (timm's habit); ``new_lr_mult`` for the new modules; with
+    ``only_new`` the rest is frozen for the run (the DEC's warm-up)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    inner = model.model if isinstance(model, DigitwiseClassifier) else model  # prefixes name the timm model's keys
+    for name, p in inner.named_parameters():
         new = any(name.startswith(pref) for pref in new_prefixes)
+        if only_new and not new:
+            continue
         groups.setdefault((new, p.ndim <= 1 or name.endswith(".bias")), []).append(p)
     return [dict(params=ps, lr=lr * (new_lr_mult if new else 1.0), weight_decay=0.0 if no_decay else weight_decay)
             for (new, no_decay), ps in groups.items()]
 
 
-def train(
-        model: nn.Module,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        epochs: int,
-        batch_size: int,
-        lr: float,
-        weight_decay: float,
-        warmup_frac: float,
-        normalize: Callable[[torch.Tensor], torch.Tensor],
-        augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        invl: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-        invl_scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-        new_prefixes: Sequence[str] = (),
-        new_lr_mult: float = 1.0,
-        seed: int = 0,
-        channels: Optional[int] = None,
-        device: torch.device = torch.device("cpu"),
-        desc: str = "train",
-        progress: bool = True,
-) -> dict[str, float]:
-    """Train ``model`` for ``epochs`` on pre-rendered images with AdamW and a warm-up + cosine schedule.
+@dataclass
+class Stage:
+    """One training run: its length, learning rate and what it trains with."""
+    name: str
+    steps: int
+    lr: float
+    augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    invl: Optional[nn.Module] = None
+    invl_scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    new_prefixes: Sequence[str] = ()
+    new_lr_mult: float = 1.0
+    only_new: bool = False
+    seed: int = 0
+
+
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, batch_size: int,
+          weight_decay: float, warmup_frac: float, normalize: Callable[[torch.Tensor], torch.Tensor],
+          channels: int, device: torch.device, progress: bool = True) -> dict[str, float]:
+    """Train ``model`` in place for ``stage.steps`` steps of AdamW with warm-up + cosine, on pre-rendered images.
 
     Args:
-        model: a classifier, trained in place.
-        images: (N, C, H, W) training images in [0, 1]; C may be 1 with ``channels`` 3 (expanded per batch).
+        model: a classifier returning (B, K) logits (or log-probabilities) for K classes.
+        images: (N, C, H, W) training images in [0, 1]; expanded per batch to ``channels``.
         labels: (N,) class indices.
+        stage: steps, learning rate, augmentation, InvL, and which parameters are new (or alone trained).
         normalize: applied to each batch after the augmentation.
-        augment: batch augmentation on [0, 1] images (e.g. `RandomMonotoneScale`), or None.
-        invl: the InvL loss module; with it, each batch also runs on ``invl_scale(batch)``.
-        invl_scale: random monotone scaling of a batch for InvL.
-        new_prefixes: parameter-name prefixes of the modules new in this stage (they get ``new_lr_mult``).
-        seed: seed of the batch order.
-        channels: channels the model takes, when the stored images have one.
 
     Returns:
         ``steps``, ``seconds`` and ``final_loss`` (mean of the last 20 steps).
     """
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    total = epochs * steps_per_epoch
-    if total == 0:
+    if stage.steps == 0:
         return dict(steps=0, seconds=0.0, final_loss=float("nan"))
     model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, lr, weight_decay, new_prefixes, new_lr_mult), lr=lr)
-    scheduler = _schedule(optimizer, total, warmup_frac)
-    order_rng = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(_param_groups(model, stage.lr, weight_decay, stage.new_prefixes, stage.new_lr_mult,
+                                                stage.only_new), lr=stage.lr)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    scheduler = _schedule(optimizer, stage.steps, warmup_frac)
+    order = torch.Generator().manual_seed(stage.seed)
     losses: list[float] = []
     start = time.perf_counter()
-    bar = _progress(range(total), desc, not progress)
+    bar = _progress(range(stage.steps), stage.name, not progress)
+    per_epoch = max(1, len(images) // batch_size)
     perm = torch.empty(0, dtype=torch.long)
     for step in bar:
-        k = step % steps_per_epoch
-        if k == 0:
-            perm = torch.randperm(len(images), generator=order_rng)
-        idx = perm[k * batch_size:(k + 1) * batch_size]
+        if step % per_epoch == 0:
+            perm = torch.randperm(len(images), generator=order)
+        idx = perm[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
         x, y = images[idx], labels[idx].to(device)
-        if augment is not None:
-            x = augment(x)
-        if channels is not None and x.shape[1] != channels:
-            x = x.expand(-1, channels, -1, -1)
-        x = x.to(device)
+        if stage.augment is not None:
+            x = stage.augment(x)
+        x = x.expand(-1, channels, -1, -1).to(device)
         logits = model(normalize(x))
         loss = F.cross_entropy(logits, y)
-        if invl is not None and invl_scale is not None:
-            loss = loss + invl(logits, model(normalize(invl_scale(x))))
+        if stage.invl is not None and stage.invl_scale is not None:
+            loss = loss + stage.invl(logits, model(normalize(stage.invl_scale(x))))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        if step % 10 == 0 or step == total - 1:
+        if step % 10 == 0 or step == stage.steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    return dict(steps=total, seconds=time.perf_counter() - start, final_loss=sum(losses[-20:]) / len(losses[-20:]))
+    return dict(steps=stage.steps, seconds=time.perf_counter() - start,
+                final_loss=sum(losses[-20:]) / len(losses[-20:]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# plots
-
-
-def _plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib  # the plots need the optional `demo` extra; nothing else does
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, r in results.items():
-        ax.plot(r["scales"], [100 * a for a in r["per_scale_acc"]], marker="o", label=LABELS[method])
-    ax.set_xlabel("per-digit scale")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Per-scale accuracy (test set)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_prob(curves: dict[str, torch.Tensor], scales: Sequence[float], images: torch.Tensor, labels: Sequence[int],
-               path: Path) -> None:
-    """Fig. 8: probability of the correct class against the scale, one panel per test image."""
-    import matplotlib  # the plots need the optional `demo` extra; nothing else does
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = images.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.6), squeeze=False,
-                             gridspec_kw=dict(height_ratios=(1, 1.4)))
-    for i in range(n):
-        axes[0, i].imshow(images[i].mean(0).numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[0, i].set_title(f"label {labels[i]}")
-        axes[0, i].axis("off")
-        for method, probs in curves.items():
-            axes[1, i].plot(list(scales), probs[i].tolist(), marker=".", label=LABELS[method])
-        axes[1, i].set_ylim(-0.02, 1.02)
-        axes[1, i].set_xlabel("per-digit scale")
-        axes[1, i].grid(alpha=0.3)
-    axes[1, 0].set_ylabel("P(correct class)")
-    axes[1, -1].legend(fontsize=8)
-    fig.suptitle("Probability of the correct class across local scales (Fig. 8 style)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _warp_lines(knots: torch.Tensor, grid: int, samples: int = 33) -> list[torch.Tensor]:
-    """Polylines (in normalised coordinates) of l applied to the lines of a regular grid: where each canonical
-    cell is sampled from in the input. knots: (2, G+1, G+1)."""
-    t = torch.linspace(0, 1, samples, dtype=knots.dtype)
-    lines = []
-    for c in torch.linspace(0, 1, grid + 1, dtype=knots.dtype):
-        for pts in (torch.stack((torch.full_like(t, c), t), -1), torch.stack((t, torch.full_like(t, c)), -1)):
-            lines.append(apply_map(knots[None], pts[None])[0])
-    return lines
-
-
-def _plot_grids(images: torch.Tensor, knots: torch.Tensor, labels: Sequence[int], title: str, path: Path) -> None:
-    """Fig. A2: the learned monotone scaling of each input, drawn as the warped grid over the image."""
-    import matplotlib  # the plots need the optional `demo` extra; nothing else does
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, grid = images.shape[0], knots.shape[-1] - 1
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.2), squeeze=False)
-    h, w = images.shape[-2:]
-    for i in range(n):
-        ax = axes[0, i]
-        ax.imshow(images[i].mean(0).numpy(), cmap="gray", vmin=0, vmax=1, extent=(0, w - 1, h - 1, 0))
-        for line in _warp_lines(knots[i].double().cpu(), grid):
-            xy = line.numpy()
-            ax.plot(xy[:, 0] * (w - 1), xy[:, 1] * (h - 1), color="tab:orange", lw=1.2)
-        ax.set_title(f"label {labels[i]}")
-        ax.set_xlim(-0.5, w - 0.5)
-        ax.set_ylim(h - 0.5, -0.5)
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _first_dec_knots(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """Knots that the first adapted block's DEC finds for ``x`` (a forward hook, removed after)."""
-    key = str(min(int(k) for k in model.dec))
-    found: list[torch.Tensor] = []
-    handle = model.dec[key].register_forward_hook(lambda mod, inp, out: found.append(out.detach()))
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        handle.remove()
-    return found[0], key
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# main
-
-
-def _eval_command(cfg: dict[str, Any], method: str, checkpoint: Path) -> str:
-    model = cfg["model"] + ("_dec" if method == "dec" else "")
-    kwargs = dict(cfg["model_kwargs"])
-    if method == "dec":
-        kwargs.update(_dec_kwargs(cfg))
-    parts = ["timm-dec", "eval", "--model", model, "--checkpoint", str(checkpoint)]
-    if kwargs:
-        parts += ["--model-kwargs"] + [f"{k}={v!r}".replace(" ", "") for k, v in kwargs.items()]
-    if method == "canon":
-        parts += ["--canon", "--canon-warps", str(cfg["canon_warps"]), "--canon-strength", f"{cfg['aug_strength']:g}",
-                  "--canon-seed", str(cfg["seed"]), "--canon-energy-size", str(cfg["canon_energy_size"]),
-                  "--canon-energy-widths", *map(str, cfg["canon_energy_widths"])]
-    parts += ["--num-digits", str(cfg["num_digits"]), "--canvas", str(cfg["canvas"]), "--scale-range",
-              *map(str, cfg["scale_range"]), "--num-samples", str(cfg["test_samples"]),
-              "--scales", ",".join(f"{s:g}" for s in cfg["scales"]), "--data-seed", str(cfg["seed"]),
-              "--seed", str(cfg["seed"])]
-    if cfg["digit_size"] is not None:
-        parts += ["--digit-size", str(cfg["digit_size"])]
-    if cfg["scale_bins"]:
-        parts += ["--scale-bins", ",".join(f"{lo:g}-{hi:g}" for lo, hi in cfg["scale_bins"])]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-def _dec_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = dict(dec_grid=cfg["dec_grid"], dec_mode=cfg["dec_mode"], dec_widths=tuple(cfg["dec_widths"]),
-               dec_max_iter=cfg["dec_max_iter"])
-    if cfg["dec_blocks"] is not None:
-        out["dec_blocks"] = tuple(cfg["dec_blocks"])
-    return out
+# the shared start and the methods
 
 
 @dataclass
@@ -474,207 +345,233 @@ class _Setup:
     device: torch.device
     progress: bool
     out: Path
-    data_kw: dict[str, Any]
     test_set: LocallyScaledDigits
-    num_classes: int
+    channels: int
     normalize: Callable[[torch.Tensor], torch.Tensor]
+    augment: RandomMonotoneScale
 
     def create(self, name: str, **extra: Any) -> nn.Module:
-        """A classifier for the digits, seeded, with timm's pretrained weights for a base model if asked for."""
+        """The timm classifier (seeded; timm's pretrained weights for a base model if asked for)."""
         torch.manual_seed(self.cfg["seed"])
         return timm.create_model(name, pretrained=self.cfg["pretrained"] and not name.endswith("_dec"),
-                                 num_classes=self.num_classes, **self.cfg["model_kwargs"], **extra)
+                                 num_classes=num_outputs(self.cfg["label"], self.cfg["num_digits"]),
+                                 **self.cfg["model_kwargs"], **extra)
+
+    def classifier(self, model: nn.Module) -> nn.Module:
+        """``model`` scored on the whole number (`DigitwiseClassifier` for the ``digits`` label rule)."""
+        return DigitwiseClassifier(model, self.cfg["num_digits"]) if self.cfg["label"] == "digits" else model
+
+    def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage) -> dict[str, float]:
+        cfg = self.cfg
+        return train(model, images, labels, stage, batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"],
+                     warmup_frac=cfg["warmup_frac"], normalize=self.normalize, channels=self.channels,
+                     device=self.device, progress=self.progress)
 
 
-def _train_all(s: _Setup, images: torch.Tensor, labels: torch.Tensor,
-               probe: nn.Module) -> tuple[dict[str, nn.Module], dict[str, dict[str, float]]]:
-    """Stage 1 (shared) and stage 2 (every method); the trained models and their timings."""
+def _start_record(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in START_KEYS}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _train_start(s: _Setup, images: torch.Tensor, labels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """The shared start: ``plain_steps`` plain; from there ``aug_steps`` with Aug (the start of Aug, InvL, Canon and
+    DEC) and ``aug_steps`` more plain (the start of Base, so that Base has had as many steps)."""
     cfg, seed = s.cfg, s.cfg["seed"]
-    aug_rng = torch.Generator().manual_seed(seed + 1)
-    augment = RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"], generator=aug_rng)
+    model = s.create(cfg["model"])
+    s.fit(s.classifier(model), images, labels, Stage("start: plain", cfg["plain_steps"], cfg["lr"], seed=seed))
+    plain = copy.deepcopy(model)
+    s.fit(s.classifier(plain), images, labels, Stage("start: plain +", cfg["aug_steps"], cfg["finetune_lr"],
+                                                     seed=seed + 1))
+    s.fit(s.classifier(model), images, labels, Stage("start: Aug", cfg["aug_steps"], cfg["finetune_lr"],
+                                                     augment=s.augment, seed=seed + 1))
+    return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+            for name, m in (("plain", plain), ("aug", model))}
 
-    def invl_scale(x: torch.Tensor) -> torch.Tensor:
-        knots = random_knots(x.shape[0], augment.grid, cfg["aug_strength"], generator=aug_rng).to(x.device)
-        return monotone_warp(x, knots, inverse=True, check=False)
 
-    common = dict(batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"], warmup_frac=cfg["warmup_frac"],
-                  normalize=s.normalize, channels=s.data_kw["channels"], device=s.device, progress=s.progress)
-    stage1 = dict(common, epochs=cfg["epochs"], lr=cfg["lr"])
-    stage2 = dict(common, epochs=cfg["finetune_epochs"], lr=cfg["finetune_lr"], new_lr_mult=cfg["new_lr_mult"])
-    timings: dict[str, dict[str, float]] = {}
+def write_start(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], folder: Path, prefix: str) -> Path:
+    """Write a shared start as ``<prefix>_{plain,aug}.safetensors`` and ``<prefix>_start.json`` (config, hashes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"config": _start_record(s.cfg), "files": {},
+                              "made_with": f"timm-dec demo --preset {prefix} --write-start DIR --seed {s.cfg['seed']}"}
+    for name, state in starts.items():
+        path = folder / f"{prefix}_{name}.safetensors"
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        record["files"][name] = {"file": path.name, "sha256": _sha256(path)}
+    meta = folder / f"{prefix}_start.json"
+    meta.write_text(json.dumps(record, indent=2, default=json_default) + "\n", encoding="utf-8")
+    return meta
 
-    # Stage 1, shared: the plain model from scratch (or from timm's pretrained weights), without augmentation. It
-    # plays the role of the paper's pretrained starting point, so every method below starts from the same weights.
-    stage1_model = probe
-    stage1_result = train(stage1_model, images, labels, seed=seed, desc="stage 1 (shared)", **stage1)
-    stage1_state = {k: v.detach().clone() for k, v in stage1_model.state_dict().items()}
-    models = _stage2_models(s, stage1_model, stage1_state)
-    stage2_setup = {
-        "base": dict(),
-        "aug": dict(augment=augment),
-        "invl": dict(augment=augment, invl=InvarianceLoss(cfg["invl_weight"]), invl_scale=invl_scale),
-        "canon": dict(augment=augment, new_prefixes=("energy.",)),
-        "dec": dict(augment=augment, new_prefixes=("dec.",)),
-    }
+
+def load_start(cfg: dict[str, Any], preset: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The shipped shared start of ``preset``, checked against its recorded configuration and hashes."""
+    meta = START_DIR / f"{preset}_start.json"
+    if not meta.is_file():
+        raise ValueError(f"no shipped start for preset {preset!r} ({meta}); run with --from-scratch")
+    record = json.loads(meta.read_text(encoding="utf-8"))
+    differ = [k for k, v in _start_record(cfg).items() if json.loads(json.dumps(v)) != record["config"].get(k)]
+    if differ:
+        raise ValueError(f"the shipped start of preset {preset!r} was made with other values of {', '.join(differ)}; "
+                         f"run with --from-scratch to train the start for this configuration")
+    starts = {}
+    for name, entry in record["files"].items():
+        path = START_DIR / entry["file"]
+        if _sha256(path) != entry["sha256"]:
+            raise ValueError(f"{path} does not match the SHA-256 recorded in {meta.name}; reinstall timm-dec or run "
+                             f"with --from-scratch")
+        starts[name] = safetensors.torch.load_file(str(path))
+    return starts, dict(record, source=str(START_DIR))
+
+
+def _methods(s: _Setup, starts: dict[str, dict[str, torch.Tensor]]) -> dict[str, nn.Module]:
+    """Every method's model at the start of its steps: Base from the plain start, the rest from the Aug start."""
+    cfg, seed = s.cfg, s.cfg["seed"]
+    models: dict[str, nn.Module] = {}
     for method in cfg["methods"]:
-        result = train(models[method], images, labels, seed=seed + 1, desc=f"{LABELS[method]:<5} stage 2",
-                       **stage2_setup[method], **stage2)
-        timings[method] = dict(stage1=stage1_result["seconds"], stage2=result["seconds"],
-                               train_steps=stage1_result["steps"] + result["steps"])
-    return models, timings
-
-
-def _stage2_models(s: _Setup, stage1_model: nn.Module, stage1_state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
-    """Every method's model at the start of stage 2, from the stage-1 weights. Base keeps training as it was."""
-    cfg, seed = s.cfg, s.cfg["seed"]
-    models: dict[str, nn.Module] = {"base": stage1_model}
-    for method in ("aug", "invl"):
-        if method in cfg["methods"]:
-            models[method] = copy.deepcopy(stage1_model)
-    if "canon" in cfg["methods"]:
-        torch.manual_seed(seed)
-        models["canon"] = InputCanonicalizer(
-            copy.deepcopy(stage1_model), num_warps=cfg["canon_warps"], strength=cfg["aug_strength"],
-            in_chans=s.data_kw["channels"], energy_size=cfg["canon_energy_size"],
-            energy_widths=tuple(cfg["canon_energy_widths"]), seed=seed)
-    if "dec" in cfg["methods"]:
-        dec_model = s.create(cfg["model"] + "_dec", **_dec_kwargs(cfg))
-        load_dec_state_dict(dec_model, stage1_state, source=f"the stage-1 {cfg['model']} weights",
-                            target=f"{cfg['model']}_dec")
-        models["dec"] = dec_model
+        if method == "dec":
+            model = s.create(cfg["model"] + "_dec", **dec_kwargs(cfg))
+            load_dec_state_dict(model, starts["aug"], source="the Aug start", target=f"{cfg['model']}_dec")
+        else:
+            model = s.create(cfg["model"])
+            model.load_state_dict(starts["plain" if method == "base" else "aug"])
+        if method == "canon":
+            torch.manual_seed(seed)
+            model = InputCanonicalizer(
+                s.classifier(model), num_warps=cfg["canon_warps"], strength=cfg["aug_strength"], in_chans=s.channels,
+                energy_size=cfg["canon_energy_size"], energy_widths=tuple(cfg["canon_energy_widths"]), seed=seed)
+        models[method] = model
     return models
 
 
-def _evaluate_all(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],
-                  prob_idx: list[int]) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    """Evaluation: the same test set, scales and bins for every method; each checkpoint saved beside its result."""
-    cfg, test_set = s.cfg, s.test_set
-    results: dict[str, dict[str, Any]] = {}
-    prob_curves: dict[str, torch.Tensor] = {}
-    for method in cfg["methods"]:
-        model = models[method]
-        start = time.perf_counter()
-        r = evaluate_model(model, test_set, cfg["scales"], scale_bins=cfg["scale_bins"], batch_size=cfg["eval_batch"],
-                           device=s.device, seed=cfg["seed"], progress=s.progress)
-        timings[method]["eval"] = time.perf_counter() - start
-        if prob_idx:
-            pc = evaluate_scale_consistency(model, test_set, list(cfg["prob_scales"]), indices=prob_idx,
-                                            batch_size=cfg["eval_batch"], device=s.device, progress=False,
-                                            return_per_sample=True)
-            prob_curves[method] = pc["prob_correct"]
-        ckpt = s.out / "checkpoints" / f"{method}.safetensors"
-        save_checkpoint(model, ckpt, data=s.data_kw)  # records model, DEC options, data; creates checkpoints/
-        r.update(checkpoint=str(ckpt), eval_command=_eval_command(cfg, method, ckpt),
-                 stage1_seconds=timings[method]["stage1"], stage2_seconds=timings[method]["stage2"],
-                 eval_seconds=timings[method]["eval"], train_steps=timings[method]["train_steps"])
-        results[method] = r
-    return results, prob_curves
+def _train_methods(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    """``finetune_steps`` for every method (the DEC after its DEC-only warm-up); their timings and step counts."""
+    cfg, seed = s.cfg, s.cfg["seed"]
+    aug_rng = torch.Generator().manual_seed(seed + 2)
+
+    def invl_scale(x: torch.Tensor) -> torch.Tensor:
+        knots = random_knots(x.shape[0], s.augment.grid, cfg["aug_strength"], generator=aug_rng).to(x.device)
+        return monotone_warp(x, knots, inverse=True, check=False)
+
+    n, lr, mult = cfg["finetune_steps"], cfg["finetune_lr"], cfg["dec_lr_mult"]
+    stages = {
+        "base": [Stage("Base", n, lr, seed=seed + 3)],
+        "aug": [Stage("Aug", n, lr, augment=s.augment, seed=seed + 3)],
+        "invl": [Stage("InvL", n, lr, augment=s.augment, invl=InvarianceLoss(cfg["invl_weight"]),
+                       invl_scale=invl_scale, seed=seed + 3)],
+        "canon": [Stage("Canon", n, lr, augment=s.augment, new_prefixes=("energy.",), new_lr_mult=mult,
+                        seed=seed + 3)],
+        "dec": [Stage("DEC warm-up", cfg["dec_warmup_steps"], lr, augment=s.augment, new_prefixes=("dec.",),
+                      new_lr_mult=mult, only_new=True, seed=seed + 4),
+                Stage("DEC", n, lr, augment=s.augment, new_prefixes=("dec.",), new_lr_mult=mult, seed=seed + 3)],
+    }
+    timings = {}
+    for method, model in models.items():
+        clf = model if method == "canon" else s.classifier(model)
+        runs = [s.fit(clf, images, labels, stage) for stage in stages[method]]
+        timings[method] = dict(seconds=sum(r["seconds"] for r in runs),
+                               backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] + n,
+                               dec_only_steps=cfg["dec_warmup_steps"] if method == "dec" else 0)
+    return timings
 
 
-def _tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], num_test: int) -> str:
-    """Tables 2 and 3 (per scale, per bin) and the DEC solver line, as printed."""
-    labelled = {LABELS[m]: r for m, r in results.items()}
-    tables = [
-        f"Table 2 style: accuracy and InvE on the test set ({num_test} images; InvE over per-digit scales "
-        f"{', '.join(format_scale(s) for s in cfg['scales'])})",
-        format_table(labelled), "",
-        "Table 3 style: accuracy (%) per per-digit scale", format_per_scale_table(labelled),
-    ]
-    if cfg["scale_bins"]:
-        tables += ["", "Table 3 style: accuracy (%) per scale bin (per-digit scales drawn in the bin)",
-                   format_per_scale_table(labelled, key="per_bin_acc")]
-    if "dec" in results and "dec_solver" in results["dec"]:
-        s = results["dec"]["dec_solver"]
-        tables += ["", f"DEC solver at test time: {s['mean_iterations']:.2f} iterations per sample on average, "
-                       f"{s['fallbacks']} fallbacks in {s['samples']} solves"]
-    return "\n".join(tables)
-
-
-def _plots(s: _Setup, results: dict[str, dict[str, Any]], models: dict[str, nn.Module], prob_idx: list[int],
-           prob_curves: dict[str, torch.Tensor]) -> list[str]:
-    """Per-scale accuracy, probability of the correct class and the learned warp grids; the file names."""
-    cfg, test_set, out = s.cfg, s.test_set, s.out
-    _plot_curves(results, out / "per_scale_accuracy.png")
-    plots = ["per_scale_accuracy.png"]
-    if prob_idx:
-        shown = torch.stack([test_set.render(test_set.describe(i).source_indices, test_set.describe(i).scales)
-                             for i in prob_idx])
-        _plot_prob(prob_curves, cfg["prob_scales"], shown, [test_set.describe(i).label for i in prob_idx],
-                   out / "prob_correct.png")
-        plots.append("prob_correct.png")
-    if "dec" in models and cfg["grid_images"] > 0:
-        idx = list(range(min(cfg["grid_images"], len(test_set))))
-        raw = torch.stack([test_set.render(test_set.describe(i).source_indices, test_set.describe(i).scales)
-                           for i in idx])
-        knots, block = _first_dec_knots(models["dec"], s.normalize(raw).to(s.device))
-        _plot_grids(raw, knots, [test_set.describe(i).label for i in idx],
-                    f"Monotone scaling found by the DEC of block {block} (Fig. A2 style): the grid lines show where "
-                    f"each canonical cell is sampled from", out / "warp_grids.png")
-        plots.append("warp_grids.png")
-    return plots
-
-
-def _summary(args: argparse.Namespace, s: _Setup, results: dict[str, dict[str, Any]],
-             prob_curves: dict[str, torch.Tensor], text: str, plots: list[str], wall: float) -> dict[str, Any]:
-    """The content of ``summary.json``."""
+def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],
+              prob_idx: list[int]) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """The same test images, scales and bins for every method; each checkpoint saved beside its result."""
     cfg = s.cfg
-    summary: dict[str, Any] = {
+    results: dict[str, dict[str, Any]] = {}
+    curves: dict[str, torch.Tensor] = {}
+    data = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], digit_size=cfg["digit_size"],
+                scale_range=list(cfg["scale_range"]), label=cfg["label"])
+    for method, model in models.items():
+        clf = model if method == "canon" else s.classifier(model)
+        start = time.perf_counter()
+        r = evaluate_model(clf, s.test_set, cfg["scales"], scale_bins=cfg["scale_bins"], batch_size=cfg["eval_batch"],
+                           device=s.device, seed=cfg["seed"], progress=s.progress, return_per_sample=True)
+        if prob_idx:
+            curves[method] = evaluate_scale_consistency(
+                clf, s.test_set, list(cfg["prob_scales"]), indices=prob_idx, batch_size=cfg["eval_batch"],
+                device=s.device, progress=False, return_per_sample=True)["prob_correct"]
+        ckpt = save_checkpoint(model, s.out / "checkpoints" / f"{method}.safetensors", data=data)  # creates the folder
+        r.update(checkpoint=str(ckpt), eval_command=eval_command(cfg, method, ckpt), **timings[method],
+                 eval_seconds=time.perf_counter() - start)
+        results[method] = r
+    return results, curves
+
+
+def _summary(args: argparse.Namespace, s: _Setup, results: dict[str, dict[str, Any]], extra: dict[str, Any],
+             wall: float) -> dict[str, Any]:
+    """The content of ``summary.json``."""
+    return {
         "preset": args.preset,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-        "num_classes": s.num_classes,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.cfg.items()},
+        "num_classes": 10 ** s.cfg["num_digits"],
+        "model_kwargs": {"base": dict(s.cfg["model_kwargs"], num_classes=num_outputs(s.cfg["label"],
+                                                                                     s.cfg["num_digits"])),
+                         "dec": dec_kwargs(s.cfg)},
         "methods": {m: {k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for m, r in results.items()},
-        "prob_correct": {m: c.tolist() for m, c in prob_curves.items()},
-        "prob_scales": list(cfg["prob_scales"]),
-        "tables": text,
-        "plots": plots,
+        **extra,
         "wall_seconds": wall,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(s.device),
                     "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
-    if "dec" in results:
-        summary["dec_vs_aug"] = {"acc_points": 100 * (results["dec"]["acc"] - results["aug"]["acc"]),
-                                 "inv_e_1e-2": 100 * (results["dec"]["inv_e"] - results["aug"]["inv_e"])}
-    return summary
+
+
+def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, LocallyScaledDigits]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    channels = int(cfg["model_kwargs"].get("in_chans", 3))
+    data_kw = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], scale_range=tuple(cfg["scale_range"]),
+                   digit_size=cfg["digit_size"], seed=cfg["seed"])
+    # stored with one channel (the digits are grey), expanded per batch
+    train_set = LocallyScaledDigits("train", num_samples=cfg["train_samples"], channels=1, **data_kw)
+    test_set = LocallyScaledDigits("test", num_samples=cfg["test_samples"], channels=channels, **data_kw)
+    augment = RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"],
+                                  generator=torch.Generator().manual_seed(cfg["seed"] + 1))
+    s = _Setup(cfg, device, not args.no_progress, Path(args.out), test_set, channels, lambda x: x, augment)
+    s.normalize = normalize_transform(resolve_data_config({}, model=s.create(cfg["model"])), channels)
+    test_set.transform = s.normalize
+    return s, train_set
 
 
 def run(args: argparse.Namespace) -> int:
     """Train and evaluate every method; print Tables 2 and 3; write the plots, checkpoints and summary."""
     cfg = resolve_config(args)
     wall_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    progress = not args.no_progress
-    out = Path(args.out)
-    seed = cfg["seed"]
-
-    data_kw = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], scale_range=tuple(cfg["scale_range"]),
-                   digit_size=cfg["digit_size"], seed=seed, channels=int(cfg["model_kwargs"].get("in_chans", 3)))
-    # Stored with one channel (the digits are grey), expanded per batch.
-    train_set = LocallyScaledDigits("train", num_samples=cfg["train_samples"], **dict(data_kw, channels=1))
-    test_set = LocallyScaledDigits("test", num_samples=cfg["test_samples"], **data_kw)
-    num_classes = train_set.num_classes
+    s, train_set = _setup(args, cfg)
+    if args.preset == "smoke":
+        print("timm-dec demo: the smoke preset only checks that the pipeline runs; its numbers mean nothing")
     print(f"timm-dec demo (preset {args.preset}): {cfg['model']} on locally scaled {cfg['num_digits']}-digit numbers "
-          f"({num_classes} classes, {cfg['canvas']} px), {len(train_set)} train / {len(test_set)} test images, "
-          f"seed {seed}, device {device}, {torch.get_num_threads()} CPU threads")
-    images, labels = _render(train_set, not progress)
-
-    s = _Setup(cfg, device, progress, out, data_kw, test_set, num_classes, normalize=lambda x: x)
-    probe = s.create(cfg["model"])
-    s.normalize = normalize_transform(resolve_data_config({}, model=probe), data_kw["channels"])
-    test_set.transform = s.normalize
-    models, timings = _train_all(s, images, labels, probe)
-    prob_idx = list(range(min(cfg["prob_images"], len(test_set))))
-    results, prob_curves = _evaluate_all(s, models, timings, prob_idx)
-    text = _tables(cfg, results, len(test_set))
+          f"({10 ** cfg['num_digits']} classes, label rule {cfg['label']!r}, {cfg['canvas']} px), {len(train_set)} "
+          f"train / {len(s.test_set)} test images, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads")
+    images, labels = _render(train_set, not s.progress)
+    if args.write_start or cfg["start"] == "scratch":
+        starts, start_info = _train_start(s, images, labels), {"source": "trained in this run"}
+        if args.write_start:
+            meta = write_start(s, starts, Path(args.write_start), args.preset)
+            print(f"wrote the shared start: {meta}")
+            return 0
+    else:
+        starts, start_info = load_start(cfg, args.preset)
+    models = _methods(s, starts)
+    timings = _train_methods(s, models, images, labels)
+    prob_idx = list(range(min(cfg["prob_images"], len(s.test_set))))
+    results, curves = _evaluate(s, models, timings, prob_idx)
+    evidence = dec_evidence(models["dec"], s.test_set, cfg, s.device) if "dec" in models else {}
+    paired = paired_rows(results, seed=cfg["seed"])
+    text = tables(cfg, results, paired, evidence, LABELS)
     print("\n" + text)
-    plots = _plots(s, results, models, prob_idx, prob_curves)
-
+    files = plots(s.out, cfg, results, curves, models.get("dec"), s.test_set, s.normalize, s.device, prob_idx, LABELS)
     wall = time.perf_counter() - wall_start
-    summary = _summary(args, s, results, prob_curves, text, plots, wall)
-    (out / "tables.txt").write_text(text + "\n", encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwall time {wall / 60:.1f} min; wrote {out}/summary.json, tables.txt, {', '.join(plots)} and "
+    summary = _summary(args, s, results, dict(start=start_info, paired_vs_aug=paired, dec_evidence=evidence,
+                                              tables=text, plots=files, prob_correct={m: c.tolist() for m, c in
+                                                                                      curves.items()}), wall)
+    (s.out / "tables.txt").write_text(text + "\n", encoding="utf-8")
+    (s.out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n", encoding="utf-8")
+    print(f"\nwall time {wall / 60:.1f} min; wrote {s.out}/summary.json, tables.txt, {', '.join(files)} and "
           f"checkpoints/ (re-evaluate one with the eval_command in summary.json)")
     return 0

@@ -1,0 +1,192 @@
+"""What `timm_dec.demo` reports: the tables, the paired comparisons with Aug, the evidence that the DEC learned to
+canonicalise (solver iterations, the correlation of each digit's scale with the warp's local magnification there),
+the figures, and the ``timm-dec eval`` command that re-evaluates a checkpoint."""
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .data import LocallyScaledDigits
+from .evaluate import format_per_scale_table, format_table
+from .metrics import format_scale, paired_bootstrap
+from .ops import apply_inverse_map, apply_map
+from .plots import plot_per_scale, plot_prob_correct, plot_warp_grids
+
+__all__ = ["dec_kwargs", "eval_command", "paired_rows", "first_dec_knots", "dec_evidence", "tables", "plots"]
+
+
+def dec_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``create_model`` DEC kwargs of a demo configuration."""
+    out = dict(dec_grid=cfg["dec_grid"], dec_mode=cfg["dec_mode"], dec_widths=tuple(cfg["dec_widths"]),
+               dec_max_iter=cfg["dec_max_iter"])
+    if cfg["dec_blocks"] is not None:
+        out["dec_blocks"] = tuple(cfg["dec_blocks"])
+    return out
+
+
+def eval_command(cfg: dict[str, Any], method: str, checkpoint: Path) -> str:
+    """The ``timm-dec eval`` command line that re-evaluates one demo checkpoint on the demo's test set."""
+    model = cfg["model"] + ("_dec" if method == "dec" else "")
+    kwargs = dict(cfg["model_kwargs"])
+    if method == "dec":
+        kwargs.update(dec_kwargs(cfg))
+    parts = ["timm-dec", "eval", "--model", model, "--checkpoint", str(checkpoint)]
+    if kwargs:
+        parts += ["--model-kwargs"] + [f"{k}={v!r}".replace(" ", "") for k, v in kwargs.items()]
+    if method == "canon":
+        parts += ["--canon", "--canon-warps", str(cfg["canon_warps"]), "--canon-strength", f"{cfg['aug_strength']:g}",
+                  "--canon-seed", str(cfg["seed"]), "--canon-energy-size", str(cfg["canon_energy_size"]),
+                  "--canon-energy-widths", *map(str, cfg["canon_energy_widths"])]
+    parts += ["--num-digits", str(cfg["num_digits"]), "--label", cfg["label"], "--canvas", str(cfg["canvas"]),
+              "--scale-range", *map(str, cfg["scale_range"]), "--num-samples", str(cfg["test_samples"]),
+              "--scales", ",".join(f"{s:g}" for s in cfg["scales"]), "--data-seed", str(cfg["seed"]),
+              "--seed", str(cfg["seed"])]
+    if cfg["digit_size"] is not None:
+        parts += ["--digit-size", str(cfg["digit_size"])]
+    if cfg["scale_bins"]:
+        parts += ["--scale-bins", ",".join(f"{lo:g}-{hi:g}" for lo, hi in cfg["scale_bins"])]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def paired_rows(results: dict[str, dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Each method against Aug on the same test images: accuracy and InvE differences with 95% paired-bootstrap
+    intervals (accuracy in points, InvE in the paper's 1e-2 units), and the InvE ratio."""
+    ref = results["aug"]
+    rows = {}
+    for method, r in results.items():
+        if method == "aug":
+            continue
+        acc = paired_bootstrap(r["correct"].double(), ref["correct"].double(), seed=seed)
+        inv = paired_bootstrap(r["inv_e_per_sample"].double(), ref["inv_e_per_sample"].double(), seed=seed)
+        rows[method] = dict(
+            acc_points=100 * acc["diff"], acc_low=100 * acc["low"], acc_high=100 * acc["high"],
+            inv_e_1e2=100 * inv["diff"], inv_e_low=100 * inv["low"], inv_e_high=100 * inv["high"],
+            inv_e_ratio=r["inv_e"] / ref["inv_e"] if ref["inv_e"] > 0 else math.nan, n=acc["n"],
+            resamples=acc["resamples"])
+    return rows
+
+
+def first_dec_knots(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Knots that the first adapted block's DEC finds for ``x`` (a forward hook, removed after)."""
+    key = str(min(int(k) for k in model.dec))
+    found: list[torch.Tensor] = []
+    handle = model.dec[key].register_forward_hook(lambda mod, inp, out: found.append(out.detach()))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        handle.remove()
+    return found[0], key
+
+
+def _magnification(knots: torch.Tensor, points: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """1 / sqrt(det J_l) at l^{-1}(points): how much the canonical map enlarges the input around each point.
+
+    knots (B, 2, G+1, G+1), points (B, N, 2) -> (B, N), float64.
+    """
+    knots, points = knots.double(), points.double()
+    p = apply_inverse_map(knots, points, sweeps=10).clamp(eps, 1 - eps)
+    ex, ey = torch.tensor([eps, 0.0], dtype=torch.float64), torch.tensor([0.0, eps], dtype=torch.float64)
+    jx = (apply_map(knots, p + ex) - apply_map(knots, p - ex)) / (2 * eps)
+    jy = (apply_map(knots, p + ey) - apply_map(knots, p - ey)) / (2 * eps)
+    det = jx[..., 0] * jy[..., 1] - jy[..., 0] * jx[..., 1]
+    return det.clamp_min(1e-12).rsqrt()
+
+
+def dec_evidence(model: nn.Module, test_set: LocallyScaledDigits, cfg: dict[str, Any],
+                 device: torch.device) -> dict[str, Any]:
+    """Does the first DEC stretch small digits and squeeze large ones? Per digit of ``stretch_images`` test images:
+    its true scale s and the local magnification m of the canonicalisation at the digit's centre (token coordinates
+    of the DEC's map). Returns the Pearson correlation of log s with log m (negative when small digits are
+    enlarged), the mean m for the smallest and the largest third of scales, and the number of digits."""
+    n = min(cfg["stretch_images"], len(test_set))
+    if n == 0:
+        return {}
+    patch = int(cfg["model_kwargs"].get("patch_size", 16))
+    side = cfg["canvas"] // patch
+    scales, mags = [], []
+    for start in range(0, n, cfg["eval_batch"]):
+        idx = list(range(start, min(n, start + cfg["eval_batch"])))
+        x = torch.stack([test_set[i][0] for i in idx]).to(device)
+        knots, _ = first_dec_knots(model, x)
+        centres = []
+        for i in idx:
+            sample = test_set.describe(i)
+            boxes = test_set.digit_boxes(sample.scales)
+            # pixel box centre -> token index (token j covers pixels [j p, (j+1) p)) -> align_corners coordinate
+            centres.append([[((left + size / 2) / patch - 0.5) / max(side - 1, 1),
+                             ((top + size / 2) / patch - 0.5) / max(side - 1, 1)] for left, top, size in boxes])
+            scales.extend(sample.scales)
+        pts = torch.tensor(centres, dtype=torch.float64).clamp(0, 1)
+        mags.append(_magnification(knots.cpu(), pts).flatten())
+    log_s = torch.tensor(scales, dtype=torch.float64).log()
+    log_m = torch.cat(mags).log()
+    pearson = torch.corrcoef(torch.stack((log_s, log_m)))[0, 1].item()
+    order = log_s.argsort()
+    third = max(1, len(order) // 3)
+    return dict(pearson_log_scale_log_magnification=pearson, digits=len(order),
+                mean_magnification_small=log_m[order[:third]].exp().mean().item(),
+                mean_magnification_large=log_m[order[-third:]].exp().mean().item(),
+                small_scale_max=log_s[order[third - 1]].exp().item(), large_scale_min=log_s[order[-third]].exp().item())
+
+
+def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict[str, dict[str, Any]],
+           evidence: dict[str, Any], labels: dict[str, str]) -> str:
+    """Tables 2 and 3 (per scale, per bin), the paired comparison with Aug and the DEC lines, as printed."""
+    labelled = {labels[m]: r for m, r in results.items()}
+    num_test = next(iter(results.values()))["num_samples"]
+    out = [f"Table 2 style: accuracy and InvE on the test set ({num_test} images; InvE over per-digit scales "
+           f"{', '.join(format_scale(s) for s in cfg['scales'])})", format_table(labelled), "",
+           "Table 3 style: accuracy (%) per per-digit scale", format_per_scale_table(labelled)]
+    if cfg["scale_bins"]:
+        out += ["", "Table 3 style: accuracy (%) per scale bin (each digit's scale drawn in the bin)",
+                format_per_scale_table(labelled, key="per_bin_acc")]
+    out += ["", f"Against Aug on the same {num_test} test images (95% paired bootstrap intervals):",
+            f"{'Method':<8}  {'dAcc (pts)':>10}  {'interval':>16}  {'dInvE (1e-2)':>12}  {'interval':>16}  "
+            f"{'InvE / Aug':>10}"]
+    for method, p in paired.items():
+        out.append(f"{labels[method]:<8}  {p['acc_points']:>+10.2f}  [{p['acc_low']:+6.2f}, {p['acc_high']:+6.2f}]"
+                   f"  {p['inv_e_1e2']:>+12.2f}  [{p['inv_e_low']:+6.2f}, {p['inv_e_high']:+6.2f}]"
+                   f"  {p['inv_e_ratio']:>10.3f}")
+    solver = results.get("dec", {}).get("dec_solver")
+    if solver:
+        out += ["", f"DEC solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average, "
+                    f"{solver['fallbacks']} fallbacks in {solver['samples']} solves"]
+    if evidence:
+        out += [f"DEC warp at each digit ({evidence['digits']} digits): corr(log scale, log magnification) = "
+                f"{evidence['pearson_log_scale_log_magnification']:+.3f}; mean magnification "
+                f"{evidence['mean_magnification_small']:.3f} for scales <= {evidence['small_scale_max']:.2f}, "
+                f"{evidence['mean_magnification_large']:.3f} for scales >= {evidence['large_scale_min']:.2f}"]
+    return "\n".join(out)
+
+
+def plots(out: Path, cfg: dict[str, Any], results: dict[str, dict[str, Any]], curves: dict[str, torch.Tensor],
+          dec_model: Optional[nn.Module], test_set: LocallyScaledDigits, normalize: Callable[[torch.Tensor],
+          torch.Tensor], device: torch.device, prob_idx: list[int], labels: dict[str, str]) -> list[str]:
+    """Per-scale accuracy, probability of the correct class and the learned warp grids; the file names."""
+    plot_per_scale(results, out / "per_scale_accuracy.png", labels)
+    files = ["per_scale_accuracy.png"]
+
+    def raw(indices: list[int]) -> torch.Tensor:
+        return torch.stack([test_set.render(test_set.describe(i).source_indices, test_set.describe(i).scales)
+                            for i in indices])
+
+    if prob_idx:
+        plot_prob_correct(curves, cfg["prob_scales"], raw(prob_idx), [test_set.describe(i).label for i in prob_idx],
+                          out / "prob_correct.png", labels)
+        files.append("prob_correct.png")
+    if dec_model is not None and cfg["grid_images"] > 0:
+        idx = list(range(min(cfg["grid_images"], len(test_set))))
+        images = raw(idx)
+        knots, block = first_dec_knots(dec_model, normalize(images).to(device))
+        names = [f"{test_set.describe(i).label:0{cfg['num_digits']}d} (scales "
+                 f"{', '.join(f'{s:.1f}' for s in test_set.describe(i).scales)})" for i in idx]
+        plot_warp_grids(images, knots, names, f"Warps found by the DEC of block {block} (Fig. A2 style): each "
+                        f"orange cell is where one canonical cell is sampled from", out / "warp_grids.png")
+        files.append("warp_grids.png")
+    return files
