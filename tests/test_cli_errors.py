@@ -282,3 +282,40 @@ def test_base_checkpoint_hint_names_a_usable_option(tmp_path: Path) -> None:
     assert "dec_blocks=[]" not in str(info.value)
     dec = hub.load_training_checkpoint(path, model_name="vit_tiny_dec", model_kwargs=TINY, allow_base=True)
     torch.testing.assert_close(logits(dec), logits(base), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the README
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _readme_use_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    use = text[text.index("## Use"):text.index("### The warp op")]
+    return re.findall(r"```python\n(.*?)```", use, re.S)
+
+
+@pytest.mark.slow
+def test_readme_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, hub_block, offline = _readme_use_blocks()
+    exec(compile(first, "README.md (Use)", "exec"), {})
+    # the Hub lines only differ from the offline route by where the weights come from
+    assert all("pretrained=True" in line or 'device="meta"' in line for line in hub_block.strip().splitlines())
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224").eval()
+    safetensors.torch.save_file(base.state_dict(), "vit_tiny_patch16_224.safetensors")
+    scope: dict[str, Any] = {}
+    exec(compile(offline, "README.md (offline)", "exec"), scope)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (scope["m"].eval()(x) - base(x)).abs().max() <= 1e-5   # the README's bound for a fresh DEC
+
+
+def test_readme_shows_the_current_eval_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    shown = text[text.index("`timm-dec eval --help`"):]
+    shown = shown[shown.index("```\n") + 4:]
+    shown = shown[:shown.index("```")]
+    monkeypatch.setenv("COLUMNS", "118")
+    sub = cli.build_parser()._subparsers._group_actions[0].choices["eval"]
+    assert " ".join(shown.split()) == " ".join(sub.format_help().split())

@@ -27,6 +27,17 @@ DESCRIPTION = ("timm-dec: local scale consistency for timm vision transformers w
                "Canonicalizer (DEC). Run 'timm-dec COMMAND --help' for the options of a command.")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` (as timm's validate.py uses) without ``(default: None)`` / ``False`` noise:
+    a default is shown when it is a value, and when the help text does not already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if default is None or default is False or default == {} or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timm-dec", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"timm-dec {__version__}")
@@ -37,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         # defaults shown in --help, as timm's validate.py does (demo and bench word their defaults themselves)
-        formatter = argparse.ArgumentDefaultsHelpFormatter if name in ("eval", "push") else argparse.HelpFormatter
+        formatter = DefaultsHelpFormatter if name in ("eval", "push") else argparse.HelpFormatter
         sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common],
                                   formatter_class=formatter)
         module.add_arguments(sub)
