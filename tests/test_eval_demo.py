@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+from safetensors.torch import load_file
 from PIL import Image
 
 from timm_dec import cli
 from timm_dec.data import rescale_object
-from timm_dec.demo import PRESETS, _warp_lines, paper_lr, resolve_config
+from timm_dec.demo import PRESETS, paper_lr, resolve_config
+from timm_dec.plots import warp_lines
 from timm_dec.demo import add_arguments as demo_arguments
 from timm_dec.data import ImageFolderVariants
 from timm_dec.evaluate import format_per_scale_table, format_table, parse_bins, parse_scales
@@ -38,27 +41,53 @@ class TestDemo:
         for m in METHODS:
             assert (demo_out / "checkpoints" / f"{m}.safetensors").is_file()
         s = json.loads((demo_out / "summary.json").read_text())
-        assert {"preset", "config", "num_classes", "methods", "prob_correct", "tables", "plots", "wall_seconds",
-                "machine", "dec_vs_aug"} <= set(s)
-        assert s["preset"] == "smoke" and s["num_classes"] == 10
+        assert {"preset", "config", "num_classes", "model_kwargs", "methods", "prob_correct", "tables", "plots",
+                "wall_seconds", "machine", "start", "paired_vs_aug", "dec_evidence"} <= set(s)
+        assert s["preset"] == "smoke" and s["num_classes"] == 100  # 2-digit numbers, scored digit by digit
+        for key in ("num_digits", "label", "digit_size", "canvas", "scale_range", "plain_steps", "aug_steps",
+                    "finetune_steps", "dec_warmup_steps", "dec_lr_mult", "seed"):
+            assert key in s["config"], key
         assert tuple(s["methods"]) == METHODS
         n_scales = len(PRESETS["smoke"]["scales"])
         for m, r in s["methods"].items():
             assert {"acc", "inv_e", "per_scale_acc", "per_scale_prob_correct", "per_bin_acc", "scales", "checkpoint",
-                    "eval_command", "train_steps", "stage2_seconds"} <= set(r), m
+                    "eval_command", "backbone_steps", "seconds"} <= set(r), m
             assert 0 <= r["acc"] <= 1 and r["inv_e"] >= 0 and len(r["per_scale_acc"]) == n_scales
             assert len(r["per_bin_acc"]) == len(PRESETS["smoke"]["scale_bins"])
-        # The same budget: every method took the same number of optimiser steps.
-        steps = {r["train_steps"] for r in s["methods"].values()}
+        # The same budget: every method took the same number of backbone steps; the DEC also its DEC-only steps.
+        steps = {r["backbone_steps"] for r in s["methods"].values()}
         assert len(steps) == 1 and steps.pop() > 0
-        assert s["dec_vs_aug"]["acc_points"] == pytest.approx(
-            100 * (s["methods"]["dec"]["acc"] - s["methods"]["aug"]["acc"]))
+        assert s["methods"]["dec"]["dec_only_steps"] == PRESETS["smoke"]["dec_warmup_steps"]
+        paired = s["paired_vs_aug"]["dec"]
+        assert paired["acc_points"] == pytest.approx(100 * (s["methods"]["dec"]["acc"] - s["methods"]["aug"]["acc"]))
+        assert paired["acc_low"] <= paired["acc_points"] <= paired["acc_high"]
+        assert set(s["paired_vs_aug"]) == {"base", "invl", "canon", "dec"}
+        assert -1 <= s["dec_evidence"]["pearson_log_scale_log_magnification"] <= 1
         prob = np.asarray(s["prob_correct"]["dec"])
         assert prob.shape == (PRESETS["smoke"]["prob_images"], len(PRESETS["smoke"]["prob_scales"]))
         assert ((prob >= 0) & (prob <= 1)).all()
         text = (demo_out / "tables.txt").read_text()
-        for label in ("Base", "Aug", "InvL", "Canon", "DEC", "InvE (1e-2)", "Overall"):
+        for label in ("Base", "Aug", "InvL", "Canon", "DEC", "InvE (1e-2)", "Overall", "paired bootstrap"):
             assert label in text
+
+    def test_checkpoints_load_into_plain_timm_models(self, demo_out: Path):
+        s = json.loads((demo_out / "summary.json").read_text())
+        for method, extra in (("base", {}), ("dec", s["model_kwargs"]["dec"])):
+            model = timm.create_model(s["config"]["model"] + ("_dec" if method == "dec" else ""),
+                                      **s["model_kwargs"]["base"], **extra)
+            state = load_file(s["methods"][method]["checkpoint"])
+            model.load_state_dict(state, strict=True)
+
+    def test_smoke_run_warns_that_its_numbers_mean_nothing(self, tmp_path: Path, capsys: pytest.CaptureFixture):
+        parser = argparse.ArgumentParser()
+        demo_arguments(parser)
+        args = parser.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--no-progress",
+                                  "--write-start", str(tmp_path / "start")])
+        from timm_dec.demo import run
+        assert run(args) == 0
+        assert "numbers mean nothing" in capsys.readouterr().out
+        record = json.loads((tmp_path / "start" / "smoke_start.json").read_text())
+        assert set(record["files"]) == {"plain", "aug"} and len(record["files"]["aug"]["sha256"]) == 64
 
     @pytest.mark.parametrize("method", ["dec", "canon"])
     def test_eval_reproduces_demo_metrics(self, demo_out: Path, tmp_path: Path, method: str):
@@ -108,22 +137,36 @@ class TestDemo:
     def test_config_overrides_preset(self):
         parser = argparse.ArgumentParser()
         demo_arguments(parser)
-        cfg = resolve_config(parser.parse_args(["--preset", "smoke", "--epochs", "3", "--methods", "dec"]))
-        assert cfg["epochs"] == 3 and cfg["finetune_epochs"] == PRESETS["smoke"]["finetune_epochs"]
+        cfg = resolve_config(parser.parse_args(["--preset", "smoke", "--finetune-steps", "3", "--methods", "dec"]))
+        assert cfg["finetune_steps"] == 3 and cfg["plain_steps"] == PRESETS["smoke"]["plain_steps"]
         assert cfg["methods"] == ("base", "aug", "dec")  # the references always run
+        assert resolve_config(parser.parse_args(["--from-scratch"]))["start"] == "scratch"
+        assert resolve_config(parser.parse_args([]))["start"] == "shipped"
         paper = resolve_config(parser.parse_args(["--preset", "paper", "--model", "swin_tiny_patch4_window7_224"]))
         assert paper["lr"] == 8e-4 and paper["finetune_lr"] == 4e-4 and paper_lr("vit_base_patch16_224") == 1e-4
         with pytest.raises(ValueError, match="unknown method"):
             resolve_config(parser.parse_args(["--methods", "aug,foo"]))
         with pytest.raises(ValueError, match="nothing would be trained"):
-            resolve_config(parser.parse_args(["--epochs", "0", "--finetune-epochs", "0"]))
+            resolve_config(parser.parse_args(["--plain-steps", "0", "--aug-steps", "0", "--finetune-steps", "0"]))
+
+    def test_shipped_start_must_match_the_configuration(self):
+        from timm_dec.demo import load_start
+        cfg = resolve_config(argparse.Namespace(**{**vars(_demo_args([])), "num_digits": 3}))
+        with pytest.raises(ValueError, match="num_digits.*--from-scratch"):
+            load_start(cfg, "default")
 
     def test_warp_lines_of_identity_are_the_regular_grid(self):
-        lines = _warp_lines(identity_knots(1, 2, dtype=torch.float64)[0], grid=2, samples=5)
+        lines = warp_lines(identity_knots(1, 2, dtype=torch.float64)[0], grid=2, samples=5)
         assert len(lines) == 6
         t = torch.linspace(0, 1, 5, dtype=torch.float64)
         torch.testing.assert_close(lines[2], torch.stack((torch.full_like(t, 0.5), t), -1))  # x = 1/2, vertical
         torch.testing.assert_close(lines[3], torch.stack((t, torch.full_like(t, 0.5)), -1))  # y = 1/2, horizontal
+
+
+def _demo_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def _write_folder(root: Path, masks: bool, backgrounds: bool) -> None:

@@ -439,7 +439,7 @@ def _methods(s: _Setup, starts: dict[str, dict[str, torch.Tensor]]) -> dict[str,
         if method == "canon":
             torch.manual_seed(seed)
             model = InputCanonicalizer(
-                s.classifier(model), num_warps=cfg["canon_warps"], strength=cfg["aug_strength"], in_chans=s.channels,
+                model, num_warps=cfg["canon_warps"], strength=cfg["aug_strength"], in_chans=s.channels,
                 energy_size=cfg["canon_energy_size"], energy_widths=tuple(cfg["canon_energy_widths"]), seed=seed)
         models[method] = model
     return models
@@ -469,7 +469,7 @@ def _train_methods(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor
     }
     timings = {}
     for method, model in models.items():
-        clf = model if method == "canon" else s.classifier(model)
+        clf = s.classifier(model)
         runs = [s.fit(clf, images, labels, stage) for stage in stages[method]]
         timings[method] = dict(seconds=sum(r["seconds"] for r in runs),
                                backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] + n,
@@ -486,7 +486,7 @@ def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[s
     data = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], digit_size=cfg["digit_size"],
                 scale_range=list(cfg["scale_range"]), label=cfg["label"])
     for method, model in models.items():
-        clf = model if method == "canon" else s.classifier(model)
+        clf = s.classifier(model)
         start = time.perf_counter()
         r = evaluate_model(clf, s.test_set, cfg["scales"], scale_bins=cfg["scale_bins"], batch_size=cfg["eval_batch"],
                            device=s.device, seed=cfg["seed"], progress=s.progress, return_per_sample=True)

@@ -50,6 +50,7 @@ from torch.utils.data import Dataset
 from .baselines import InputCanonicalizer
 from .data import ImageFolderVariants, LocallyScaledDigits
 from .dec import solver_stats
+from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 from .metrics import evaluate_scale_consistency, format_scale, json_default
 
 __all__ = [
@@ -202,7 +203,8 @@ def data_dataset(args: argparse.Namespace, chans: int, digits: Optional[Mapping[
 def _data_num_classes(args: argparse.Namespace, recorded: Mapping[str, Any]) -> int:
     """The class count ``--data`` implies, for a model built without a recorded one."""
     if args.data in ("digits", "mnist"):
-        return 10 ** int(args.num_digits or recorded.get("num_digits") or DEFAULT_NUM_DIGITS)
+        return num_outputs(args.label or recorded.get("label") or "number",
+                           int(args.num_digits or recorded.get("num_digits") or DEFAULT_NUM_DIGITS))
     if args.data.startswith("folder:"):
         return data_dataset(args, 3, img_size=8).num_classes
     raise ValueError(f"--data must be 'digits', 'mnist' or 'folder:PATH', got {args.data!r}")
@@ -453,6 +455,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     digits.add_argument("--digit-size", type=int, default=None, help="digit side at scale 1; else canvas // 8")
     digits.add_argument("--scale-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="per-digit scale range of the test images; else 0.4 2.0")
+    digits.add_argument("--label", choices=LABEL_RULES, default=None,
+                        help="number: one class per number (10**k outputs); digits: 10 outputs per digit, scored on "
+                             "the whole number (timm_dec.heads); else what the checkpoint records, else number")
     digits.add_argument("--data-seed", type=int, default=0, help="dataset seed")
     digits.add_argument("--mnist-root", default=None, help="torchvision MNIST root for --data mnist")
     parser.add_argument("--img-size", type=int, default=None, help="folder data: image side; default the model's")
@@ -490,8 +495,14 @@ def run(args: argparse.Namespace) -> int:
     chans = int(data_cfg["input_size"][0])
     size = int(data_cfg["input_size"][-1])
     digits = None
+    base_model = model.model if canon is not None else model
     if args.data in ("digits", "mnist"):
-        digits = resolve_digits(args, recorded, getattr(model, "num_classes", None), size)
+        label = args.label or recorded.get("label") or "number"
+        digits = resolve_digits(args, recorded, None if label == "digits" else getattr(model, "num_classes", None),
+                                size)
+        digits["label"] = label
+        if label == "digits":
+            model = DigitwiseClassifier(model, digits["num_digits"])
         check_class_count(model, argparse.Namespace(num_digits=digits["num_digits"]), args.data)
     dataset = data_dataset(args, chans, digits, img_size=size)
     check_class_count(model, dataset, args.data)
@@ -503,7 +514,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_model(model, dataset, args.scales, scale_bins=bins, batch_size=args.batch_size, device=device,
                             num_workers=args.workers, seed=args.seed, progress=not args.no_progress,
                             amp_dtype=amp_dtype, channels_last=args.channels_last)
-    model_name = args.model or (model.model if canon is not None else model).pretrained_cfg.get("architecture")
+    model_name = args.model or base_model.pretrained_cfg.get("architecture")
     name = model_name + (" + Canon" if args.canon else "")
     what = args.data if digits is None else (
         f"{args.data} ({digits['num_digits']}-digit numbers, {digits['canvas']} px, digit size "

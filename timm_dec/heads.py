@@ -47,6 +47,11 @@ class DigitwiseClassifier(nn.Module):
         self.model = model
         self.num_digits = num_digits
 
+    @property
+    def num_classes(self) -> int:
+        """10**k: the numbers this classifier scores."""
+        return 10 ** self.num_digits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) input -> (B, 10**k) joint log-probabilities, number n = sum_j d_j 10**(k-1-j)."""
         logits = self.model(x)
