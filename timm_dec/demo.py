@@ -74,11 +74,11 @@ _COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
-        model_kwargs=dict(img_size=48, patch_size=6, embed_dim=96, depth=4, num_heads=3, global_pool="avg",
+        model_kwargs=dict(img_size=48, patch_size=6, embed_dim=64, depth=4, num_heads=2, global_pool="avg",
                           class_token=False, in_chans=1),
         num_digits=2, label="digits", canvas=48, digit_size=12, scale_range=(0.5, 2.0),
         train_samples=8000, test_samples=2000, batch_size=64, lr=2e-3, finetune_lr=5e-4,
-        plain_steps=3000, aug_steps=1000, finetune_steps=250, dec_warmup_steps=100, dec_lr_mult=10.0,
+        plain_steps=2000, aug_steps=600, finetune_steps=250, dec_warmup_steps=100, dec_lr_mult=10.0,
         canon_energy_size=16, canon_energy_widths=(8, 16),
         dec_blocks=(0, 1), dec_widths=(16, 32), dec_max_iter=16,
         scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_bins=((0.5, 1.0), (1.0, 2.0)),
