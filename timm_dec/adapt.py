@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.models._manipulate import checkpoint
 
@@ -181,10 +182,16 @@ def _make_config(
 
 
 def _attach(model: nn.Module, cfg: AdaptConfig) -> None:
-    """Add ``model.dec`` (identity-initialised DEC modules) and ``model.dec_cfg``."""
+    """Add ``model.dec`` (identity-initialised DEC modules) and ``model.dec_cfg``.
+
+    A DEC sees the unit's input features (``in_chans = model.dec_in_chans(b)``) or, with ``input="image"``, the input
+    image resized to the unit's map (``in_chans = model.dec_image_chans()``).
+    """
     ref = next(model.parameters(), None)
+    image = cfg.options.input == "image"
     decs = nn.ModuleDict({
-        str(b): DEC(model.dec_in_chans(b), cfg.options, name=f"dec.{b}") for b in cfg.blocks})
+        str(b): DEC(model.dec_image_chans() if image else model.dec_in_chans(b), cfg.options, name=f"dec.{b}")
+        for b in cfg.blocks})
     if ref is not None:
         decs = decs.to(device=ref.device, dtype=ref.dtype)
     decs.train(model.training)  # adapting a model in eval mode gives DECs in eval mode
@@ -271,6 +278,35 @@ def _warped_block(
     return out
 
 
+def _map_size(x: torch.Tensor, layout: str, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """(H, W) of the feature map ``x`` of a unit: the token grid, or the spatial dims of an NHWC / NCHW map."""
+    if layout == "tokens":
+        if grid_size is None:
+            raise ValueError("dec_block needs grid_size for the tokens layout when the DEC reads the image")
+        return int(grid_size[0]), int(grid_size[1])
+    if layout == "nhwc":
+        return int(x.shape[1]), int(x.shape[2])
+    return int(x.shape[2]), int(x.shape[3])
+
+
+def resize_image(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """The (B, C, H_img, W_img) input image resized to a unit's map ``size`` = (H, W), for ``dec_input="image"``.
+
+    Adaptive average pooling: where the image size is a multiple of the map size (every family: a patch embedding
+    of stride p, a Swin stage at stride 4 * 2^k), each output pixel is exactly the mean of the pixels of the patch
+    its token summarises -- an area filter, so no aliasing and no bleeding across token boundaries (an antialiased
+    bilinear resize has a triangle kernel twice as wide); with other sizes the windows adapt. It is linear, per
+    sample, deterministic and a native op everywhere (CPU, CUDA, meta, ``torch.compile``), as in the DEC's own
+    pooling.
+    """
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
+        raise ValueError(f"the input image must be a (B, C, H, W) tensor, got "
+                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.adaptive_avg_pool2d(image, size)
+
+
 def _not_traceable(kind: str) -> TypeError:
     return TypeError(
         f"timm_dec models do not support {kind}: the DEC equilibrium solve stops per sample on a data-dependent "
@@ -314,6 +350,27 @@ class DECModelMixin:
         """Channels of the feature map entering unit ``index``."""
         raise NotImplementedError
 
+    def dec_image_chans(self) -> int:
+        """Channels of the input image (the DEC's ``in_chans`` with ``dec_input="image"``).
+
+        timm's ``VisionTransformer`` (and its distilled and hybrid variants), ``Beit``, ``Eva``,
+        ``VisionTransformerRelPos``, ``SwinTransformer``, ``SwinTransformerV2`` and ``SwinTransformerV2Cr`` all keep
+        their ``in_chans`` argument as ``self.in_chans``; that is read first. (For a hybrid ViT the patch embedding's
+        ``proj`` takes the CNN backbone's features, not the image, so ``patch_embed.proj.in_channels`` would be wrong
+        there.) Otherwise the patch embedding's ``in_chans``, or the input channels of a plain patch embedding's
+        convolution.
+        """
+        chans = getattr(self, "in_chans", None)
+        embed = getattr(self, "patch_embed", None)
+        if chans is None and embed is not None:
+            chans = getattr(embed, "in_chans", None)
+            proj = getattr(embed, "proj", None)
+            if chans is None and getattr(embed, "backbone", None) is None and isinstance(proj, nn.Conv2d):
+                chans = proj.in_channels
+        if isinstance(chans, bool) or not isinstance(chans, int) or chans < 1:
+            raise ValueError(f"cannot tell the input image channels of {type(self).__name__} for dec_input='image'")
+        return chans
+
     def dec_block(
             self,
             index: int,
@@ -324,6 +381,7 @@ class DECModelMixin:
             grid_size: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = 0,
             checkpointing: bool = False,
+            image: Optional[torch.Tensor] = None,
             **block_kwargs: Any,
     ) -> torch.Tensor:
         """Run unit ``index`` on ``x``, canonicalised by its DEC when it has one.
@@ -336,17 +394,31 @@ class DECModelMixin:
             grid_size: (H, W) of the token map (tokens layout).
             num_prefix_tokens: P class / distillation / register tokens, which pass through unwarped.
             checkpointing: recompute the block (and its warps, not the DEC solve) in the backward pass.
+            image: the model's (normalised) input image (B, C_img, H_img, W_img). A DEC with ``input="image"`` reads it
+                resized to the unit's map (`resize_image`) instead of ``x``; the warp still acts on ``x``.
             **block_kwargs: passed to the block (``shared_rel_pos_bias``, ``attn_mask``, ...).
 
         Returns:
             The block output, un-canonicalised in the equivariant mode: (B, P + H*W, C) or (B, H', W', C').
+
+        Raises:
+            ValueError: the unit's DEC reads the image (``dec_input="image"``) and ``image`` is None.
         """
         key = str(index)
         if key not in self.dec:
             if checkpointing:
                 return checkpoint(block, x, **block_kwargs)
             return block(x, **block_kwargs)
-        knots = self.dec[key](x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+        dec = self.dec[key]
+        if dec.cfg.input == "image":
+            if image is None:
+                raise ValueError(
+                    f"the DEC of {self.dec_unit_name} {index} reads the input image (dec_input='image'), but "
+                    f"dec_block got image=None: pass the model's input image, dec_block(..., image=x), or run the "
+                    f"model's forward_features / forward_intermediates")
+            knots = dec(resize_image(image, _map_size(x, layout, grid_size)), layout="nchw")
+        else:
+            knots = dec(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
         equivariant = self.dec_cfg.mode == "equivariant"
         if checkpointing:
             # the solve stays outside: recomputing it would double its cost and its solver statistics

@@ -48,17 +48,19 @@ class BeitDEC(DECModelMixin, Beit):
             x: torch.Tensor,
             grid: Tuple[int, int],
             rel_pos_bias: Optional[torch.Tensor],
+            image: torch.Tensor,
     ) -> torch.Tensor:
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
-            checkpointing=self.grad_checkpointing, shared_rel_pos_bias=rel_pos_bias)
+            checkpointing=self.grad_checkpointing, image=image, shared_rel_pos_bias=rel_pos_bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, 1 + h*w, D)."""
+        image = x
         x, grid = self._dec_embed(x)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for i, blk in enumerate(self.blocks):
-            x = self._dec_run_block(i, blk, x, grid, rel_pos_bias)
+            x = self._dec_run_block(i, blk, x, grid, rel_pos_bias, image)
         return self.norm(x)
 
     def forward_intermediates(
@@ -78,11 +80,12 @@ class BeitDEC(DECModelMixin, Beit):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
         B = x.shape[0]
+        image = x
         x, (H, W) = self._dec_embed(x)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
-            x = self._dec_run_block(i, blk, x, (H, W), rel_pos_bias)
+            x = self._dec_run_block(i, blk, x, (H, W), rel_pos_bias, image)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
 

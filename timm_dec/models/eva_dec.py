@@ -79,13 +79,14 @@ class EvaDEC(DECModelMixin, Eva):
             rot_pos_embed: Optional[torch.Tensor],
             attn_mask: Optional[torch.Tensor],
             is_causal: bool,
+            image: torch.Tensor,
     ) -> torch.Tensor:
         rope = rot_pos_embed
         if self.rope_mixed and rot_pos_embed is not None:
             rope = rot_pos_embed[index]  # depth-dependent embeddings: one per block
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
-            checkpointing=self.grad_checkpointing, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            checkpointing=self.grad_checkpointing, image=image, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_features(
             self,
@@ -94,9 +95,10 @@ class EvaDEC(DECModelMixin, Eva):
             is_causal: bool = False,
     ) -> torch.Tensor:
         """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D)."""
+        image = x
         x, rot_pos_embed, grid = self._dec_embed(x)
         for i, blk in enumerate(self.blocks):
-            x = self._dec_run_block(i, blk, x, grid, rot_pos_embed, attn_mask, is_causal)
+            x = self._dec_run_block(i, blk, x, grid, rot_pos_embed, attn_mask, is_causal, image)
         return self.norm(x)
 
     def forward_intermediates(
@@ -118,10 +120,11 @@ class EvaDEC(DECModelMixin, Eva):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
         B = x.shape[0]
+        image = x
         x, rot_pos_embed, (H, W) = self._dec_embed(x)
         blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
-            x = self._dec_run_block(i, blk, x, (H, W), rot_pos_embed, attn_mask, is_causal)
+            x = self._dec_run_block(i, blk, x, (H, W), rot_pos_embed, attn_mask, is_causal, image)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
 

@@ -62,16 +62,18 @@ class VisionTransformerRelPosDEC(DECModelMixin, VisionTransformerRelPos):
             x: torch.Tensor,
             grid: Tuple[int, int],
             shared_rel_pos: Optional[torch.Tensor],
+            image: torch.Tensor,
     ) -> torch.Tensor:
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
-            checkpointing=self.grad_checkpointing, shared_rel_pos=shared_rel_pos)
+            checkpointing=self.grad_checkpointing, image=image, shared_rel_pos=shared_rel_pos)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D)."""
+        image = x
         x, shared_rel_pos, grid = self._dec_embed(x)
         for i, blk in enumerate(self.blocks):
-            x = self._dec_run_block(i, blk, x, grid, shared_rel_pos)
+            x = self._dec_run_block(i, blk, x, grid, shared_rel_pos, image)
         return self.norm(x)
 
     def forward_intermediates(
@@ -91,10 +93,11 @@ class VisionTransformerRelPosDEC(DECModelMixin, VisionTransformerRelPos):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
         B = x.shape[0]
+        image = x
         x, shared_rel_pos, (H, W) = self._dec_embed(x)
         blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
-            x = self._dec_run_block(i, blk, x, (H, W), shared_rel_pos)
+            x = self._dec_run_block(i, blk, x, (H, W), shared_rel_pos, image)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
 

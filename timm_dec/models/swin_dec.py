@@ -38,16 +38,17 @@ class SwinTransformerDEC(DECModelMixin, SwinTransformer):
     def dec_in_chans(self, index: int) -> int:
         return self.layers[index].dim
 
-    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         # a stage checkpoints its own blocks when grad checkpointing is on
-        return self.dec_block(index, stage, x, layout="nhwc")
+        return self.dec_block(index, stage, x, layout="nhwc", image=image)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding, the stages (adapted ones through their DEC) and the final norm: (B, H', W', C')."""
         self.dec_check_input(x)
+        image = x
         x = self.patch_embed(x)
         for i, stage in enumerate(self.layers):
-            x = self._dec_run_stage(i, stage, x)
+            x = self._dec_run_stage(i, stage, x, image)
         return self.norm(x)
 
     def forward_intermediates(
@@ -69,12 +70,13 @@ class SwinTransformerDEC(DECModelMixin, SwinTransformer):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
 
+        image = x
         x = self.patch_embed(x)
         num_stages = len(self.layers)
         stages = self.layers if not stop_early else self.layers[:max_index + 1]
         i = 0
         for i, stage in enumerate(stages):
-            x = self._dec_run_stage(i, stage, x)
+            x = self._dec_run_stage(i, stage, x, image)
             if i in take_indices:
                 x_inter = self.norm(x) if norm and i == num_stages - 1 else x
                 if output_fmt == 'NCHW':

@@ -48,16 +48,17 @@ class SwinTransformerV2DEC(DECModelMixin, SwinTransformerV2):
     def dec_in_chans(self, index: int) -> int:
         return self.layers[index].dim
 
-    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         # a stage checkpoints its own blocks when grad checkpointing is on
-        return self.dec_block(index, stage, x, layout="nhwc")
+        return self.dec_block(index, stage, x, layout="nhwc", image=image)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding, the stages (adapted ones through their DEC) and the final norm: (B, H', W', C')."""
         self.dec_check_input(x)
+        image = x
         x = self.patch_embed(x)
         for i, stage in enumerate(self.layers):
-            x = self._dec_run_stage(i, stage, x)
+            x = self._dec_run_stage(i, stage, x, image)
         return self.norm(x)
 
     def forward_intermediates(
@@ -79,12 +80,13 @@ class SwinTransformerV2DEC(DECModelMixin, SwinTransformerV2):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
 
+        image = x
         x = self.patch_embed(x)
         num_stages = len(self.layers)
         stages = self.layers if not stop_early else self.layers[:max_index + 1]
         i = 0
         for i, stage in enumerate(stages):
-            x = self._dec_run_stage(i, stage, x)
+            x = self._dec_run_stage(i, stage, x, image)
             if i in take_indices:
                 x_inter = self.norm(x) if norm and i == num_stages - 1 else x
                 if output_fmt == 'NCHW':
@@ -117,16 +119,17 @@ class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
             return stage.downsample.reduction.in_features // 4
         return stage.blocks[0].norm1.normalized_shape[0]
 
-    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         # a stage checkpoints its own blocks when grad checkpointing is on
-        return self.dec_block(index, stage, x, layout="nchw")
+        return self.dec_block(index, stage, x, layout="nchw", image=image)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding and the stages (adapted ones through their DEC): (B, C', H', W')."""
         self.dec_check_input(x)
+        image = x
         x = self.patch_embed(x)
         for i, stage in enumerate(self.stages):
-            x = self._dec_run_stage(i, stage, x)
+            x = self._dec_run_stage(i, stage, x, image)
         return x
 
     def forward_intermediates(
@@ -144,10 +147,11 @@ class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
 
+        image = x
         x = self.patch_embed(x)
         stages = self.stages if not stop_early else self.stages[:max_index + 1]
         for i, stage in enumerate(stages):
-            x = self._dec_run_stage(i, stage, x)
+            x = self._dec_run_stage(i, stage, x, image)
             if i in take_indices:
                 intermediates.append(x)
 

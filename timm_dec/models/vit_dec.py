@@ -66,12 +66,13 @@ class VisionTransformerDEC(DECModelMixin, VisionTransformer):
             grid: Tuple[int, int],
             attn_mask: Optional[torch.Tensor],
             is_causal: bool,
+            image: torch.Tensor,
     ) -> torch.Tensor:
         masked = attn_mask is not None or is_causal
         block_kwargs = dict(attn_mask=attn_mask, is_causal=is_causal) if masked else {}
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
-            checkpointing=self.grad_checkpointing and not masked, **block_kwargs)
+            checkpointing=self.grad_checkpointing and not masked, image=image, **block_kwargs)
 
     def forward_features(
             self,
@@ -80,9 +81,10 @@ class VisionTransformerDEC(DECModelMixin, VisionTransformer):
             is_causal: bool = False,
     ) -> torch.Tensor:
         """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D)."""
+        image = x
         x, grid = self._dec_embed(x)
         for i, blk in enumerate(self.blocks):
-            x = self._dec_run_block(i, blk, x, grid, attn_mask, is_causal)
+            x = self._dec_run_block(i, blk, x, grid, attn_mask, is_causal, image)
         return self.norm(x)
 
     def forward_intermediates(
@@ -105,10 +107,11 @@ class VisionTransformerDEC(DECModelMixin, VisionTransformer):
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
         B = x.shape[0]
+        image = x
         x, (H, W) = self._dec_embed(x)
         blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
-            x = self._dec_run_block(i, blk, x, (H, W), attn_mask, is_causal)
+            x = self._dec_run_block(i, blk, x, (H, W), attn_mask, is_causal, image)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
 
