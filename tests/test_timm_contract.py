@@ -421,16 +421,21 @@ def test_ddp_training_step_gloo_two_processes(tmp_path):
 
 
 # Inductor compiles C++ for each graph piece: ~100 s for this tiny model on the 2-core CI machine. aot_eager runs the
-# same Dynamo capture and AOTAutograd tracing (which the DEC's graph break and statistics must survive) in ~10 s.
+# same Dynamo capture (fullgraph: no graph break anywhere, the solve included) and AOTAutograd's tracing and
+# decompositions in ~15 s. tests/test_compile.py has every family, the training step and the CUDA-graph capture.
 COMPILE_BACKEND = os.environ.get("TIMM_DEC_TEST_COMPILE_BACKEND", "aot_eager")
 
 
 @pytest.mark.slow
 def test_torch_compile_forward_matches_eager():
-    model = create("vit").eval()
+    """A solve that converges (the absolute update from small head weights, a contraction): eager stops once every
+    sample has converged (host check every iteration), the compiled graph runs all ``max_iter`` iterations with the
+    converged samples frozen; the outputs agree. Solver statistics are recorded in eager only: under compile nothing
+    is read on the host, by design."""
+    model = create("vit", dec_update="absolute", dec_max_iter=8).eval()
     perturb_dec(model)
     x = images("vit", 2)
-    compiled = torch.compile(model, backend=COMPILE_BACKEND)
+    compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)
     with torch.no_grad():
         with solver_stats() as eager_stats:
             expected = model(x)
@@ -438,15 +443,9 @@ def test_torch_compile_forward_matches_eager():
             got = compiled(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (expected - base_twin("vit", model).eval()(x)).abs().max() > 1e-3  # the DEC does something
-    # the solve runs eagerly inside the compiled model and still reports to solver_stats (the compiled blocks round
-    # differently, so a stopping test may flip by one iteration and the residuals agree only approximately)
-    got_stats, expected_stats = compiled_stats.summary(), eager_stats.summary()
-    assert list(got_stats) == list(expected_stats) == ["dec.0", "dec.1"] and compiled_stats.mean_iterations > 1
-    for name, want in expected_stats.items():
-        got = got_stats[name]
-        assert (got["calls"], got["samples"], got["fallbacks"]) == (want["calls"], want["samples"], want["fallbacks"])
-        assert got["mean_iterations"] == pytest.approx(want["mean_iterations"], abs=1)
-        assert got["max_residual"] == pytest.approx(want["max_residual"], rel=0.05, abs=model.dec_cfg.options.tol)
+    assert list(eager_stats.summary()) == ["dec.0", "dec.1"] and 1 < eager_stats.mean_iterations < 8
+    assert eager_stats.total_not_converged == eager_stats.total_fallbacks == 0
+    assert len(compiled_stats) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -481,4 +480,6 @@ def test_bench_overhead_runs_and_its_figures_add_up(tmp_path, capsys):
         assert m["total_bytes"] == m["resident_bytes"] + m["step_bytes"] and m["step_bytes"] > 0
     # the perturbed DEC heads make the solve iterate, without giving up
     assert entry["solver"]["eval_mean_iterations"] > 2 and entry["solver"]["fallbacks"] == 0
-    assert 0 < entry["split"]["forward_dec_share"] < 1 and 0 < entry["split"]["train_adjoint_share_profiled"] < 1
+    assert 0 < entry["split"]["forward_dec_share"] < 1 and 0 < entry["split"]["train_dec_forward_share"] < 1
+    # the default phantom backward has no adjoint solve: no adjoint share, and the table says so with a dash
+    assert entry["mode"] == "eager" and entry["split"]["train_adjoint_share_profiled"] is None

@@ -1,7 +1,9 @@
-"""``timm-dec bench warp|overhead``: benchmarks that time their candidates side by side, in one run.
+"""``timm-dec bench warp|overhead|gpu``: benchmarks that time their candidates side by side, in one run.
 
 ``warp`` (`timm_dec.bench.warp`) times the monotone warp against the composed path of the paper's released code and
-``x.clone()``; ``overhead`` (`timm_dec.bench.overhead`) times base timm models against their ``*_dec`` twins. Each
+``x.clone()``; ``overhead`` (`timm_dec.bench.overhead`) times base timm models against their ``*_dec`` twins; ``gpu``
+(`timm_dec.bench.gpu`) is the one-shot GPU check: the Triton kernel against the reference on CUDA, ``warp`` and
+``overhead`` (eager, compiled, CUDA graph) in one JSON within a time budget (``--dry-run``: a smoke run anywhere). Each
 returns a JSON-serialisable result, which `run` prints as a table and writes; with ``--check`` it also prints each
 target with its verdict and exits with status 1 when one is missed. The timers live in `timm_dec.bench.timing`.
 """
@@ -13,22 +15,24 @@ from typing import Any
 
 import torch
 
-from .overhead import OVERHEAD_MODELS, bench_overhead
+from .gpu import GPU_MODELS, bench_gpu, gpu_targets
+from .overhead import MODES, OVERHEAD_MODELS, bench_overhead
 from .timing import environment, paired_times, peak_cpu_memory, time_interleaved, write_json
 from .warp import WARP_SHAPES, bench_warp, composed_warp, format_warp_table
 
 __all__ = [
     "add_arguments", "run", "format_targets", "bench_warp", "bench_overhead", "composed_warp", "format_warp_table",
     "paired_times", "time_interleaved", "environment", "peak_cpu_memory", "write_json", "BENCHMARKS", "WARP_SHAPES",
-    "OVERHEAD_MODELS",
+    "OVERHEAD_MODELS", "GPU_MODELS", "bench_gpu", "MODES",
 ]
 
-BENCHMARKS = ("warp", "overhead")
+BENCHMARKS = ("warp", "overhead", "gpu")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``timm-dec bench``: the benchmark to run, then shared, warp and overhead options."""
-    parser.add_argument("which", choices=BENCHMARKS, help="'warp': the warp op; 'overhead': base vs *_dec models")
+    parser.add_argument("which", choices=BENCHMARKS, help="'warp': the warp op; 'overhead': base vs *_dec models; "
+                        "'gpu': the one-shot GPU check (kernel vs reference, warp, overhead in 3 modes)")
     parser.add_argument("--device", default="cpu", help="device to time on: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds; every figure is their median")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones")
@@ -45,7 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     warp.add_argument("--grid", type=int, default=4, help="DEC grid size G")
     warp.add_argument("--batch", type=int, default=None, help="override the batch size of every warp shape")
     overhead = parser.add_argument_group("overhead")
-    overhead.add_argument("--models", nargs="+", default=list(OVERHEAD_MODELS), help="timm base model names")
+    overhead.add_argument("--models", nargs="+", default=None,
+                          help=f"timm base model names (overhead: {' '.join(OVERHEAD_MODELS)}; gpu: "
+                               f"{' '.join(GPU_MODELS)})")
+    overhead.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                          help="overhead: eager (default), compile (torch.compile of both models), cudagraph (CUDA: "
+                               "the eval forward captured in a CUDA graph); gpu: all three")
+    overhead.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile mode")
+    gpu = parser.add_argument_group("gpu")
+    gpu.add_argument("--dry-run", action="store_true",
+                     help="run every code path on tiny inputs, on any --device (CUDA-only parts: 'not measured')")
+    gpu.add_argument("--budget-s", type=float, default=None,
+                     help="seconds after which the remaining sections are 'not measured' (default 450)")
     overhead.add_argument("--batch-size", type=int, default=8, help="batch size of the overhead benchmark")
     overhead.add_argument("--img-size", type=int, default=224,
                           help="input resolution of the overhead benchmark; 0: each model's own")
@@ -69,7 +84,11 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed)
         print(format_warp_table(result))
     elif args.which == "overhead":
+        if args.models is None:
+            args.models = list(OVERHEAD_MODELS)
         result = bench_overhead(args)
+    elif args.which == "gpu":
+        result = bench_gpu(args)
     else:
         raise ValueError(f"unknown benchmark {args.which!r}, expected one of {BENCHMARKS}")
     path = args.json or os.path.join(args.out, f"bench_{args.which}.json")
@@ -85,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
 def format_targets(result: dict[str, Any]) -> tuple[str, bool]:
     """One line per target of a warp or overhead result (``target NAME TARGET: VALUE met|missed``), and whether
     every target is met."""
-    entries = result.get("shapes") or result.get("models") or {}
+    if result.get("benchmark") == "gpu":
+        entries = gpu_targets(result)
+    else:
+        entries = result.get("shapes") or result.get("models") or {}
     lines, met = [], True
     for name, entry in entries.items():
         for target, check in entry["targets"].items():

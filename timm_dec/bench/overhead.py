@@ -9,8 +9,15 @@ measured side by side:
   running sum of the allocations and frees the profiler records during one training step (activations, gradients,
   the DEC's solve and adjoint);
 - mean solver iterations per DEC call (`timm_dec.solver_stats`), eval forward and training step;
-- where the extra time goes: time inside the DEC modules (the equilibrium solve, wall clock via module hooks) and, in
-  the training step, the implicit backward (the adjoint solve, from the profiler).
+- where the extra time goes: time inside the DEC modules (the equilibrium solve and, in training, the phantom steps;
+  wall clock via module hooks) and, for DECs with ``backward="implicit"``, the share of the training step in the
+  adjoint solve (from the profiler; None with the default phantom backward, which has no adjoint solve).
+
+Modes (``--modes``): ``eager``; ``compile`` (``torch.compile`` of both models, ``--compile-backend``, default
+Inductor; the DEC solve then runs its fixed ``max_iter`` iterations, since a compiled graph reads nothing on the
+host); ``cudagraph`` (CUDA only: the eval forward of both models captured with ``torch.cuda.graphs`` and replayed, DEC
+built with ``dec_check_every=None``; forward figures only). In the compiled and captured modes the time split is not
+measured (module hooks do not run inside a graph) and the solver figures come from the eager model.
 
 A fresh DEC is exactly the identity and its solve stops after one evaluation of H, which would flatter it. So every
 DEC's zero-initialised last layer gets N(0, ``DEC_HEAD_STD``^2) weights (`perturb_dec_heads`): the solve then iterates
@@ -45,11 +52,12 @@ from .timing import environment, paired_times, peak_cpu_memory
 __all__ = [
     "bench_overhead", "bench_model", "format_overhead_table", "overhead_targets", "perturb_dec_heads",
     "peak_training_memory", "DEC_HEAD_STD", "FORWARD_MAX_RATIO", "TRAIN_MAX_RATIO", "MEMORY_MAX_RATIO",
-    "OVERHEAD_MODELS",
+    "OVERHEAD_MODELS", "MODES", "entry_key", "set_dec_options",
 ]
 
 OVERHEAD_MODELS = (
     "vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "beit_base_patch16_224")
+MODES = ("eager", "compile", "cudagraph")
 
 DEC_HEAD_STD = 0.05
 # targets (`timm-dec bench overhead --check`): dec / base forward, training step and training memory
@@ -75,6 +83,23 @@ def perturb_dec_heads(model: nn.Module, std: float = DEC_HEAD_STD, seed: int = 0
         for dec in decs:
             for p in (dec.head.weight,):
                 p.copy_((std * torch.randn(p.shape, generator=gen)).to(p))
+
+
+def set_dec_options(model: nn.Module, **changes: Any) -> nn.Module:
+    """Change run-time DEC options (e.g. ``check_every=None``) of every DEC of ``model`` and of ``model.dec_cfg``.
+
+    ``timm.create_model`` drops keyword arguments whose value is None, so ``dec_check_every=None`` cannot be passed
+    through it (it silently keeps the default); this sets such options after the model is built.
+    """
+    decs = [m for m in model.modules() if isinstance(m, DEC)]
+    if not decs:
+        raise ValueError(f"{type(model).__name__} has no DEC modules")
+    for dec in decs:
+        dec.cfg = dataclasses.replace(dec.cfg, **changes)
+    cfg = getattr(model, "dec_cfg", None)
+    if cfg is not None:
+        model.dec_cfg = dataclasses.replace(cfg, options=dataclasses.replace(cfg.options, **changes))
+    return model
 
 
 def _resident_bytes(model: nn.Module) -> int:
@@ -161,8 +186,11 @@ def _dec_seconds(model: nn.Module, fn: Callable[[], Any], device: torch.device) 
     return total, sum(spent)
 
 
-def _adjoint_share(step: Callable[[], Any]) -> float:
-    """Share of a profiled training step's CPU time spent in the implicit backward of the DECs (the adjoint solve)."""
+def _adjoint_share(model: nn.Module, step: Callable[[], Any]) -> Optional[float]:
+    """Share of a profiled training step's CPU time spent in the implicit backward of the DECs (the adjoint solve);
+    None when no DEC of ``model`` has an implicit backward (the default phantom backward has no adjoint solve)."""
+    if not any(isinstance(m, DEC) and m.cfg.backward == "implicit" for m in model.modules()):
+        return None
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     events = prof.key_averages()
@@ -173,7 +201,7 @@ def _adjoint_share(step: Callable[[], Any]) -> float:
     return adjoint / total if total > 0 else 0.0
 
 
-def _twins(name: str, img_size: int, seed: int, head_std: float) -> tuple[nn.Module, nn.Module]:
+def _twins(name: str, img_size: int, seed: int, head_std: float, **dec_kwargs: Any) -> tuple[nn.Module, nn.Module]:
     """The base model and its ``*_dec`` twin with the base's weights and perturbed DEC heads.
 
     ``img_size`` 0 keeps the model's own resolution. A headless base (DINOv3, EVA02 MIM: ``num_classes=0``) gets a
@@ -185,6 +213,8 @@ def _twins(name: str, img_size: int, seed: int, head_std: float) -> tuple[nn.Mod
     torch.manual_seed(seed)
     base = timm.create_model(name, pretrained=False, **kwargs)
     dec = timm.create_model(name + "_dec", pretrained=False, **kwargs)
+    if dec_kwargs:
+        set_dec_options(dec, **dec_kwargs)  # create_model would drop a None
     load_dec_state_dict(dec, base.state_dict(), source=f"{name}'s weights", target=f"{name}_dec")
     perturb_dec_heads(dec, head_std, seed)
     return base, dec
@@ -207,15 +237,38 @@ def _solver_figures(dec: nn.Module, x: torch.Tensor, train_step: Callable[[], No
     }
 
 
-def overhead_targets(ratios: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """The targets of one model, each ``{"value": ..., "met": ...}``, named with its bound."""
-    return {
-        f"forward_<={FORWARD_MAX_RATIO}": {"value": ratios["forward"], "met": ratios["forward"] <= FORWARD_MAX_RATIO},
-        f"train_step_<={TRAIN_MAX_RATIO}": {
-            "value": ratios["train_step"], "met": ratios["train_step"] <= TRAIN_MAX_RATIO},
-        f"memory_<={MEMORY_MAX_RATIO}": {
-            "value": ratios["memory_total"], "met": ratios["memory_total"] <= MEMORY_MAX_RATIO},
-    }
+def overhead_targets(ratios: dict[str, Optional[float]]) -> dict[str, dict[str, Any]]:
+    """The targets of one model, each ``{"value": ..., "met": ...}``, named with its bound (those measured)."""
+    bounds = {"forward": ("forward", FORWARD_MAX_RATIO), "train_step": ("train_step", TRAIN_MAX_RATIO),
+              "memory_total": ("memory", MEMORY_MAX_RATIO)}
+    return {f"{label}_<={bound}": {"value": ratios[key], "met": ratios[key] <= bound}
+            for key, (label, bound) in bounds.items() if ratios.get(key) is not None}
+
+
+def entry_key(name: str, mode: str) -> str:
+    """Key of a model's entry in ``result["models"]``: the name in eager mode, ``name@mode`` otherwise."""
+    return name if mode == "eager" else f"{name}@{mode}"
+
+
+def _cuda_graph_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The eval forward of ``model`` on ``x`` captured in a CUDA graph; returns its replay (the output tensor)."""
+    static = x.clone()
+    stream = torch.cuda.Stream(device=x.device)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.no_grad():
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs asks
+                model(static)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(static)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def bench_model(
@@ -228,6 +281,9 @@ def bench_model(
         warmup: int = 3,
         seed: int = 0,
         head_std: float = DEC_HEAD_STD,
+        mode: str = "eager",
+        compile_backend: str = "inductor",
+        dec_options: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Measure the timm model ``name`` against ``name + "_dec"`` (default DEC options, perturbed DEC heads).
 
@@ -240,6 +296,9 @@ def bench_model(
         warmup: untimed rounds first.
         seed: seed of the weights, the inputs and the DEC heads.
         head_std: standard deviation of the DEC heads (`perturb_dec_heads`).
+        mode: ``"eager"``, ``"compile"`` or ``"cudagraph"`` (module docstring).
+        compile_backend: ``torch.compile`` backend of the compile mode.
+        dec_options: DEC options to change from the defaults (`set_dec_options`), e.g. ``{"max_iter": 8}``.
 
     Returns:
         JSON-serialisable dict: ``forward`` and ``train_step`` (median ms of base and dec, the median of the per-round
@@ -247,37 +306,56 @@ def bench_model(
         per-round medians for time), ``solver`` iteration statistics, ``split`` (where the DEC model's time goes),
         the ``targets`` (`overhead_targets`) and the DEC options.
     """
-    base, dec = _twins(name, img_size, seed, head_std)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "cudagraph" and device.type != "cuda":
+        raise ValueError(f"mode 'cudagraph' needs a CUDA device, got {device}")
+    # a compiled or captured graph reads nothing on the host: the solve runs max_iter iterations either way
+    options = {**({} if mode == "eager" else {"check_every": None}), **(dec_options or {})}
+    base, dec = _twins(name, img_size, seed, head_std, **options)
     img_size = img_size or base.pretrained_cfg["input_size"][-1]
     base.to(device)
     dec.to(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
     target = torch.randint(0, base.num_classes, (batch_size,), generator=gen).to(device)
-    steps = {"base": _train_step(base, x, target), "dec": _train_step(dec, x, target)}
-    solver = _solver_figures(dec, x, steps["dec"])  # outside the timed rounds
+    solver = _solver_figures(dec, x, _train_step(dec, x, target))  # eager, outside the timed rounds
+    if mode == "compile":
+        run_base, run_dec = torch.compile(base, backend=compile_backend), torch.compile(dec, backend=compile_backend)
+    else:
+        run_base, run_dec = base, dec
+    steps = {"base": _train_step(run_base, x, target), "dec": _train_step(run_dec, x, target)}
 
     base.eval()
     dec.eval()
     with torch.no_grad():
-        forward = _summary(paired_times({"base": lambda: base(x), "dec": lambda: dec(x)}, device, repeats, warmup))
-        fwd_total, fwd_dec = _dec_seconds(dec, lambda: dec(x), device)
-    base.train()
-    dec.train()
-    train = _summary(paired_times(steps, device, repeats, warmup))
-    train_total, train_dec_fwd = _dec_seconds(dec, steps["dec"], device)
-    adjoint_share = _adjoint_share(steps["dec"]) if device.type == "cpu" else None
-    memory = {"base": peak_training_memory(base, steps["base"], device),
-              "dec": peak_training_memory(dec, steps["dec"], device)}
+        if mode == "cudagraph":
+            fwd_fns = {"base": _cuda_graph_forward(base, x), "dec": _cuda_graph_forward(dec, x)}
+        else:
+            fwd_fns = {"base": lambda: run_base(x), "dec": lambda: run_dec(x)}
+        forward = _summary(paired_times(fwd_fns, device, repeats, warmup))
+        fwd_total, fwd_dec = _dec_seconds(dec, lambda: dec(x), device) if mode == "eager" else (None, None)
+    train = memory = None
+    train_total = train_dec_fwd = adjoint_share = None
+    if mode != "cudagraph":
+        base.train()
+        dec.train()
+        train = _summary(paired_times(steps, device, repeats, warmup))
+        if mode == "eager":
+            train_total, train_dec_fwd = _dec_seconds(dec, steps["dec"], device)
+            adjoint_share = _adjoint_share(dec, steps["dec"]) if device.type == "cpu" else None
+        memory = {"base": peak_training_memory(base, steps["base"], device),
+                  "dec": peak_training_memory(dec, steps["dec"], device)}
 
     ratios = {
         "forward": forward["ratio"],
-        "train_step": train["ratio"],
-        "memory_total": memory["dec"]["total_bytes"] / memory["base"]["total_bytes"],
-        "memory_step": memory["dec"]["step_bytes"] / memory["base"]["step_bytes"],
+        "train_step": train["ratio"] if train else None,
+        "memory_total": memory["dec"]["total_bytes"] / memory["base"]["total_bytes"] if memory else None,
+        "memory_step": memory["dec"]["step_bytes"] / memory["base"]["step_bytes"] if memory else None,
     }
     return {
         "model": name,
+        "mode": mode,
         "img_size": img_size,
         "dec_blocks": list(dec.dec_cfg.blocks),
         "dec_options": dataclasses.asdict(dec.dec_cfg.options),
@@ -289,8 +367,8 @@ def bench_model(
         "ratios": ratios,
         "solver": solver,
         "split": {
-            "forward_dec_share": fwd_dec / fwd_total,
-            "train_dec_forward_share": train_dec_fwd / train_total,
+            "forward_dec_share": fwd_dec / fwd_total if fwd_total else None,
+            "train_dec_forward_share": train_dec_fwd / train_total if train_total else None,
             "train_adjoint_share_profiled": adjoint_share,
         },
         "targets": overhead_targets(ratios),
@@ -310,20 +388,24 @@ def format_overhead_table(result: dict[str, Any]) -> str:
         f"{'mem MB base/dec':>17} {'x':>6} {'x step':>7} {'iters e/t':>10} {'DEC% fwd':>9} {'adj% trn':>9}",
     ]
     for name, r in result["models"].items():
-        f, t, m, q = r["forward"], r["train_step"], r["memory"], r["ratios"]
-        adjoint = r["split"]["train_adjoint_share_profiled"]
+        f, t, m, q, split = r["forward"], r["train_step"], r["memory"], r["ratios"], r["split"]
+        ms = 2 if f["base_ms"] < 10 else 0  # GPU figures are a few ms
+        train = (f"{t['base_ms']:>9.{ms}f}/{t['dec_ms']:<9.{ms}f} {q['train_step']:>6.3f}" if t else
+                 f"{'-':>19} {'-':>6}")
+        mem = (f"{m['base']['total_bytes'] / 2**20:>8.0f}/{m['dec']['total_bytes'] / 2**20:<8.0f} "
+               f"{q['memory_total']:>6.3f} {q['memory_step']:>7.3f}" if m else f"{'-':>17} {'-':>6} {'-':>7}")
+        pct = [f"{100 * v:>8.1f}%" if v is not None else f"{'-':>9}"
+               for v in (split["forward_dec_share"], split["train_adjoint_share_profiled"])]
         lines.append(
-            f"{name:<30} {r['img_size']:>4} {f['base_ms']:>8.0f}/{f['dec_ms']:<8.0f} {q['forward']:>6.3f} "
-            f"{t['base_ms']:>9.0f}/{t['dec_ms']:<9.0f} "
-            f"{q['train_step']:>6.3f} {m['base']['total_bytes'] / 2**20:>8.0f}/{m['dec']['total_bytes'] / 2**20:<8.0f} "
-            f"{q['memory_total']:>6.3f} {q['memory_step']:>7.3f} "
+            f"{name:<30} {r['img_size']:>4} {f['base_ms']:>8.{ms}f}/{f['dec_ms']:<8.{ms}f} {q['forward']:>6.3f} "
+            f"{train} {mem} "
             f"{r['solver']['eval_mean_iterations']:>4.1f}/{r['solver']['train_mean_iterations']:<5.1f} "
-            f"{100 * r['split']['forward_dec_share']:>8.1f}% "
-            + (f"{100 * adjoint:>8.1f}%" if adjoint is not None else f"{'-':>9}"))
+            f"{pct[0]} {pct[1]}")
     lines.append("x = dec / base (time: median of the per-round ratios; memory: parameters + the step's peak; x step: "
                  "the step's peak alone); "
                  "iters: mean solver iterations per DEC call, eval / train; DEC% fwd: share of the eval forward inside "
-                 "the DEC modules; adj% trn: share of a profiled training step in the implicit backward")
+                 "the DEC modules (eager only); adj% trn: share of a profiled training step in the implicit backward ('-': "
+                 "phantom backward, no adjoint solve); NAME@compile / NAME@cudagraph: compiled / CUDA-graph modes")
     return "\n".join(lines)
 
 
@@ -347,12 +429,19 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         "img_size": args.img_size, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
         "dec_head_std": DEC_HEAD_STD, "load_average_before": list(os.getloadavg()), "models": {},
     }
+    modes = list(getattr(args, "modes", None) or ["eager"])
+    bad = [m for m in modes if m not in MODES]
+    if bad or ("cudagraph" in modes and device.type != "cuda"):
+        raise ValueError(f"--modes must be among {MODES} ('cudagraph' on CUDA only), got {modes}")
+    result["modes"] = modes
     start = time.perf_counter()
     for name in args.models:
-        result["models"][name] = bench_model(
-            name, device=device, batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats,
-            warmup=args.warmup, seed=args.seed)
-        print(f"{name}: done after {time.perf_counter() - start:.0f} s", flush=True)
+        for mode in modes:
+            result["models"][entry_key(name, mode)] = bench_model(
+                name, device=device, batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats,
+                warmup=args.warmup, seed=args.seed, mode=mode,
+                compile_backend=getattr(args, "compile_backend", "inductor"))
+            print(f"{entry_key(name, mode)}: done after {time.perf_counter() - start:.0f} s", flush=True)
     result["load_average_after"] = list(os.getloadavg())
     result["wall_seconds"] = time.perf_counter() - start
     print(format_overhead_table(result))
