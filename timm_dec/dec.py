@@ -78,7 +78,7 @@ class DECConfig:
         pool_size: the projected map is average-pooled to at most this size per side before the solve; None keeps it.
         act_layer: activation of H, any name timm's ``get_act_layer`` knows.
         input: what H sees: ``"latent"`` (the block's input feature map) or ``"image"`` (the model's normalised
-            input image resized to the block's map, as the authors' code does).
+            input image average-pooled to the block's map, as the authors' code does; `timm_dec.adapt.dec_block`).
         update: ``"residual"``: f(z) = z + H(S^{-1}(P; z)); ``"absolute"``: f(z) = H(S^{-1}(P; z)).
         solver: forward solver, a key of `timm_dec.solver.SOLVERS` (``"anderson"``, ``"fixed_point"``).
         max_iter: most evaluations of H per sample in the forward solve.
