@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from .baselines import InputCanonicalizer, InvarianceLoss
 from .checkpoint import save_checkpoint
 from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
+from .dec import BACKWARD_MODES, UPDATE_FORMS
 from .demo_report import dec_evidence, dec_kwargs, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model, normalize_transform, parse_bins, parse_scales
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
@@ -69,8 +70,11 @@ START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "can
               "train_samples", "plain_steps", "aug_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
               "warmup_frac", "aug_strength", "aug_p", "seed")
 
+# The demo trains the DEC with the absolute update and implicit gradients: from H = 0, the residual update's
+# equilibrium drifts by max_iter times H's output (H does not yet restore anything), and a DEC-only warm-up from the
+# Aug start blew the training loss up from 0.92 to 6.3 within 60 steps at DEC learning rates 5e-4 and 5e-3 (README).
 _COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, invl_weight=1.0, canon_warps=64,
-               dec_grid=4, dec_mode="equivariant")
+               dec_grid=4, dec_mode="equivariant", dec_update="absolute", dec_backward="implicit")
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
@@ -182,6 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--canon-energy-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"))
     g.add_argument("--dec-blocks", type=_ints, default=None, help="comma-separated block indices")
     g.add_argument("--dec-mode", choices=("equivariant", "invariant"), default=None)
+    g.add_argument("--dec-update", choices=UPDATE_FORMS, default=None, help="the DEC's update form (DECConfig)")
+    g.add_argument("--dec-backward", choices=BACKWARD_MODES, default=None, help="the DEC's backward (DECConfig)")
     g.add_argument("--dec-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"))
     g = parser.add_argument_group("evaluation")
     g.add_argument("--scales", type=_floats, default=None, help="per-digit scales of the per-scale curve and InvE")

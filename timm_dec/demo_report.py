@@ -23,7 +23,7 @@ __all__ = ["dec_kwargs", "eval_command", "paired_rows", "first_dec_knots", "dec_
 def dec_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     """The ``create_model`` DEC kwargs of a demo configuration."""
     out = dict(dec_grid=cfg["dec_grid"], dec_mode=cfg["dec_mode"], dec_widths=tuple(cfg["dec_widths"]),
-               dec_max_iter=cfg["dec_max_iter"])
+               dec_max_iter=cfg["dec_max_iter"], dec_update=cfg["dec_update"], dec_backward=cfg["dec_backward"])
     if cfg["dec_blocks"] is not None:
         out["dec_blocks"] = tuple(cfg["dec_blocks"])
     return out
