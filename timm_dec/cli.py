@@ -20,7 +20,8 @@ __all__ = ["SUBCOMMANDS", "build_parser", "error_line", "main"]
 SUBCOMMANDS = {
     "demo": ("timm_dec.demo", "train base, Aug, InvL, Canon and DEC on locally scaled digits and compare them"),
     "eval": ("timm_dec.evaluate", "accuracy, InvE and per-scale accuracy of any timm model"),
-    "bench": ("timm_dec.bench", "benchmarks: 'warp' (the warp op) or 'overhead' (base vs *_dec models)"),
+    "bench": ("timm_dec.bench", "benchmarks: 'warp' (the warp op), 'overhead' (base vs *_dec models) or 'gpu' "
+                                "(the one-shot GPU check)"),
     "push": ("timm_dec.hub", "save a checkpoint as a Hub folder with a model card and push it"),
 }
 DESCRIPTION = ("timm-dec: local scale consistency for timm vision transformers with the Deep Equilibrium "
