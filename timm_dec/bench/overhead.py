@@ -21,7 +21,8 @@ measured (module hooks do not run inside a graph) and the solver figures come fr
 
 A fresh DEC is exactly the identity and its solve stops after one evaluation of H, which would flatter it. So every
 DEC's zero-initialised last layer gets N(0, ``DEC_HEAD_STD``^2) weights (`perturb_dec_heads`): the solve then iterates
-(typically 6-8 Anderson steps at the default ``tol``), as a trained DEC's does.
+as a trained DEC's does. With the default residual update such random heads have no fixed point to converge to:
+every solve runs its ``max_iter`` iterations (the ``iters`` column says so), an upper bound on a trained DEC's cost.
 
 Timing runs base and DEC round-robin (warm-up rounds, then ``--repeats`` timed rounds, as
 `timm_dec.bench.timing.paired_times` does), so background load slows both alike; a time ratio is the median over rounds
