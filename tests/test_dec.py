@@ -368,6 +368,7 @@ class TestOptionsAndCopies:
         for kw in bad:
             with pytest.raises(ValueError, match=next(iter(kw))):
                 DECConfig(**kw)
+        assert DECConfig(check_every=0).check_every is None and DECConfig(pool_size=0).pool_size is None
         with pytest.raises(ValueError, match="implicit.*ill-posed for the residual"):
             DECConfig(backward="implicit")
         assert DECConfig(backward="implicit", update="absolute").backward == "implicit"

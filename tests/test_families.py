@@ -203,7 +203,10 @@ def test_meta_device_builds_the_7b_dinov3_without_memory():
 
 @pytest.mark.slow
 def test_torch_compile_of_a_rope_model_matches_eager():
-    model = timm_dec.adapt(make_base("dinov3_reg"), blocks=(0, 1), **SMALL_DEC).eval()
+    # a solve that converges (the absolute update with this head), so eager and compiled agree to rounding; an
+    # unconverged residual solve from random heads magnifies AOTAutograd's rounding changes (tests/test_compile.py)
+    model = timm_dec.adapt(make_base("dinov3_reg"), blocks=(0, 1), update="absolute", max_iter=8,
+                           **SMALL_DEC).eval()
     perturb_dec(model, std=0.3)
     x = make_input("dinov3_reg")
     compiled = torch.compile(model, backend="aot_eager")

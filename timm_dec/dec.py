@@ -75,7 +75,8 @@ class DECConfig:
         grid: G, cells per side of the monotone-scaling grid.
         widths: output channels of H's two 3x3 convolutions (paper A1: 64 and 128).
         proj_chans: channels of the 1x1 projection of the feature map that H sees.
-        pool_size: the projected map is average-pooled to at most this size per side before the solve; None keeps it.
+        pool_size: the projected map is average-pooled to at most this size per side before the solve; None (or 0,
+            which ``create_model`` passes through where it drops None) keeps it.
         act_layer: activation of H, any name timm's ``get_act_layer`` knows.
         input: what H sees: ``"latent"`` (the block's input feature map) or ``"image"`` (the model's normalised
             input image average-pooled to the block's map, as the authors' code does; `timm_dec.adapt.dec_block`).
@@ -86,7 +87,8 @@ class DECConfig:
         history: Anderson memory m.
         beta: Anderson (or fixed-point) damping, in (0, 1]; 1 is undamped.
         check_every: the solve stops early once every sample has converged, checked on the host every this many
-            iterations; None runs ``max_iter`` iterations with no host sync (the choice for CUDA graphs).
+            iterations; None (or 0: ``create_model(..., dec_check_every=0)``, since timm drops None keyword
+            arguments) runs ``max_iter`` iterations with no host sync (the choice for CUDA graphs).
         backward: ``"phantom"`` (unrolled steps from the solution) or ``"implicit"`` (adjoint fixed point).
         phantom_steps: unrolled applications of f in phantom mode.
         backward_max_iter: most iterations of the adjoint solve (implicit mode).
@@ -131,8 +133,11 @@ class DECConfig:
                 raise ValueError(f"dec {field} must be an integer >= 1, got {value!r}")
         for field, low in (("pool_size", 2), ("check_every", 1)):
             value = getattr(self, field)
-            if value is not None and (not _is_int(value) or value < low):
-                raise ValueError(f"dec {field} must be None or an integer >= {low}, got {value!r}")
+            if value == 0 and _is_int(value):
+                # timm's create_model drops keyword arguments that are None, so 0 stands for None there
+                object.__setattr__(self, field, None)
+            elif value is not None and (not _is_int(value) or value < low):
+                raise ValueError(f"dec {field} must be None (or 0) or an integer >= {low}, got {value!r}")
         for field in ("tol", "backward_tol", "logit_bound", "beta", "min_jacobian"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):

@@ -272,6 +272,45 @@ def _cuda_graph_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], torch
     return replay
 
 
+def _check_mode(mode: str, device: torch.device) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "cudagraph" and device.type != "cuda":
+        raise ValueError(f"mode 'cudagraph' needs a CUDA device, got {device}")
+
+
+def _time_forward(base: nn.Module, dec: nn.Module, run_base: Callable, run_dec: Callable, x: torch.Tensor,
+                  device: torch.device, mode: str, repeats: int, warmup: int) -> tuple[dict[str, Any], tuple]:
+    """Eval forwards of base and dec, round-robin; with ``mode="eager"`` also the DEC's share of a forward."""
+    base.eval()
+    dec.eval()
+    with torch.no_grad():
+        if mode == "cudagraph":
+            fwd_fns = {"base": _cuda_graph_forward(base, x), "dec": _cuda_graph_forward(dec, x)}
+        else:
+            fwd_fns = {"base": lambda: run_base(x), "dec": lambda: run_dec(x)}
+        forward = _summary(paired_times(fwd_fns, device, repeats, warmup))
+        split = _dec_seconds(dec, lambda: dec(x), device) if mode == "eager" else (None, None)
+    return forward, split
+
+
+def _time_training(base: nn.Module, dec: nn.Module, steps: dict[str, Callable], device: torch.device, mode: str,
+                   repeats: int, warmup: int) -> tuple[Optional[dict], Optional[dict], tuple]:
+    """Training steps of base and dec, round-robin, and their peak memory; none for a CUDA-graph run."""
+    if mode == "cudagraph":
+        return None, None, (None, None, None)
+    base.train()
+    dec.train()
+    train = _summary(paired_times(steps, device, repeats, warmup))
+    train_total = train_dec_fwd = adjoint_share = None
+    if mode == "eager":
+        train_total, train_dec_fwd = _dec_seconds(dec, steps["dec"], device)
+        adjoint_share = _adjoint_share(dec, steps["dec"]) if device.type == "cpu" else None
+    memory = {"base": peak_training_memory(base, steps["base"], device),
+              "dec": peak_training_memory(dec, steps["dec"], device)}
+    return train, memory, (train_total, train_dec_fwd, adjoint_share)
+
+
 def bench_model(
         name: str,
         *,
@@ -307,10 +346,7 @@ def bench_model(
         per-round medians for time), ``solver`` iteration statistics, ``split`` (where the DEC model's time goes),
         the ``targets`` (`overhead_targets`) and the DEC options.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "cudagraph" and device.type != "cuda":
-        raise ValueError(f"mode 'cudagraph' needs a CUDA device, got {device}")
+    _check_mode(mode, device)
     # a compiled or captured graph reads nothing on the host: the solve runs max_iter iterations either way
     options = {**({} if mode == "eager" else {"check_every": None}), **(dec_options or {})}
     base, dec = _twins(name, img_size, seed, head_std, **options)
@@ -327,27 +363,9 @@ def bench_model(
         run_base, run_dec = base, dec
     steps = {"base": _train_step(run_base, x, target), "dec": _train_step(run_dec, x, target)}
 
-    base.eval()
-    dec.eval()
-    with torch.no_grad():
-        if mode == "cudagraph":
-            fwd_fns = {"base": _cuda_graph_forward(base, x), "dec": _cuda_graph_forward(dec, x)}
-        else:
-            fwd_fns = {"base": lambda: run_base(x), "dec": lambda: run_dec(x)}
-        forward = _summary(paired_times(fwd_fns, device, repeats, warmup))
-        fwd_total, fwd_dec = _dec_seconds(dec, lambda: dec(x), device) if mode == "eager" else (None, None)
-    train = memory = None
-    train_total = train_dec_fwd = adjoint_share = None
-    if mode != "cudagraph":
-        base.train()
-        dec.train()
-        train = _summary(paired_times(steps, device, repeats, warmup))
-        if mode == "eager":
-            train_total, train_dec_fwd = _dec_seconds(dec, steps["dec"], device)
-            adjoint_share = _adjoint_share(dec, steps["dec"]) if device.type == "cpu" else None
-        memory = {"base": peak_training_memory(base, steps["base"], device),
-                  "dec": peak_training_memory(dec, steps["dec"], device)}
-
+    forward, (fwd_total, fwd_dec) = _time_forward(base, dec, run_base, run_dec, x, device, mode, repeats, warmup)
+    train, memory, (train_total, train_dec_fwd, adjoint_share) = _time_training(
+        base, dec, steps, device, mode, repeats, warmup)
     ratios = {
         "forward": forward["ratio"],
         "train_step": train["ratio"] if train else None,
@@ -367,11 +385,9 @@ def bench_model(
         "memory": memory,
         "ratios": ratios,
         "solver": solver,
-        "split": {
-            "forward_dec_share": fwd_dec / fwd_total if fwd_total else None,
-            "train_dec_forward_share": train_dec_fwd / train_total if train_total else None,
-            "train_adjoint_share_profiled": adjoint_share,
-        },
+        "split": {"forward_dec_share": fwd_dec / fwd_total if fwd_total else None,
+                  "train_dec_forward_share": train_dec_fwd / train_total if train_total else None,
+                  "train_adjoint_share_profiled": adjoint_share},
         "targets": overhead_targets(ratios),
     }
 
