@@ -364,7 +364,7 @@ class TestOptionsAndCopies:
         bad = [dict(solver="newton"), dict(backward="unrolled"), dict(grid=0), dict(widths=(64,)),
                dict(widths=(64, 0)), dict(max_iter=0), dict(tol=-1.0), dict(pool_size=1), dict(act_layer="nope"),
                dict(history=True), dict(backward_solver="x"), dict(logit_bound=float("inf")), dict(update="delta"),
-               dict(beta=0.0), dict(beta=1.5), dict(check_every=0), dict(input="pixels"), dict(min_jacobian=1.0)]
+               dict(beta=0.0), dict(beta=1.5), dict(check_every=-1), dict(input="pixels"), dict(min_jacobian=1.0)]
         for kw in bad:
             with pytest.raises(ValueError, match=next(iter(kw))):
                 DECConfig(**kw)
