@@ -134,6 +134,18 @@ class TestDemo:
         assert capsys.readouterr().err.startswith("timm-dec demo: error: ")
         assert not (out / "checkpoints").exists()
 
+    def test_paper_preset_end_to_end_with_tiny_overrides(self, tmp_path: Path):
+        """The GPU preset (3 digits, 224 px, number labels, default DEC blocks) runs through, shrunk."""
+        argv = ["demo", "--preset", "paper", "--out", str(tmp_path), "--no-progress", "--model", "vit_tiny_patch16_224",
+                "--model-kwargs", "img_size=224", "patch_size=32", "embed_dim=16", "depth=2", "num_heads=2",
+                "--no-pretrained", "--train-samples", "8", "--test-samples", "2", "--plain-steps", "1", "--aug-steps",
+                "1", "--finetune-steps", "1", "--dec-warmup-steps", "1", "--batch-size", "4", "--eval-batch", "4",
+                "--prob-images", "1", "--grid-images", "1", "--stretch-images", "2", "--canon-warps", "2"]
+        assert cli.main(argv) == 0
+        s = json.loads((tmp_path / "summary.json").read_text())
+        assert s["num_classes"] == 1000 and s["config"]["label"] == "number" and s["config"]["canvas"] == 224
+        assert s["config"]["num_digits"] == 3 and tuple(s["methods"]) == METHODS
+
     def test_config_overrides_preset(self):
         parser = argparse.ArgumentParser()
         demo_arguments(parser)
