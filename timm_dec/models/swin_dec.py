@@ -18,14 +18,14 @@ from timm.models.swin_transformer import SwinTransformer
 from ..adapt import DECModelMixin, register_dec_family
 from ._registry import register_dec_models, supported_base_names
 
-__all__ = ["SwinTransformerDEC"]
+__all__ = ["SwinStagesDECMixin", "SwinTransformerDEC"]
 
 
-class SwinTransformerDEC(DECModelMixin, SwinTransformer):
-    """A timm ``SwinTransformer`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
-
-    Takes the ``SwinTransformer`` arguments plus the ``dec_*`` options. Default DEC stages: ``(0, 1)``.
-    ``forward_intermediates`` also accepts ``output_fmt='NHWC'``, so ``features_only`` keeps the base's NHWC maps.
+class SwinStagesDECMixin(DECModelMixin):
+    """The DEC drive of a Swin with (B, H, W, C) stages (timm's ``SwinTransformer`` and ``SwinTransformerV2``): their
+    patch embedding, ``layers`` and final ``norm`` are the same, so one ``forward_features`` and one
+    ``forward_intermediates`` serve both. Default DEC stages: ``(0, 1)``. ``forward_intermediates`` also accepts
+    ``output_fmt='NHWC'``, so ``features_only`` keeps the base's NHWC maps.
     """
     dec_unit_name = "stage"
     default_dec_blocks = (0, 1)
@@ -60,7 +60,7 @@ class SwinTransformerDEC(DECModelMixin, SwinTransformer):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``SwinTransformer.forward_intermediates`` with the adapted stages run through their DEC.
+        """timm's ``SwinTransformer(V2).forward_intermediates`` with the adapted stages run through their DEC.
 
         ``output_fmt`` may be ``'NCHW'`` (timm's) or ``'NHWC'`` (the stages' own layout, as timm's Swin
         ``features_only`` returns).
@@ -86,8 +86,16 @@ class SwinTransformerDEC(DECModelMixin, SwinTransformer):
         if intermediates_only:
             return intermediates
         if i == num_stages - 1:
-            x = self.norm(x)
+            x = self.norm(x)  # sized for (and only applied to) the last stage
         return x, intermediates
+
+
+class SwinTransformerDEC(SwinStagesDECMixin, SwinTransformer):
+    """A timm ``SwinTransformer`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
+
+    Takes the ``SwinTransformer`` arguments plus the ``dec_*`` options; the stages run through
+    `SwinStagesDECMixin`.
+    """
 
 
 register_dec_family(SwinTransformer, SwinTransformerDEC, "Swin v1")

@@ -27,77 +27,17 @@ from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 
 from ..adapt import DECModelMixin, register_dec_family
 from ._registry import register_dec_models, supported_base_names
+from .swin_dec import SwinStagesDECMixin
 
 __all__ = ["SwinTransformerV2DEC", "SwinTransformerV2CrDEC"]
 
 
-class SwinTransformerV2DEC(DECModelMixin, SwinTransformerV2):
+class SwinTransformerV2DEC(SwinStagesDECMixin, SwinTransformerV2):
     """A timm ``SwinTransformerV2`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
 
-    Takes the ``SwinTransformerV2`` arguments plus the ``dec_*`` options. Default DEC stages: ``(0, 1)``.
-    ``forward_intermediates`` also accepts ``output_fmt='NHWC'``, so ``features_only`` keeps the base's NHWC maps.
+    Takes the ``SwinTransformerV2`` arguments plus the ``dec_*`` options; its (B, H, W, C) stages run through
+    `timm_dec.models.swin_dec.SwinStagesDECMixin`, as Swin v1's do.
     """
-    dec_unit_name = "stage"
-    default_dec_blocks = (0, 1)
-    dec_feature_cfg = {"feature_cls": "getter", "output_fmt": "NHWC"}
-    dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
-
-    def dec_units(self) -> Sequence[nn.Module]:
-        return self.layers
-
-    def dec_in_chans(self, index: int) -> int:
-        return self.layers[index].dim
-
-    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        # a stage checkpoints its own blocks when grad checkpointing is on
-        return self.dec_block(index, stage, x, layout="nhwc", image=image)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, the stages (adapted ones through their DEC) and the final norm: (B, H', W', C')."""
-        self.dec_check_input(x)
-        image = x
-        x = self.patch_embed(x)
-        for i, stage in enumerate(self.layers):
-            x = self._dec_run_stage(i, stage, x, image)
-        return self.norm(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``SwinTransformerV2.forward_intermediates`` with the adapted stages run through their DEC.
-
-        ``output_fmt`` may be ``'NCHW'`` (timm's) or ``'NHWC'`` (the stages' own layout, as timm's Swin V2
-        ``features_only`` returns).
-        """
-        assert output_fmt in ('NCHW', 'NHWC'), 'Output shape must be NCHW or NHWC.'
-        self.dec_check_input(x)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-
-        image = x
-        x = self.patch_embed(x)
-        num_stages = len(self.layers)
-        stages = self.layers if not stop_early else self.layers[:max_index + 1]
-        i = 0
-        for i, stage in enumerate(stages):
-            x = self._dec_run_stage(i, stage, x, image)
-            if i in take_indices:
-                x_inter = self.norm(x) if norm and i == num_stages - 1 else x
-                if output_fmt == 'NCHW':
-                    x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
-                intermediates.append(x_inter)
-
-        if intermediates_only:
-            return intermediates
-        if i == num_stages - 1:
-            x = self.norm(x)  # sized for (and only applied to) the last stage
-        return x, intermediates
 
 
 class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
