@@ -420,8 +420,12 @@ class DEC(nn.Module):
 
     def knots(self, z: torch.Tensor) -> torch.Tensor:
         """(b, 2, G+1, G+1) fold-free knots of the state z (b, 2, G+1, G): bounded logits, softmax, fold guard."""
+        return self.guarded_knots(z)[0]
+
+    def guarded_knots(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`knots` of z and (b,) the fold guard's blend factor (1 where the warp needed no guard)."""
         bound = self.cfg.logit_bound
-        return fold_free_knots(knots_from_logits(bound * torch.tanh(z / bound)), self.cfg.min_jacobian)[0]
+        return fold_free_knots(knots_from_logits(bound * torch.tanh(z / bound)), self.cfg.min_jacobian)
 
     def head_logits(self, out: torch.Tensor) -> torch.Tensor:
         """H's 2-channel output map (b, 2, h, w), rows y and columns x, read in the knots' layout: (b, 2, G+1, G).
@@ -515,8 +519,7 @@ class DEC(nn.Module):
                 beta=c.beta, check_every=c.check_every)
         failed = info.failed.view(-1, 1, 1, 1)
         if _recording():
-            _record(self.name, info, fold_free_knots(knots_from_logits(
-                c.logit_bound * torch.tanh(f_star / c.logit_bound)), c.min_jacobian)[1])
+            _record(self.name, info, self.guarded_knots(f_star)[1])
         if not needs_graph:
             return torch.where(failed, z0, f_star)
         z_start = torch.where(failed, z0, z_star)  # a failed sample's iterate is non-finite: keep it out of the graph
