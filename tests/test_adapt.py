@@ -42,7 +42,7 @@ TINY = {
     "srelpos": ("vit_srelpos_small_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
 }
 FAMILIES = list(TINY)
-SMALL_DEC = dict(widths=(8, 8), proj_chans=4, pool_size=8)  # a cheap H for the tests
+SMALL_DEC = dict(widths=(8, 8), proj_chans=4, pool_size=8, image_widths=(4, 8))  # a cheap H for the tests
 
 
 def make_base(family: str, **kwargs) -> nn.Module:
@@ -67,13 +67,34 @@ def perturb_dec(model: nn.Module, scale: float = 0.3) -> None:
 
 
 def unit_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Reference forward_features: the base's modules in the base's order, DEC and warps applied explicitly."""
+    """Reference forward_features: the input DEC's warp of the image, then the base's modules in the base's order,
+    DEC and warps applied explicitly, then (equivariant) the output un-warped with the input DEC's knots."""
     equivariant = model.dec_cfg.mode == "equivariant"
+    if "input" not in model.dec:
+        return _unit_loop(model, x, equivariant)
+    knots = model.dec["input"](x, layout="nchw")
+    assert (knots - identity_knots(knots.shape[0], knots.shape[-1] - 1)).abs().max() > 1e-3  # really warped
+    out = _unit_loop(model, monotone_warp(x, knots), equivariant)
+    if not equivariant:
+        return out
+    if out.dim() == 3:  # tokens: the prefix tokens pass through
+        grid = model.patch_embed.dynamic_feat_size(x.shape[-2:])
+        return monotone_warp(out, knots, inverse=True, layout="tokens", grid_size=grid,
+                             num_prefix_tokens=model.num_prefix_tokens)
+    return monotone_warp(out, knots, inverse=True, layout="nhwc" if hasattr(model, "layers") else "nchw")
+
+
+def _unit_loop(model: nn.Module, x: torch.Tensor, equivariant: bool) -> torch.Tensor:
+    # a latent DEC that reads the image reads the image the blocks run on
+    image = x
 
     def around(k, unit, feat, layout, grid=None, prefix=0, **kw):
         if str(k) not in model.dec:
             return unit(feat, **kw)
-        knots = model.dec[str(k)](feat, layout=layout, grid_size=grid, num_prefix_tokens=prefix)
+        if model.dec[str(k)].reads_image:
+            knots = model.dec[str(k)](image, layout="nchw")
+        else:
+            knots = model.dec[str(k)](feat, layout=layout, grid_size=grid, num_prefix_tokens=prefix)
         assert (knots - identity_knots(knots.shape[0], knots.shape[-1] - 1)).abs().max() > 1e-3  # really warped
         out = unit(monotone_warp(feat, knots, layout=layout, grid_size=grid, num_prefix_tokens=prefix), **kw)
         if not equivariant:
@@ -148,13 +169,14 @@ def test_identity_at_init_matches_base(family, mode):
     "family", ["vit", "dinov2_reg", "beitv2_shared_bias", "swin", "eva02", "dinov3_reg", "relpos_cls", "srelpos",
                "swinv2", "swinv2_cr"])
 def test_adapted_blocks_match_explicit_loop(family, mode):
-    model = timm_dec.adapt(make_base(family), blocks=(0, 1), mode=mode, **SMALL_DEC).eval()
+    blocks = ("input", 0, 1)
+    model = timm_dec.adapt(make_base(family), blocks=blocks, mode=mode, **SMALL_DEC).eval()
     perturb_dec(model)
     x = make_input(family)
     with torch.no_grad():
         got = model.forward_features(x)
         expected = unit_loop(model, x)
-        plain = timm_dec.adapt(make_base(family), blocks=(0, 1), mode=mode, **SMALL_DEC).eval().forward_features(x)
+        plain = timm_dec.adapt(make_base(family), blocks=blocks, mode=mode, **SMALL_DEC).eval().forward_features(x)
     assert (got - expected).abs().max().item() <= 1e-5
     assert (got - plain).abs().max().item() > 1e-3  # the perturbed DEC changes the features
 
@@ -190,11 +212,12 @@ def test_adapt_switches_class_and_stores_frozen_config():
     model = timm_dec.adapt(base, grid=3, mode="invariant", max_iter=5, **SMALL_DEC)
     assert model is base and isinstance(model, VisionTransformer) and type(model).__name__ == "VisionTransformerDEC"
     cfg = model.dec_cfg
-    assert cfg.blocks == (0, 1) and cfg.mode == "invariant" and cfg.options.grid == 3 and cfg.options.max_iter == 5
+    assert cfg.blocks == ("input",) and cfg.mode == "invariant" and cfg.options.grid == 3
+    assert cfg.options.max_iter == 5 and cfg.has_input and cfg.block_indices == ()
     with pytest.raises(Exception):
         cfg.mode = "equivariant"  # frozen
-    knots = model.dec["0"](torch.randn(2, 1 + 16, 32), layout="tokens", grid_size=(4, 4), num_prefix_tokens=1)
-    assert knots.shape == (2, 2, 4, 4)
+    knots = model.dec["input"](torch.randn(2, 3, 32, 32), layout="nchw")
+    assert knots.shape == (2, 2, 4, 4) and model.dec["input"].reads_image
 
 
 def test_dec_modules_follow_the_model_device_dtype_and_mode():
@@ -205,14 +228,16 @@ def test_dec_modules_follow_the_model_device_dtype_and_mode():
     assert all(m.training for m in model.dec.modules())
 
 
-def test_default_blocks_per_family():
-    assert timm_dec.adapt(make_base("vit", depth=4)).dec_cfg.blocks == (0, 1)
-    assert timm_dec.adapt(make_base("beit")).dec_cfg.blocks == (0, 1)
-    assert timm_dec.adapt(make_base("swin")).dec_cfg.blocks == (0, 1)
-    for family in ("eva02", "relpos_cls", "swinv2", "swinv2_cr"):
-        assert timm_dec.adapt(make_base(family), **SMALL_DEC).dec_cfg.blocks == (0, 1), family
-    assert timm_dec.adapt(make_base("vit", depth=1)).dec_cfg.blocks == (0,)  # defaults past the depth are dropped
+def test_default_and_chosen_positions():
+    for family in FAMILIES:  # one input DEC for every family, reading the image with the image H
+        model = timm_dec.adapt(make_base(family))
+        assert model.dec_cfg.blocks == ("input",) and list(model.dec) == ["input"], family
+        assert model.dec["input"].in_chans == 3 and model.dec["input"].cfg.input == "image"
     assert timm_dec.adapt(make_base("vit"), blocks=-1, **SMALL_DEC).dec_cfg.blocks == (2,)
+    model = timm_dec.adapt(make_base("vit"), blocks=(1, "input", 0, 1), **SMALL_DEC)
+    assert model.dec_cfg.blocks == ("input", 0, 1) and list(model.dec) == ["input", "0", "1"]
+    assert not model.dec["0"].reads_image and model.dec["0"].in_chans == 32  # latent DECs read the tokens
+    assert timm_dec.adapt(make_base("swin"), blocks="input", **SMALL_DEC).dec_cfg.blocks == ("input",)
 
 
 def test_unsupported_models_raise_type_error_listing_families():
@@ -240,6 +265,8 @@ def test_bad_options_raise_clear_errors():
         timm_dec.adapt(base, grid=0)
     with pytest.raises(ValueError, match="at least one"):
         timm_dec.adapt(base, blocks=())
+    with pytest.raises(TypeError, match="'input' or block indices"):
+        timm_dec.adapt(base, blocks=("inputs", 0))
     timm_dec.adapt(base, **SMALL_DEC)
     with pytest.raises(ValueError, match="already adapted"):
         timm_dec.adapt(base)
@@ -309,14 +336,14 @@ def test_grad_checkpointing_gives_the_same_gradients(family):
 
 
 def test_pruning_drops_dec_of_removed_blocks():
-    model = timm_dec.adapt(make_base("vit"), blocks=(0, 2), **SMALL_DEC)
+    model = timm_dec.adapt(make_base("vit"), blocks=("input", 0, 2), **SMALL_DEC)
     model.prune_intermediate_layers(indices=(1,))
-    assert len(model.blocks) == 2 and list(model.dec) == ["0"] and model.dec_cfg.blocks == (0,)
+    assert len(model.blocks) == 2 and list(model.dec) == ["input", "0"] and model.dec_cfg.blocks == ("input", 0)
 
 
 @pytest.mark.parametrize("family", ["vit", "swin", "beit", "eva02", "relpos_cls", "swinv2", "swinv2_cr"])
 def test_layer_decay_groups_each_dec_with_its_block(family):
-    model = timm_dec.adapt(make_base(family), blocks=(0, 1), **SMALL_DEC)
+    model = timm_dec.adapt(make_base(family), blocks=("input", 0, 1), **SMALL_DEC)
     groups = timm.optim.create_optimizer_v2(model, "sgd", lr=1.0, layer_decay=0.5).param_groups
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     params = dict(model.named_parameters())
@@ -326,6 +353,9 @@ def test_layer_decay_groups_each_dec_with_its_block(family):
         block_scale = {scale[id(p)] for n, p in params.items() if n.startswith(unit + ".")}
         dec_scale = {scale[id(p)] for n, p in params.items() if n.startswith(f"dec.{k}.")}
         assert len(block_scale) == 1 and dec_scale == block_scale, (k, dec_scale, block_scale)
+    # the input DEC joins the stem, with the patch embedding whose input it canonicalises
+    stem_scale = {scale[id(p)] for n, p in params.items() if n.startswith("patch_embed.")}
+    assert {scale[id(p)] for n, p in params.items() if n.startswith("dec.input.")} == stem_scale
     coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True))
     assert any(any(n.startswith("dec.1.") for n in names) and any(n.startswith(("blocks.1.", "layers.1.", "stages.1."))
                for n in names) for names in coarse.values())

@@ -145,7 +145,7 @@ class TestSolvers:
 class TestIdentityAtInit:
     @pytest.mark.parametrize("training,update", [(False, "absolute"), (True, "absolute"), (True, "residual")])
     def test_identity_knots_in_one_iteration(self, training, update):
-        dec = small_dec(update=update).train(training)
+        dec = small_dec(update=update, backward="phantom" if update == "residual" else "implicit").train(training)
         x = torch.randn(3, 6, 7, 5, requires_grad=training)
         with solver_stats() as stats:
             knots = dec(x, layout="nchw")
@@ -199,8 +199,11 @@ def param_grads(dec: nn.Module) -> torch.Tensor:
 
 
 class TestGradients:
-    def test_implicit_matches_finite_differences(self):
+    @pytest.mark.parametrize("training", [True, False])
+    def test_implicit_matches_finite_differences(self, training):
+        # eval mode too: a saliency map or a gradient attack of a model in eval() must see the knots' gradient
         dec, x, _ = float64_setup()
+        dec.train(training)
         assert dec.logits(x, layout="nchw").abs().max() > 0.1
         assert torch.autograd.gradcheck(lambda x: dec.logits(x, layout="nchw"), (x,), atol=1e-6, rtol=1e-4,
                                         fast_mode=True)
@@ -240,13 +243,18 @@ class TestGradients:
         # ...but not the same: three steps truncate the Neumann series of the implicit gradient.
         assert not torch.allclose(param_grads(phantom), implicit, atol=1e-6, rtol=1e-4)
 
-    def test_no_graph_in_eval_or_without_grad(self):
-        dec = perturbed(small_dec())
+    @pytest.mark.parametrize("training", [True, False])
+    def test_graph_exactly_when_autograd_needs_it(self, training):
+        dec = perturbed(small_dec()).train(training)
         x = torch.randn(2, 6, 5, 5, requires_grad=True)
-        assert dec.eval()(x, layout="nchw").grad_fn is None
         with torch.no_grad():
-            assert dec.train()(x, layout="nchw").grad_fn is None
-        assert dec.train()(x, layout="nchw").grad_fn is not None
+            assert dec(x, layout="nchw").grad_fn is None
+        knots = dec(x, layout="nchw")
+        assert knots.grad_fn is not None
+        (knots * torch.randn_like(knots)).sum().backward()
+        assert x.grad.abs().sum() > 0 and all(q.grad is not None for q in dec.parameters())
+        dec.requires_grad_(False)
+        assert dec(x.detach(), layout="nchw").grad_fn is None  # nothing requires grad: no graph, no adjoint
 
 
 def peak_cpu_memory(fn) -> int:
@@ -370,8 +378,13 @@ class TestOptionsAndCopies:
                 DECConfig(**kw)
         assert DECConfig(check_every=0).check_every is None and DECConfig(pool_size=0).pool_size is None
         with pytest.raises(ValueError, match="implicit.*ill-posed for the residual"):
-            DECConfig(backward="implicit")
-        assert DECConfig(backward="implicit", update="absolute").backward == "implicit"
+            DECConfig(update="residual")  # the default backward is the implicit one
+        assert DECConfig().update == "absolute" and DECConfig().backward == "implicit"
+        assert DECConfig(update="residual", backward="phantom").backward == "phantom"
+        assert DECConfig(image_widths=[4, 8]).image_widths == (4, 8) and DECConfig(image_size=0).image_size is None
+        for kw in (dict(image_widths=(8,)), dict(image_size=1), dict(image_size=2.5)):
+            with pytest.raises(ValueError, match=next(iter(kw))):
+                DECConfig(**kw)
         with pytest.raises(TypeError, match="unknown DEC option"):
             DEC(8, gird=4)
         dec = DEC(8, DECConfig(grid=2, max_iter=3), grid=5)  # explicit keywords win over cfg
@@ -390,7 +403,7 @@ class TestOptionsAndCopies:
 
     def test_residual_update_adds_z(self):
         absolute = perturbed(small_dec(logit_bound=1e6, update="absolute"), std=0.1)
-        residual = perturbed(small_dec(logit_bound=1e6, update="residual"), std=0.1)
+        residual = perturbed(small_dec(logit_bound=1e6, update="residual", backward="phantom"), std=0.1)
         p, z = torch.randn(2, 4, 6, 6), 0.3 * torch.randn(2, 2, 4, 3)
         torch.testing.assert_close(residual.update(z, p), z + absolute.update(z, p), atol=1e-5, rtol=1e-5)
 

@@ -202,7 +202,7 @@ def test_full_dec_checkpoint_loads_strictly(tmp_path):
         for key, value in model.state_dict().items():
             assert torch.equal(other.state_dict()[key], value), key
     # a DEC the model does not have is an error, not silently dropped
-    with pytest.raises(ValueError, match=r"stage\(s\) \['1'\].*dec_blocks=\(0,\)"):
+    with pytest.raises(ValueError, match=r"position\(s\) \['1'\].*dec_blocks=\(0,\)"):
         tiny("swin", True, dec_blocks=(0,), pretrained=True, pretrained_cfg_overlay=overlay)
     # and a strict load of a base-only checkpoint through checkpoint_path names the missing DEC keys
     base_path = tmp_path / "base.safetensors"

@@ -1,9 +1,13 @@
-"""Latent canonicalisation of timm models: a DEC in front of chosen blocks (paper eq. 21 and 22).
+"""Canonicalisation of timm models: a DEC in front of the patch embedding and of chosen blocks (paper eq. 21, 22).
 
-An adapted block k runs as ``knots = dec[k](F)``, ``F' = S^{-1}(F; knots)``, ``out = block(F')`` and, in the
-equivariant mode, ``out = S(out; knots)``. Knots live in normalised coordinates, so the same knots un-canonicalise a
-Swin stage output of another size. Blocks are not wrapped: the DEC modules sit in one ``nn.ModuleDict`` at
-``model.dec`` keyed by block (or Swin stage) index, so the backbone's state-dict keys stay exactly the base model's.
+The DEC positions are ``"input"`` (the default) and block (Swin: stage) indices. The input DEC reads the normalised
+image I and the model runs on the canonical image S^{-1}(I; knots) (paper Sec. 4.3: F_1 = I); in the equivariant
+mode its spatial outputs (``forward_features``, ``forward_intermediates``, ``features_only``) are un-warped with S to
+the input's geometry. An adapted block k runs as ``knots = dec[k](F)``, ``F' = S^{-1}(F; knots)``,
+``out = block(F')`` and, in the equivariant mode, ``out = S(out; knots)``. Knots live in normalised coordinates, so
+the same knots un-canonicalise a map of another size (a Swin stage output, the token map of the input image). Blocks
+are not wrapped: the DEC modules sit in one ``nn.ModuleDict`` at ``model.dec`` keyed by position (``dec.input``,
+``dec.<k>``), so the backbone's state-dict keys stay exactly the base model's.
 The family classes (`timm_dec.models.vit_dec`, `~.beit_dec`, `~.swin_dec`, `~.eva_dec`, `~.relpos_dec`,
 `~.swinv2_dec`) subclass timm's models and drive their blocks through `DECModelMixin.dec_block`; `adapt` switches an existing instance to its
 family class in place.
@@ -16,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from timm.models._manipulate import checkpoint
 
@@ -24,11 +27,12 @@ from .dec import DEC, DECConfig
 from .ops import monotone_warp
 
 __all__ = [
-    "adapt", "AdaptConfig", "DECModelMixin", "MODES", "register_dec_family", "dec_class_for", "split_dec_kwargs",
-    "dec_options", "jsonable", "supported_families",
+    "adapt", "AdaptConfig", "DECModelMixin", "MODES", "INPUT", "register_dec_family", "dec_class_for",
+    "split_dec_kwargs", "dec_options", "jsonable", "supported_families",
 ]
 
 MODES = ("equivariant", "invariant")
+INPUT = "input"  # the position (and ``model.dec`` key) of the DEC that canonicalises the input image
 _ADAPT_OPTIONS = ("blocks", "grid", "mode")
 
 # timm base class -> its DEC subclass; filled by the family modules when they are imported
@@ -41,13 +45,25 @@ class AdaptConfig:
     """The static DEC options of an adapted model, stored as ``model.dec_cfg``.
 
     Attributes:
-        blocks: sorted indices of the adapted blocks (ViT, DeiT, BEiT) or stages (Swin).
-        mode: ``"equivariant"`` (eq. 21, un-canonicalise each adapted block's output) or ``"invariant"`` (eq. 22).
+        blocks: the DEC positions: ``"input"`` (the input image) first, then the sorted indices of the adapted blocks
+            (ViT, DeiT, BEiT) or stages (Swin).
+        mode: ``"equivariant"`` (eq. 21, un-canonicalise each adapted block's output and, with an input DEC, the
+            model's spatial outputs) or ``"invariant"`` (eq. 22).
         options: the options of every DEC module (grid size G, H widths, solver limits).
     """
-    blocks: Tuple[int, ...]
+    blocks: Tuple[Union[str, int], ...]
     mode: str
     options: DECConfig
+
+    @property
+    def has_input(self) -> bool:
+        """Whether the model canonicalises its input image."""
+        return INPUT in self.blocks
+
+    @property
+    def block_indices(self) -> Tuple[int, ...]:
+        """The adapted block (Swin: stage) indices, without the input position."""
+        return tuple(b for b in self.blocks if b != INPUT)
 
 
 def register_dec_family(base_cls: type, dec_cls: type, description: str) -> None:
@@ -144,7 +160,7 @@ def jsonable(value: Any, what: str) -> Any:
 
 def _make_config(
         model: nn.Module,
-        blocks: Optional[Union[int, Sequence[int]]],
+        blocks: Optional[Union[int, str, Sequence[Union[int, str]]]],
         grid: int,
         mode: str,
         dec_options: Dict[str, Any],
@@ -161,37 +177,43 @@ def _make_config(
     num_units = len(model.dec_units())
     unit = model.dec_unit_name
     if blocks is None:
-        chosen = tuple(b for b in model.default_dec_blocks if b < num_units)
+        chosen = tuple(b for b in model.default_dec_blocks if b == INPUT or b < num_units)
     else:
-        if isinstance(blocks, int) and not isinstance(blocks, bool):
+        if isinstance(blocks, (int, str)) and not isinstance(blocks, bool):
             blocks = (blocks,)
         try:
             chosen = tuple(blocks)
         except TypeError:
-            raise TypeError(f"blocks must be an int or a sequence of ints, got {blocks!r}") from None
+            raise TypeError(f"blocks must be 'input', an int or a sequence of them, got {blocks!r}") from None
         for b in chosen:
+            if b == INPUT:
+                continue
             if isinstance(b, bool) or not isinstance(b, int):
-                raise TypeError(f"blocks must hold ints, got {b!r} in {blocks!r}")
+                raise TypeError(f"blocks must hold {INPUT!r} or {unit} indices (ints), got {b!r} in {blocks!r}")
             if not -num_units <= b < num_units:
                 raise ValueError(f"{unit} index {b} is out of range for a model with {num_units} {unit}s")
-        chosen = tuple(b % num_units for b in chosen)
-    chosen = tuple(sorted(set(chosen)))
+    indices = sorted({b % num_units for b in chosen if b != INPUT})
+    chosen = ((INPUT,) if INPUT in chosen else ()) + tuple(indices)
     if not chosen:
-        raise ValueError(f"blocks must name at least one {unit}, got {blocks!r}")
+        raise ValueError(f"blocks must name at least one position ({INPUT!r} or a {unit} index), got {blocks!r}")
     return AdaptConfig(blocks=chosen, mode=mode, options=dec_cfg)
 
 
 def _attach(model: nn.Module, cfg: AdaptConfig) -> None:
     """Add ``model.dec`` (identity-initialised DEC modules) and ``model.dec_cfg``.
 
-    A DEC sees the unit's input features (``in_chans = model.dec_in_chans(b)``) or, with ``input="image"``, the input
-    image resized to the unit's map (``in_chans = model.dec_image_chans()``).
+    The input DEC reads the image (``in_chans = model.dec_image_chans()``, the image H); a block's DEC reads the
+    unit's input features (``in_chans = model.dec_in_chans(b)``) or, with ``input="image"``, the image too.
     """
     ref = next(model.parameters(), None)
-    image = cfg.options.input == "image"
-    decs = nn.ModuleDict({
-        str(b): DEC(model.dec_image_chans() if image else model.dec_in_chans(b), cfg.options, name=f"dec.{b}")
-        for b in cfg.blocks})
+
+    def make(position: Union[str, int]) -> DEC:
+        if position == INPUT or cfg.options.input == "image":
+            options = dataclasses.replace(cfg.options, input="image")
+            return DEC(model.dec_image_chans(), options, name=f"dec.{position}")
+        return DEC(model.dec_in_chans(position), cfg.options, name=f"dec.{position}")
+
+    decs = nn.ModuleDict({str(b): make(b) for b in cfg.blocks})
     if ref is not None:
         decs = decs.to(device=ref.device, dtype=ref.dtype)
     decs.train(model.training)  # adapting a model in eval mode gives DECs in eval mode
@@ -202,29 +224,32 @@ def _attach(model: nn.Module, cfg: AdaptConfig) -> None:
 def adapt(
         model: nn.Module,
         *,
-        blocks: Optional[Union[int, Sequence[int]]] = None,
+        blocks: Optional[Union[int, str, Sequence[Union[int, str]]]] = None,
         grid: int = 4,
         mode: str = "equivariant",
         **dec_options: Any,
 ) -> nn.Module:
-    """Give a timm model DEC canonicalisers in front of chosen blocks, in place.
+    """Give a timm model DEC canonicalisers in front of its patch embedding and chosen blocks, in place.
 
     The instance's class is switched to the family's DEC subclass (e.g. ``VisionTransformer`` ->
     `timm_dec.models.vit_dec.VisionTransformerDEC`) and the DEC modules are added under ``model.dec``. Every DEC starts
     at the identity, so the adapted model returns what the model returned before.
 
-    Default ``blocks``: the family class's ``default_dec_blocks`` -- ``(0, 1)`` for the ViT-class models (the first
-    two transformer blocks), ``(0, 1)`` for Swin and Swin V2 (the first two stages). Adapt more blocks for consistency deeper
-    in the net, at a proportional cost (the README's benchmark section has measured figures).
+    Default ``blocks``: ``("input",)``, one DEC that canonicalises the input image, for every family: measured on
+    the demo, a warp of a coarse token map cannot bring back what a patch lost and the latent DECs learn to stay at
+    the identity, while the input DEC learns to magnify small digits (README, "Defaults"). Latent DECs in front of
+    blocks (Swin: stages) are further options, e.g. ``blocks=("input", 0, 1)``, at a proportional cost.
 
     Args:
         model: a timm ``VisionTransformer`` (ViT, DeiT, DeiT3, DINOv2 with or without registers),
             ``VisionTransformerDistilled``, ``Beit`` (BEiT, BEiTv2), ``Eva`` (EVA, EVA02, RoPE ViTs, Perception
             Encoder, DINOv3), ``VisionTransformerRelPos``, ``SwinTransformer`` (v1), ``SwinTransformerV2`` or
             ``SwinTransformerV2Cr``.
-        blocks: indices of the transformer blocks (Swin: stages) to adapt; negative indices count from the end.
+        blocks: DEC positions: ``"input"`` (the image, before the patch embedding) and indices of the transformer
+            blocks (Swin: stages) to adapt; negative indices count from the end.
         grid: G, the DEC grid of G x G cells.
-        mode: ``"equivariant"`` (eq. 21: ``S(M_k(S^{-1}(F_k)))``) or ``"invariant"`` (eq. 22: ``M_k(S^{-1}(F_k))``).
+        mode: ``"equivariant"`` (eq. 21: ``S(M_k(S^{-1}(F_k)))``; the input DEC un-warps the spatial outputs) or
+            ``"invariant"`` (eq. 22: ``M_k(S^{-1}(F_k))``; nothing is un-warped).
         **dec_options: other `timm_dec.dec.DECConfig` fields (``widths``, ``max_iter``, ``tol``, ``backward``, ...).
 
     Returns:
@@ -235,9 +260,10 @@ def adapt(
         ValueError: the model is already adapted, or an option value is invalid.
 
     Example:
-        >>> m = adapt(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), blocks=(0,))
-        >>> sorted(m.dec)
-        ['0']
+        >>> m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> m = adapt(m, blocks=("input", 0))
+        >>> list(m.dec)
+        ['input', '0']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"adapt expects a timm model (nn.Module), got {type(model).__name__}")
@@ -278,35 +304,6 @@ def _warped_block(
     return out
 
 
-def _map_size(x: torch.Tensor, layout: str, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
-    """(H, W) of the feature map ``x`` of a unit: the token grid, or the spatial dims of an NHWC / NCHW map."""
-    if layout == "tokens":
-        if grid_size is None:
-            raise ValueError("dec_block needs grid_size for the tokens layout when the DEC reads the image")
-        return int(grid_size[0]), int(grid_size[1])
-    if layout == "nhwc":
-        return int(x.shape[1]), int(x.shape[2])
-    return int(x.shape[2]), int(x.shape[3])
-
-
-def resize_image(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """The (B, C, H_img, W_img) input image resized to a unit's map ``size`` = (H, W), for ``dec_input="image"``.
-
-    Adaptive average pooling: where the image size is a multiple of the map size (every family: a patch embedding
-    of stride p, a Swin stage at stride 4 * 2^k), each output pixel is exactly the mean of the pixels of the patch
-    its token summarises -- an area filter, so no aliasing and no bleeding across token boundaries (an antialiased
-    bilinear resize has a triangle kernel twice as wide); with other sizes the windows adapt. It is linear, per
-    sample, deterministic and a native op everywhere (CPU, CUDA, meta, ``torch.compile``), as in the DEC's own
-    pooling.
-    """
-    if not isinstance(image, torch.Tensor) or image.dim() != 4:
-        raise ValueError(f"the input image must be a (B, C, H, W) tensor, got "
-                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return F.adaptive_avg_pool2d(image, size)
-
-
 def _not_traceable(kind: str) -> TypeError:
     return TypeError(
         f"timm_dec models do not support {kind}: the DEC equilibrium solve stops per sample on a data-dependent "
@@ -316,12 +313,13 @@ def _not_traceable(kind: str) -> TypeError:
 class DECModelMixin:
     """The DEC machinery shared by the family classes; mixed in before the timm class.
 
-    A family class sets ``dec_unit_name`` and ``default_dec_blocks`` and implements ``dec_units`` and
-    ``dec_in_chans``; its block loops call `dec_block`. Constructing a family class directly takes the ``dec_*``
-    keyword arguments of `split_dec_kwargs` besides the timm class's own.
+    A family class sets ``dec_unit_name`` and implements ``dec_units`` and ``dec_in_chans``; its forward paths call
+    `dec_canonicalize_image` on the image, `dec_block` for each unit and `dec_uncanonicalize` on each spatial output.
+    Constructing a family class directly takes the ``dec_*`` keyword arguments of `split_dec_kwargs` besides the timm
+    class's own.
     """
     dec_unit_name: str = "block"
-    default_dec_blocks: Tuple[int, ...] = (0,)
+    default_dec_blocks: Tuple[Union[str, int], ...] = (INPUT,)
     # features_only goes through forward_intermediates (FeatureGetterNet), the one feature path that runs the DEC
     dec_feature_cfg: Dict[str, Any] = {"feature_cls": "getter"}
     # ordinal suffix that puts dec.<k> in unit k's layer-decay group (see `dec_group_matcher`)
@@ -394,8 +392,9 @@ class DECModelMixin:
             grid_size: (H, W) of the token map (tokens layout).
             num_prefix_tokens: P class / distillation / register tokens, which pass through unwarped.
             checkpointing: recompute the block (and its warps, not the DEC solve) in the backward pass.
-            image: the model's (normalised) input image (B, C_img, H_img, W_img). A DEC with ``input="image"`` reads it
-                resized to the unit's map (`resize_image`) instead of ``x``; the warp still acts on ``x``.
+            image: the image the model runs on (B, C_img, H_img, W_img): the input, canonicalised when the model has an
+                input DEC. A DEC with ``input="image"`` reads it (with the image H) instead of ``x``; the warp still
+                acts on ``x``.
             **block_kwargs: passed to the block (``shared_rel_pos_bias``, ``attn_mask``, ...).
 
         Returns:
@@ -416,7 +415,7 @@ class DECModelMixin:
                     f"the DEC of {self.dec_unit_name} {index} reads the input image (dec_input='image'), but "
                     f"dec_block got image=None: pass the model's input image, dec_block(..., image=x), or run the "
                     f"model's forward_features / forward_intermediates")
-            knots = dec(resize_image(image, _map_size(x, layout, grid_size)), layout="nchw")
+            knots = dec(image, layout="nchw")
         else:
             knots = dec(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
         equivariant = self.dec_cfg.mode == "equivariant"
@@ -425,6 +424,45 @@ class DECModelMixin:
             return checkpoint(
                 _warped_block, block, x, knots, layout, grid_size, num_prefix_tokens, equivariant, block_kwargs)
         return _warped_block(block, x, knots, layout, grid_size, num_prefix_tokens, equivariant, block_kwargs)
+
+    def dec_canonicalize_image(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The image the model runs on: S^{-1}(x; knots) with the input DEC's knots, or ``x`` without an input DEC.
+
+        Args:
+            x: (B, C, H, W) normalised input images.
+
+        Returns:
+            The (B, C, H, W) canonical images and the (B, 2, G+1, G+1) knots (None without an input DEC), which
+            `dec_uncanonicalize` takes.
+        """
+        self.dec_check_input(x)
+        if INPUT not in self.dec:
+            return x, None
+        knots = self.dec[INPUT](x, layout="nchw")
+        return monotone_warp(x, knots, layout="nchw", check=False), knots
+
+    def dec_uncanonicalize(
+            self,
+            y: torch.Tensor,
+            knots: Optional[torch.Tensor],
+            layout: str,
+            grid_size: Optional[Tuple[int, int]] = None,
+            num_prefix_tokens: int = 0,
+    ) -> torch.Tensor:
+        """A spatial output of the model on the canonical image, un-warped to the input's geometry: S(y; knots) in
+        the equivariant mode; ``y`` itself in the invariant mode or without an input DEC (``knots`` None).
+
+        Args:
+            y: (B, P + h*w, C) tokens (the P prefix tokens pass through), (B, h, w, C) or (B, C, h, w) maps.
+            knots: the input DEC's knots from `dec_canonicalize_image`; normalised, so they fit any map size.
+            layout: ``"tokens"``, ``"nhwc"`` or ``"nchw"``.
+            grid_size: (h, w) of a token map.
+            num_prefix_tokens: P.
+        """
+        if knots is None or self.dec_cfg.mode != "equivariant":
+            return y
+        return monotone_warp(y, knots, inverse=True, layout=layout, grid_size=grid_size,
+                             num_prefix_tokens=num_prefix_tokens, check=False)
 
     def dec_check_input(self, x: Any) -> None:
         """Refuse FX symbolic tracing and ``torch.jit.trace`` with a clear `TypeError`."""
@@ -439,9 +477,9 @@ class DECModelMixin:
 
     def dec_prune(self, max_index: int) -> None:
         """Drop the DEC modules of units past ``max_index`` (after ``prune_intermediate_layers``)."""
-        for key in [k for k in self.dec if int(k) > max_index]:
+        for key in [k for k in self.dec if k != INPUT and int(k) > max_index]:
             del self.dec[key]
-        kept = tuple(b for b in self.dec_cfg.blocks if b <= max_index)
+        kept = tuple(b for b in self.dec_cfg.blocks if b == INPUT or b <= max_index)
         self.dec_cfg = dataclasses.replace(self.dec_cfg, blocks=kept)
 
     def prune_intermediate_layers(
@@ -458,12 +496,13 @@ class DECModelMixin:
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        """timm's groups with ``dec.<k>`` in unit k's group (layer-wise LR decay)."""
+        """timm's groups with ``dec.<k>`` in unit k's group and ``dec.input`` in the stem's (layer-wise LR decay)."""
         return self.dec_group_matcher(super().group_matcher(coarse), suffix=self.dec_group_suffix)  # type: ignore[misc]
 
     @staticmethod
     def dec_group_matcher(matcher: Dict[str, Any], suffix: Optional[Tuple[int, ...]] = None) -> Dict[str, Any]:
-        """Add ``dec.<k>`` to the ``blocks`` groups of a timm group matcher, so layer decay keeps DEC k with unit k.
+        """Add ``dec.<k>`` to the ``blocks`` groups of a timm group matcher, so layer decay keeps DEC k with unit k,
+        and ``dec.input`` to the ``stem`` group, with the patch embedding whose input it canonicalises.
 
         Args:
             matcher: the base class's ``group_matcher()`` output.
@@ -478,4 +517,9 @@ class DECModelMixin:
             blocks = [(blocks, None)]
             suffix = None  # coarse string matchers group by the unit index alone
         matcher["blocks"] = [(r"^dec\.(\d+)\.", suffix)] + list(blocks)
+        stem = matcher.get("stem")
+        if isinstance(stem, str):
+            matcher["stem"] = rf"^dec\.{INPUT}\.|{stem}"
+        elif stem is not None:
+            matcher["stem"] = [(rf"^dec\.{INPUT}\.", None)] + list(stem)
         return matcher

@@ -1,25 +1,26 @@
 """The Deep Equilibrium Canonicalizer (DEC): the update network H and its equilibrium solve.
 
-A DEC maps a feature map F (B, C, H, W) to the knots of a monotone scaling at an equilibrium of its update map f
-(DESIGN.md "DEC"; paper Sec. 4.2, A1). F is first reduced to a small map P: average pooling to at most ``pool_size``
-per side, then a 1x1 projection to ``proj_chans`` channels (both per-pixel or spatially linear, so reducing once and
-warping the small map each iteration costs little). H is conv3x3 -> act -> conv3x3 -> instance norm -> act -> a
-zero-initialised conv1x1 to 2 channels. Its output map is read in the knots' own layout (`DEC.head_logits`).
+A DEC maps a map F (B, C, H, W) -- the input image for the input DEC, a block's features for a latent DEC -- to the
+knots of a monotone scaling at an equilibrium of its update map f (README "Design"; paper Sec. 4.2, A1). F is first
+reduced to a small map P, once per call: the image area-resized to at most ``image_size`` per side (the image H), or
+the features average-pooled to at most ``pool_size`` and projected to ``proj_chans`` channels (the latent H); every
+solver iteration warps P, not F. H's 2-channel output map is read in the knots' own layout (`DEC.head_logits`); its
+last layer starts at zero, so at initialisation the fixed point is the identity, reached in one evaluation.
 
 The state z is unconstrained; the warp it stands for has knots ``fold_free(knots_from_logits(bound(z)))``, with
 ``bound(z) = logit_bound * tanh(z / logit_bound)`` (every segment stays wider than a fixed fraction of the grid) and
 the fold guard of `timm_dec.ops.folds` (det J >= ``min_jacobian`` everywhere, so the un-warp S exists). The update
-is ``f(z) = z + H(S^{-1}(P; knots(z)))`` (``update="residual"``, the default) or ``f(z) = H(S^{-1}(P; knots(z)))``
-(``"absolute"``, the form of the authors' code); `DECConfig` says why the residual form is the default. At
-initialisation H is 0, so both forms have the identity warp as their fixed point, reached in one evaluation.
+is ``f(z) = H(S^{-1}(P; knots(z)))`` (``update="absolute"``, the default, the form of the authors' code) or
+``f(z) = z + H(S^{-1}(P; knots(z)))`` (``"residual"``, paper eq. 16-18); `DECConfig` says how the default was chosen.
 
 The forward solve (Anderson acceleration from z = 0 by default, `timm_dec.solver`) runs per sample under
 ``torch.no_grad()`` with a static trip count. A sample whose solve produces a non-finite value gets the identity
-warp (and is counted); a sample that has not converged keeps its best iterate and its gradient (and is counted). In
-training mode, with grad enabled, the solution re-enters the graph torchdeq-style: ``phantom_steps`` applications of
-f from z* (``backward="phantom"``, the default), or one application whose incoming gradient is replaced by the
-solution of the adjoint fixed point ``g = J_f(z*)^T g + grad`` (``backward="implicit"``, absolute form only). No
-graph runs through the solver iterations, so training memory does not grow with ``max_iter``.
+warp (and is counted); a sample that has not converged keeps its best iterate and its gradient (and is counted).
+Whenever autograd needs it (grad enabled and the input or a parameter requires grad, in train and in eval mode),
+the solution re-enters the graph torchdeq-style: one application of f whose incoming gradient is replaced by the
+solution of the adjoint fixed point ``g = J_f(z*)^T g + grad`` (``backward="implicit"``, the default; absolute form
+only), or ``phantom_steps`` applications of f from z* (``backward="phantom"``). No graph runs through the solver
+iterations, so training memory does not grow with ``max_iter``.
 
 Solver statistics are kept out of the modules: ``with solver_stats() as stats: model(x)`` collects, per DEC name and
 per call, the mean iterations, the largest final residual, the fallbacks, the unconverged and the fold-guarded
@@ -61,15 +62,15 @@ def _is_int(v: Any) -> bool:
 class DECConfig:
     """Options of a DEC; `timm_dec.adapt` and ``create_model`` pass ``dec_<field>=...`` through.
 
-    Why the residual update is the default. With the absolute form f(z) = H(S^{-1}(F; z)), a fixed point z* = H(C)
-    depends on the canonical map C = S^{-1}(F; z*) only. For a rescaled input F' = S(F; g) the same C is canonical
-    again, so z' = H(C) = z*: the absolute form cannot follow the input along its orbit, whereas equivariance needs
-    the warp of F' to be g composed with the warp of F. The residual form f(z) = z + H(S^{-1}(F; z)) (paper eq. 16-18,
-    the gradient step Phi - grad E) has its fixed points where H, looking at the canonical map, asks for no change;
-    that condition is carried along the orbit. Its Jacobian I + dH/dz is the identity where dH/dz is 0 (at
-    initialisation H is 0), so the implicit adjoint g = J^T g + v has no solution there: the residual form is
-    trained with phantom gradients (unrolled steps from the solution, the authors' choice), and asking for the
-    implicit backward with it is an error.
+    The default update and backward are the ones measured to train from a task loss (README, "Defaults"): the
+    absolute update f(z) = H(S^{-1}(F; z)) of the authors' code with implicit gradients. The residual form
+    f(z) = z + H(S^{-1}(F; z)) (paper eq. 16-18, the gradient step Phi - grad E) is the one whose fixed points follow
+    a rescaled input along its orbit (the absolute form's z* = H(C) depends on the canonical map C alone, so for
+    F' = S(F; g) it returns the same warp), but from H = 0 its equilibrium drifts by ``max_iter`` times H's output
+    before H has learned anything: on the demo its DEC-only phase blew the loss up, at the input (0.92 -> 1.64, then
+    6.4 points below Aug) and on the token map (0.92 -> 6.3). It stays an option (``update="residual"``), trained
+    with phantom gradients: its Jacobian I + dH/dz is the identity where dH/dz is 0 (at initialisation), so the
+    implicit adjoint g = J^T g + v has no solution there, and asking for the implicit backward with it is an error.
 
     Attributes:
         grid: G, cells per side of the monotone-scaling grid.
@@ -77,10 +78,15 @@ class DECConfig:
         proj_chans: channels of the 1x1 projection of the feature map that H sees.
         pool_size: the projected map is average-pooled to at most this size per side before the solve; None (or 0,
             which ``create_model`` passes through where it drops None) keeps it.
+        image_widths: channels of the image H's 3x3 convolutions (`DEC` with ``input="image"``: the input DEC, and
+            latent DECs that read the image).
+        image_size: the image H reads the image area-resized so that its longer side is at most this many pixels
+            (64: a 224 px input is read at 64 px, the demo's 48 px at full resolution); None (or 0) reads it at full
+            resolution. H must see the image at a resolution from which it can read the objects' scale.
         act_layer: activation of H, any name timm's ``get_act_layer`` knows.
-        input: what H sees: ``"latent"`` (the block's input feature map) or ``"image"`` (the model's normalised
-            input image average-pooled to the block's map, as the authors' code does; `timm_dec.adapt.dec_block`).
-        update: ``"residual"``: f(z) = z + H(S^{-1}(P; z)); ``"absolute"``: f(z) = H(S^{-1}(P; z)).
+        input: what H sees: ``"latent"`` (the feature map it canonicalises) or ``"image"`` (the model's normalised
+            input image, read by the image H at ``image_size``; the input DEC always reads the image).
+        update: ``"absolute"``: f(z) = H(S^{-1}(P; z)); ``"residual"``: f(z) = z + H(S^{-1}(P; z)).
         solver: forward solver, a key of `timm_dec.solver.SOLVERS` (``"anderson"``, ``"fixed_point"``).
         max_iter: most evaluations of H per sample in the forward solve.
         tol: a sample stops once its relative residual ``||f(z) - z|| / (||f(z)|| + eps)`` is below this.
@@ -89,7 +95,7 @@ class DECConfig:
         check_every: the solve stops early once every sample has converged, checked on the host every this many
             iterations; None (or 0: ``create_model(..., dec_check_every=0)``, since timm drops None keyword
             arguments) runs ``max_iter`` iterations with no host sync (the choice for CUDA graphs).
-        backward: ``"phantom"`` (unrolled steps from the solution) or ``"implicit"`` (adjoint fixed point).
+        backward: ``"implicit"`` (adjoint fixed point) or ``"phantom"`` (unrolled steps from the solution).
         phantom_steps: unrolled applications of f in phantom mode.
         backward_max_iter: most iterations of the adjoint solve (implicit mode).
         backward_tol: relative residual at which the adjoint solve stops (implicit mode).
@@ -103,16 +109,18 @@ class DECConfig:
     widths: tuple[int, int] = (64, 128)
     proj_chans: int = 16
     pool_size: Optional[int] = 16
+    image_widths: tuple[int, int] = (8, 16)
+    image_size: Optional[int] = 64
     act_layer: str = "gelu"
     input: str = "latent"
-    update: str = "residual"
+    update: str = "absolute"
     solver: str = "anderson"
     max_iter: int = 16
-    tol: float = 1e-2
+    tol: float = 1e-3
     history: int = 5
     beta: float = 1.0
     check_every: Optional[int] = 1
-    backward: str = "phantom"
+    backward: str = "implicit"
     phantom_steps: int = 1
     backward_max_iter: int = 12
     backward_tol: float = 1e-4
@@ -121,17 +129,18 @@ class DECConfig:
     min_jacobian: float = 0.05
 
     def __post_init__(self) -> None:
-        widths = self.widths
-        if isinstance(widths, Sequence) and not isinstance(widths, str):
-            widths = tuple(widths)
-            object.__setattr__(self, "widths", widths)  # lists from the command line become a tuple
-        if not (isinstance(widths, tuple) and len(widths) == 2 and all(_is_int(w) and w >= 1 for w in widths)):
-            raise ValueError(f"dec widths must be two positive channel counts, got {self.widths!r}")
+        for field in ("widths", "image_widths"):
+            widths = getattr(self, field)
+            if isinstance(widths, Sequence) and not isinstance(widths, str):
+                widths = tuple(widths)
+                object.__setattr__(self, field, widths)  # lists from the command line become a tuple
+            if not (isinstance(widths, tuple) and len(widths) == 2 and all(_is_int(w) and w >= 1 for w in widths)):
+                raise ValueError(f"dec {field} must be two positive channel counts, got {getattr(self, field)!r}")
         for field in ("grid", "proj_chans", "max_iter", "history", "backward_max_iter", "phantom_steps"):
             value = getattr(self, field)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"dec {field} must be an integer >= 1, got {value!r}")
-        for field, low in (("pool_size", 2), ("check_every", 1)):
+        for field, low in (("pool_size", 2), ("image_size", 2), ("check_every", 1)):
             value = getattr(self, field)
             if value == 0 and _is_int(value):
                 # timm's create_model drops keyword arguments that are None, so 0 stands for None there
@@ -181,6 +190,7 @@ class SolveRecord:
         mean_iterations: mean evaluations of H per sample.
         max_iterations: most evaluations of H spent on one sample.
         max_residual: largest final relative residual among the samples whose solve stayed finite (0 if none).
+        mean_residual: mean final relative residual of those samples (0 if none).
         fallbacks: samples whose solve went non-finite and fell back to the identity.
         not_converged: finite samples whose residual stayed above ``tol`` (they keep their best iterate).
         fold_guarded: samples whose warp the fold guard blended toward the identity.
@@ -194,6 +204,7 @@ class SolveRecord:
     fallbacks: int
     not_converged: int = 0
     fold_guarded: int = 0
+    mean_residual: float = 0.0
 
 
 _SUMMED = ("fallbacks", "not_converged", "fold_guarded")
@@ -227,6 +238,12 @@ class SolverStats:
     @property
     def total_samples(self) -> int:
         return sum(r.batch for r in self.records)
+
+    @property
+    def mean_residual(self) -> float:
+        """Mean final relative residual per sample over every recorded call (sample-weighted); 0 when empty."""
+        samples = self.total_samples
+        return sum(r.mean_residual * r.batch for r in self.records) / samples if samples else 0.0
 
     @property
     def mean_iterations(self) -> float:
@@ -286,12 +303,15 @@ def _recording() -> bool:
 
 def _record(name: str, info: SolverInfo, guard: torch.Tensor) -> None:
     finite = ~info.failed
-    max_res = info.residual[finite].max().item() if bool(finite.any()) else 0.0
+    any_finite = bool(finite.any())
+    max_res = info.residual[finite].max().item() if any_finite else 0.0
+    mean_res = info.residual[finite].double().mean().item() if any_finite else 0.0
     record = SolveRecord(
         name=name or "dec", batch=int(info.iterations.numel()),
         mean_iterations=info.iterations.double().mean().item(), max_iterations=int(info.iterations.max().item()),
         max_residual=float(max_res), fallbacks=int(info.failed.sum().item()),
-        not_converged=int((finite & ~info.converged).sum().item()), fold_guarded=int((guard < 1).sum().item()))
+        not_converged=int((finite & ~info.converged).sum().item()), fold_guarded=int((guard < 1).sum().item()),
+        mean_residual=float(mean_res))
     for stats in _COLLECTORS.get():
         stats.add(record)
 
@@ -331,11 +351,19 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 class DEC(nn.Module):
-    """Deep Equilibrium Canonicalizer of one block: feature map -> knots of the equilibrium monotone scaling.
+    """Deep Equilibrium Canonicalizer of one map: feature map or image -> knots of the equilibrium monotone scaling.
 
-    Parameters: ``proj`` (the 1x1 projection, a Linear on channels), ``conv1``, ``conv2``, ``norm``, ``head`` (the
-    zero-initialised 1x1 conv; it and ``conv2`` have no bias). The module keeps no per-call state, so it is reentrant and safe under DDP, deepcopy
-    (EMA) and threads.
+    H comes in two forms, chosen by ``cfg.input``:
+
+    * ``"latent"`` (a block's feature map): ``proj`` (the 1x1 projection, a Linear on channels) of the map average
+      pooled to ``pool_size``, then ``conv1`` -> act -> ``conv2`` -> ``norm`` (instance) -> act -> ``head``.
+    * ``"image"`` (the input DEC, and latent DECs that read the image): the normalised image area-resized to at
+      most ``image_size`` per side, then ``conv1`` -> act -> max pool 2 -> ``conv2`` -> act -> max pool 2 ->
+      ``conv3`` -> ``norm`` -> act -> ``head``: strided enough to see a digit's or an object's extent, small
+      enough to run 16 times per forward.
+
+    ``head`` is a zero-initialised 1x1 conv to 2 channels (no bias: the row centring of `head_logits` would remove
+    it). The module keeps no per-call state, so it is reentrant and safe under DDP, deepcopy (EMA) and threads.
 
     Example:
         >>> from timm_dec.ops import identity_knots
@@ -343,13 +371,16 @@ class DEC(nn.Module):
         >>> knots = dec(torch.randn(2, 1 + 14 * 14, 384), layout="tokens", num_prefix_tokens=1)
         >>> knots.shape, torch.equal(knots, identity_knots(2, 4))
         (torch.Size([2, 2, 5, 5]), True)
+        >>> image_dec = DEC(3, input="image", name="dec.input")
+        >>> image_dec(torch.randn(2, 3, 224, 224), layout="nchw").shape
+        torch.Size([2, 2, 5, 5])
     """
 
     def __init__(self, in_chans: int, cfg: Optional[DECConfig] = None, name: str = "", **overrides: Any) -> None:
         """Args:
             in_chans: C, channels of the maps the DEC sees (the block's, or the image's with ``input="image"``).
             cfg: options; defaults to ``DECConfig()``.
-            name: label of this DEC in `solver_stats` records, e.g. ``"blocks.4.dec"``.
+            name: label of this DEC in `solver_stats` records, e.g. ``"dec.input"``, ``"dec.4"``.
             **overrides: any `DECConfig` field, overriding ``cfg`` (explicit keywords always win).
         """
         super().__init__()
@@ -368,19 +399,36 @@ class DEC(nn.Module):
         self.name = str(name)
         c = self.cfg
         act = get_act_layer(c.act_layer)
-        self.proj = nn.Linear(in_chans, c.proj_chans)
-        self.conv1 = nn.Conv2d(c.proj_chans, c.widths[0], 3, padding=1)
-        self.act1 = act()
-        # no bias where it could never learn: instance norm removes conv2's, the row centring of `head_logits` the head's
-        self.conv2 = nn.Conv2d(c.widths[0], c.widths[1], 3, padding=1, bias=False)
-        self.norm = nn.InstanceNorm2d(c.widths[1], affine=True)  # per sample: no batch statistics
-        self.act2 = act()
-        self.head = nn.Conv2d(c.widths[1], 2, 1, bias=False)
+        if self.reads_image:
+            c1, c2 = c.image_widths
+            self.conv1 = nn.Conv2d(in_chans, c1, 3, padding=1)
+            self.act1 = act()
+            self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+            self.act2 = act()
+            # no bias where it could never learn: instance norm removes conv3's
+            self.conv3 = nn.Conv2d(c2, c2, 3, padding=1, bias=False)
+            self.norm = nn.InstanceNorm2d(c2, affine=True)  # per sample: no batch statistics
+            self.act3 = act()
+        else:
+            c1, c2 = c.widths
+            self.proj = nn.Linear(in_chans, c.proj_chans)
+            self.conv1 = nn.Conv2d(c.proj_chans, c1, 3, padding=1)
+            self.act1 = act()
+            # no bias where it could never learn: instance norm removes conv2's
+            self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+            self.norm = nn.InstanceNorm2d(c2, affine=True)  # per sample: no batch statistics
+            self.act2 = act()
+        self.head = nn.Conv2d(c2, 2, 1, bias=False)
         self.reset_head()
 
     @property
     def grid(self) -> int:
         return self.cfg.grid
+
+    @property
+    def reads_image(self) -> bool:
+        """Whether H is the image H (``cfg.input == "image"``)."""
+        return self.cfg.input == "image"
 
     def reset_head(self) -> None:
         """Zero the last layer, so that the fixed point is the identity warp."""
@@ -388,7 +436,8 @@ class DEC(nn.Module):
 
     def reduce_input(self, x: torch.Tensor, layout: str, grid_size: Any = None, num_prefix_tokens: int = 0
                      ) -> torch.Tensor:
-        """The map P that H warps: (B, proj_chans, h, w), h and w at most ``pool_size``, in the parameters' dtype.
+        """The map P that H warps, in the parameters' dtype: (B, proj_chans, h, w) with h and w at most
+        ``pool_size`` for the latent H; the (B, C, h, w) image area-resized to at most ``image_size`` for the image H.
 
         Args:
             x: the feature map in ``layout`` (see `logits`); its channels must be ``in_chans``.
@@ -407,7 +456,14 @@ class DEC(nn.Module):
             x = x[:, num_prefix_tokens:].unflatten(1, (height, width))
         elif layout == "nchw":
             x = x.permute(0, 2, 3, 1)
-        x = x.to(self.proj.weight.dtype).permute(0, 3, 1, 2)  # (B, C, H, W)
+        x = x.to(self.head.weight.dtype).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if self.reads_image:
+            size = self.cfg.image_size
+            if size is not None and max(height, width) > size:
+                scale = size / max(height, width)
+                # area resize (adaptive average pooling): an exact box filter, no aliasing, per sample
+                x = F.adaptive_avg_pool2d(x, (max(2, round(height * scale)), max(2, round(width * scale))))
+            return x.contiguous()
         pool = self.cfg.pool_size
         if pool is not None and (height > pool or width > pool):
             # Pooling commutes with the per-pixel projection, so pool the wide map first.
@@ -444,18 +500,23 @@ class DEC(nn.Module):
         return logits - logits.mean(dim=-1, keepdim=True)
 
     def update(self, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """One application of the DEC map: f(z) = z + H(S^{-1}(P; knots(z))), or H(...) for ``update="absolute"``.
+        """One application of the DEC map: f(z) = H(S^{-1}(P; knots(z))), or z + H(...) for ``update="residual"``.
 
         Args:
             z: (b, 2, G+1, G) state.
-            p: (b, proj_chans, h, w) reduced feature map.
+            p: (b, c, h, w) the map `reduce_input` made.
 
         Returns:
             (b, 2, G+1, G) next state.
         """
         warped = monotone_warp(p, self.knots(z), layout="nchw", check=False)
         h = self.act1(_conv(warped, self.conv1))
-        h = self.act2(self.norm(_conv(h, self.conv2)))
+        if self.reads_image:
+            h = F.max_pool2d(h, 2, ceil_mode=True)
+            h = F.max_pool2d(self.act2(_conv(h, self.conv2)), 2, ceil_mode=True)
+            h = self.act3(self.norm(_conv(h, self.conv3)))
+        else:
+            h = self.act2(self.norm(_conv(h, self.conv2)))
         h = self.head_logits(_conv(h, self.head))
         return z + h if self.cfg.update == "residual" else h
 
@@ -504,8 +565,8 @@ class DEC(nn.Module):
         p = self.reduce_input(x, layout, grid_size, num_prefix_tokens)
         if p.device.type == "meta":  # shapes only (models built on the meta device before loading or sharding)
             return identity_logits(p.shape[0], self.grid, device=p.device, dtype=p.dtype)
-        needs_graph = self.training and torch.is_grad_enabled() and (
-            p.requires_grad or any(q.requires_grad for q in self.parameters()))
+        # the differentiable path whenever autograd needs it, in eval mode too (saliency maps, robustness attacks)
+        needs_graph = torch.is_grad_enabled() and (p.requires_grad or any(q.requires_grad for q in self.parameters()))
         with torch.autocast(device_type=p.device.type, enabled=False):
             return self._equilibrium(p, needs_graph)
 

@@ -38,7 +38,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import safetensors.torch
 import timm
@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from .baselines import InputCanonicalizer, InvarianceLoss
 from .checkpoint import save_checkpoint
 from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
+from .adapt import INPUT
 from .dec import BACKWARD_MODES, UPDATE_FORMS
 from .demo_report import dec_evidence, dec_kwargs, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model, normalize_transform, parse_bins, parse_scales
@@ -63,18 +64,19 @@ from .ops import monotone_warp
 __all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train"]
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
-LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC"}
+LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
 START_DIR = Path(__file__).parent / "demo_start"
 # the configuration values that determine the shared start (a shipped start must have been made with these)
 START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "canvas", "digit_size", "scale_range",
               "train_samples", "plain_steps", "aug_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
               "warmup_frac", "aug_strength", "aug_p", "seed")
 
-# The demo trains the DEC with the absolute update and implicit gradients: from H = 0, the residual update's
-# equilibrium drifts by max_iter times H's output (H does not yet restore anything), and a DEC-only warm-up from the
-# Aug start blew the training loss up from 0.92 to 6.3 within 60 steps at DEC learning rates 5e-4 and 5e-3 (README).
+# The DEC canonicalises the input image (dec_blocks=("input",)) with the library's defaults, the absolute update and
+# implicit gradients (README, "Defaults": the residual update's DEC-only phase blew the loss up, at the input and on
+# the token map). Classification runs in the invariant mode: the head reads the canonical image's features.
 _COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, invl_weight=1.0, canon_warps=64,
-               dec_grid=4, dec_mode="equivariant", dec_update="absolute", dec_backward="implicit")
+               dec_grid=4, dec_mode="invariant", dec_update="absolute", dec_backward="implicit", dec_tol=1e-3,
+               dec_image_widths=(8, 16), dec_image_size=64, equal_time=True)
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
@@ -84,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_samples=8000, test_samples=2000, batch_size=64, lr=2e-3, finetune_lr=5e-4,
         plain_steps=2000, aug_steps=600, finetune_steps=250, dec_warmup_steps=100, dec_lr_mult=10.0,
         canon_energy_size=16, canon_energy_widths=(8, 16),
-        dec_blocks=(0, 1), dec_widths=(16, 32), dec_max_iter=16,
+        dec_blocks=("input",), dec_widths=(16, 32), dec_max_iter=16,
         scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_bins=((0.5, 1.0), (1.0, 2.0)),
         prob_scales=tuple(round(0.5 + 0.1 * i, 2) for i in range(16)), prob_images=4, grid_images=6,
         stretch_images=500, eval_batch=250,
@@ -108,7 +110,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_samples=16, test_samples=6, batch_size=8, lr=1e-3, finetune_lr=1e-3,
         plain_steps=2, aug_steps=1, finetune_steps=2, dec_warmup_steps=1, dec_lr_mult=1.0,
         canon_energy_size=8, canon_energy_widths=(4, 4), dec_grid=2,
-        dec_blocks=(0,), dec_widths=(4, 4), dec_max_iter=4,
+        dec_blocks=("input",), dec_widths=(4, 4), dec_image_widths=(4, 4), dec_max_iter=4,
         scales=(0.8, 1.0, 1.2), scale_bins=((0.5, 1.0), (1.0, 2.0)),
         prob_scales=(0.8, 1.0, 1.2), prob_images=2, grid_images=2, stretch_images=4, eval_batch=8,
     ),
@@ -135,11 +137,23 @@ def _bins(text: str) -> tuple[tuple[float, float], ...]:
     return tuple(parse_bins(text))
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _positive_int(text: str) -> int:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positions(text: str) -> tuple[Union[str, int], ...]:
+    """``input,0,1`` -> ("input", 0, 1): DEC positions, the input image and block indices."""
+    try:
+        return tuple(v.strip() if v.strip() == INPUT else int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices and/or {INPUT!r}, got {text!r}"
+                                         ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
                         help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
@@ -184,8 +199,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("aug-p", "RandomMonotoneScale probability"), ("invl-weight", "weight of the eq. 25 loss")):
         g.add_argument(f"--{name}", type=float, default=None, help=text)
     g.add_argument("--canon-energy-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"))
-    g.add_argument("--dec-blocks", type=_ints, default=None, help="comma-separated block indices")
+    g.add_argument("--dec-blocks", type=_positions, default=None,
+                   help="comma-separated DEC positions: input (the image) and/or block indices, e.g. input,0,1")
     g.add_argument("--dec-mode", choices=("equivariant", "invariant"), default=None)
+    g.add_argument("--dec-tol", type=float, default=None, help="the DEC solve's relative residual tolerance")
+    g.add_argument("--dec-image-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"),
+                   help="channels of the image H (the input DEC's)")
+    g.add_argument("--dec-image-size", type=int, default=None,
+                   help="the image H reads the image resized to at most this side (0: full resolution)")
+    g.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train Aug+time: Aug given as many more steps as the DEC's extra training time buys")
     g.add_argument("--dec-update", choices=UPDATE_FORMS, default=None, help="the DEC's update form (DECConfig)")
     g.add_argument("--dec-backward", choices=BACKWARD_MODES, default=None, help="the DEC's backward (DECConfig)")
     g.add_argument("--dec-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"))
@@ -483,6 +506,21 @@ def _train_methods(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor
     return timings
 
 
+def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], timings: dict[str, dict[str, float]],
+                        images: torch.Tensor, labels: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
+    """Aug+time: Aug from the same start, given as many more steps as the DEC's extra training time buys at Aug's
+    measured speed (one schedule over all its steps), so that a gain of the DEC is not only a gain of compute."""
+    cfg, n = s.cfg, s.cfg["finetune_steps"]
+    per_step = timings["aug"]["seconds"] / max(1, n)
+    extra = max(0, round((timings["dec"]["seconds"] - timings["aug"]["seconds"]) / per_step)) if per_step > 0 else 0
+    model = s.create(cfg["model"])
+    model.load_state_dict(starts["aug"])
+    run = s.fit(s.classifier(model), images, labels,
+                Stage("Aug+time", n + extra, cfg["finetune_lr"], augment=s.augment, seed=cfg["seed"] + 3))
+    return model, dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] + n + extra,
+                       dec_only_steps=0)
+
+
 def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],
               prob_idx: list[int]) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
     """The same test images, scales and bins for every method; each checkpoint saved beside its result."""
@@ -565,10 +603,14 @@ def run(args: argparse.Namespace) -> int:
         starts, start_info = load_start(cfg, args.preset)
     models = _methods(s, starts)
     timings = _train_methods(s, models, images, labels)
+    if cfg["equal_time"] and "dec" in models:
+        models["aug_time"], timings["aug_time"] = _equal_time_control(s, starts, timings, images, labels)
     prob_idx = list(range(min(cfg["prob_images"], len(s.test_set))))
     results, curves = _evaluate(s, models, timings, prob_idx)
     evidence = dec_evidence(models["dec"], s.test_set, cfg, s.device) if "dec" in models else {}
     paired = paired_rows(results, seed=cfg["seed"])
+    if "aug_time" in results:
+        paired["dec_vs_aug_time"] = paired_rows(results, seed=cfg["seed"], reference="aug_time", methods=["dec"])["dec"]
     text = tables(cfg, results, paired, evidence, LABELS)
     print("\n" + text)
     files = plots(s.out, cfg, results, curves, models.get("dec"), s.test_set, s.normalize, s.device, prob_idx, LABELS)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from .adapt import INPUT
 from .data import LocallyScaledDigits
 from .evaluate import format_per_scale_table, format_table
 from .metrics import format_scale, paired_bootstrap
@@ -23,7 +24,9 @@ __all__ = ["dec_kwargs", "eval_command", "paired_rows", "first_dec_knots", "dec_
 def dec_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     """The ``create_model`` DEC kwargs of a demo configuration."""
     out = dict(dec_grid=cfg["dec_grid"], dec_mode=cfg["dec_mode"], dec_widths=tuple(cfg["dec_widths"]),
-               dec_max_iter=cfg["dec_max_iter"], dec_update=cfg["dec_update"], dec_backward=cfg["dec_backward"])
+               dec_image_widths=tuple(cfg["dec_image_widths"]), dec_image_size=cfg["dec_image_size"],
+               dec_max_iter=cfg["dec_max_iter"], dec_tol=cfg["dec_tol"], dec_update=cfg["dec_update"],
+               dec_backward=cfg["dec_backward"])
     if cfg["dec_blocks"] is not None:
         out["dec_blocks"] = tuple(cfg["dec_blocks"])
     return out
@@ -53,13 +56,15 @@ def eval_command(cfg: dict[str, Any], method: str, checkpoint: Path) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def paired_rows(results: dict[str, dict[str, Any]], seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Each method against Aug on the same test images: accuracy and InvE differences with 95% paired-bootstrap
-    intervals (accuracy in points, InvE in the paper's 1e-2 units), and the InvE ratio."""
-    ref = results["aug"]
+def paired_rows(results: dict[str, dict[str, Any]], seed: int = 0, reference: str = "aug",
+                methods: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
+    """Each method (of ``methods``, default all) against ``reference`` on the same test images: accuracy and InvE
+    differences with 95% paired-bootstrap intervals (accuracy in points, InvE in the paper's 1e-2 units), and the
+    InvE ratio."""
+    ref = results[reference]
     rows = {}
     for method, r in results.items():
-        if method == "aug":
+        if method == reference or (methods is not None and method not in methods):
             continue
         acc = paired_bootstrap(r["correct"].double(), ref["correct"].double(), seed=seed)
         inv = paired_bootstrap(r["inv_e_per_sample"].double(), ref["inv_e_per_sample"].double(), seed=seed)
@@ -72,8 +77,9 @@ def paired_rows(results: dict[str, dict[str, Any]], seed: int = 0) -> dict[str, 
 
 
 def first_dec_knots(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """Knots that the first adapted block's DEC finds for ``x`` (a forward hook, removed after)."""
-    key = str(min(int(k) for k in model.dec))
+    """Knots that the input DEC (else the first adapted block's DEC) finds for ``x`` (a forward hook, removed after),
+    and its position (``"input"`` or the block index)."""
+    key = INPUT if INPUT in model.dec else str(min(int(k) for k in model.dec))
     found: list[torch.Tensor] = []
     handle = model.dec[key].register_forward_hook(lambda mod, inp, out: found.append(out.detach()))
     try:
@@ -101,19 +107,20 @@ def _magnification(knots: torch.Tensor, points: torch.Tensor, eps: float = 1e-4)
 def dec_evidence(model: nn.Module, test_set: LocallyScaledDigits, cfg: dict[str, Any],
                  device: torch.device) -> dict[str, Any]:
     """Does the first DEC stretch small digits and squeeze large ones? Per digit of ``stretch_images`` test images:
-    its true scale s and the local magnification m of the canonicalisation at the digit's centre (token coordinates
-    of the DEC's map). Returns the Pearson correlation of log s with log m (negative when small digits are
-    enlarged), the mean m for the smallest and the largest third of scales, and the number of digits."""
+    its true scale s and the local magnification m of the canonicalisation at the digit's centre (in the coordinates
+    of the DEC's map: image pixels for the input DEC, tokens for a block's). Returns the Pearson correlation of
+    log s with log m (negative when small digits are enlarged), the mean m for the smallest and the largest third of
+    scales, and the number of digits."""
     n = min(cfg["stretch_images"], len(test_set))
     if n == 0:
         return {}
-    patch = int(cfg["model_kwargs"].get("patch_size", 16))
-    side = cfg["canvas"] // patch
     scales, mags = [], []
     for start in range(0, n, cfg["eval_batch"]):
         idx = list(range(start, min(n, start + cfg["eval_batch"])))
         x = torch.stack([test_set[i][0] for i in idx]).to(device)
-        knots, _ = first_dec_knots(model, x)
+        knots, position = first_dec_knots(model, x)
+        patch = 1 if position == INPUT else int(cfg["model_kwargs"].get("patch_size", 16))
+        side = cfg["canvas"] // patch
         centres = []
         for i in idx:
             sample = test_set.describe(i)
@@ -150,13 +157,24 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
             f"{'Method':<8}  {'dAcc (pts)':>10}  {'interval':>16}  {'dInvE (1e-2)':>12}  {'interval':>16}  "
             f"{'InvE / Aug':>10}"]
     for method, p in paired.items():
+        if method not in labels:
+            continue  # the equal-compute row, printed below
         out.append(f"{labels[method]:<8}  {p['acc_points']:>+10.2f}  [{p['acc_low']:+6.2f}, {p['acc_high']:+6.2f}]"
                    f"  {p['inv_e_1e2']:>+12.2f}  [{p['inv_e_low']:+6.2f}, {p['inv_e_high']:+6.2f}]"
                    f"  {p['inv_e_ratio']:>10.3f}")
+    control = paired.get("dec_vs_aug_time")
+    if control:
+        steps = results["aug_time"]["backbone_steps"] - results["dec"]["backbone_steps"]
+        out += ["", f"Equal compute: DEC against Aug+time (Aug given the DEC's extra training time, {steps:+d} "
+                    f"steps): dAcc {control['acc_points']:+.2f} [{control['acc_low']:+.2f}, "
+                    f"{control['acc_high']:+.2f}] pts, InvE ratio {control['inv_e_ratio']:.3f}"]
     solver = results.get("dec", {}).get("dec_solver")
     if solver:
-        out += ["", f"DEC solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average, "
-                    f"{solver['fallbacks']} fallbacks in {solver['samples']} solves"]
+        out += ["", f"DEC solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average "
+                    f"(limit {cfg['dec_max_iter']}, tol {cfg['dec_tol']:g}), relative residual at exit "
+                    f"{solver['mean_residual']:.2e} on average, {solver['max_residual']:.2e} at most; "
+                    f"{solver['not_converged']} of {solver['samples']} solves above tol, {solver['fallbacks']} "
+                    f"fallbacks"]
     if evidence:
         out += [f"DEC warp at each digit ({evidence['digits']} digits): corr(log scale, log magnification) = "
                 f"{evidence['pearson_log_scale_log_magnification']:+.3f}; mean magnification "
@@ -183,10 +201,11 @@ def plots(out: Path, cfg: dict[str, Any], results: dict[str, dict[str, Any]], cu
     if dec_model is not None and cfg["grid_images"] > 0:
         idx = list(range(min(cfg["grid_images"], len(test_set))))
         images = raw(idx)
-        knots, block = first_dec_knots(dec_model, normalize(images).to(device))
+        knots, position = first_dec_knots(dec_model, normalize(images).to(device))
         names = [f"{test_set.describe(i).label:0{cfg['num_digits']}d} (scales "
                  f"{', '.join(f'{s:.1f}' for s in test_set.describe(i).scales)})" for i in idx]
-        plot_warp_grids(images, knots, names, f"Warps found by the DEC of block {block} (Fig. A2 style): each "
-                        f"orange cell is where one canonical cell is sampled from", out / "warp_grids.png")
+        where = "the input DEC" if position == INPUT else f"the DEC of block {position}"
+        plot_warp_grids(images, knots, names, f"Warps found by {where} (Fig. A2 style): each orange cell is where "
+                        f"one canonical cell is sampled from", out / "warp_grids.png")
         files.append("warp_grids.png")
     return files

@@ -362,7 +362,7 @@ def evaluate_model(
     Returns:
         The metrics dict (``acc``, ``inv_e``, ``per_scale_acc``, ``per_scale_prob_correct``, ``scales``,
         ``num_samples``, and ``per_bin_acc`` with bins), with ``dec_solver`` (``mean_iterations``, ``fallbacks``,
-        ``samples``) when the model ran a DEC.
+        ``samples``, ``not_converged``, ``mean_residual`` and ``max_residual`` at exit) when the model ran a DEC.
     """
     model = model.to(device)
     if channels_last:
@@ -374,7 +374,9 @@ def evaluate_model(
             num_workers=num_workers, seed=seed, progress=progress, return_per_sample=return_per_sample)
     if len(stats):
         result["dec_solver"] = dict(mean_iterations=stats.mean_iterations, fallbacks=stats.total_fallbacks,
-                                    samples=stats.total_samples)
+                                    samples=stats.total_samples, not_converged=stats.total_not_converged,
+                                    mean_residual=stats.mean_residual,
+                                    max_residual=max(r.max_residual for r in stats.records))
     return result
 
 

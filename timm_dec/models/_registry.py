@@ -18,7 +18,7 @@ import re
 import types
 from collections import deque
 from functools import partial
-from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ import timm.models
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
 from timm.models._pretrained import DefaultCfg
 
-from ..adapt import DECModelMixin, dec_class_for, split_dec_kwargs
+from ..adapt import INPUT, DECModelMixin, dec_class_for, split_dec_kwargs
 
 __all__ = [
     "DEC_MODULES", "create_dec_model", "dec_checkpoint_filter", "load_dec_state_dict", "list_dec_models",
@@ -123,12 +123,20 @@ def dec_checkpoint_filter(
     dec_state = {k: v for k, v in state_dict.items() if k.startswith("dec.")}
     backbone = {k: v for k, v in state_dict.items() if not k.startswith("dec.")}
     own_dec = {k: v for k, v in model.state_dict().items() if k.startswith("dec.")}
-    foreign = sorted({k.split(".")[1] for k in dec_state if k not in own_dec})
+    own_positions = {k.split(".")[1] for k in own_dec}
+    foreign = sorted({k.split(".")[1] for k in dec_state} - own_positions)
     if foreign:
         # timm's loader only warns about unexpected keys; trained DEC weights must not vanish silently
         raise ValueError(
-            f"the checkpoint has DEC weights for {model.dec_unit_name}(s) {foreign} that this model does not adapt "
+            f"the checkpoint has DEC weights for position(s) {foreign} that this model has no DEC at "
             f"(dec_blocks={model.dec_cfg.blocks}); create it with dec_blocks covering them")
+    unexpected = sorted(k for k in dec_state if k not in own_dec)
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint's DEC weights do not fit this model's DECs: {', '.join(unexpected[:6])}"
+            f"{' ...' if len(unexpected) > 6 else ''} unexpected; missing "
+            f"{', '.join(sorted(k for k in own_dec if k not in dec_state)[:6])} (another dec_input: the image H and "
+            f"the latent H have different layers)")
     missing = sorted(k for k in own_dec if k not in dec_state)
     if dec_state and missing:
         # some DEC weights but not all: filling the rest with the identity start would load silently wrong
@@ -148,9 +156,11 @@ def _dec_models(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(f"{name}." if name else "", m) for name, m in model.named_modules() if isinstance(m, DECModelMixin)]
 
 
-def dec_blocks_in(keys: Iterable[str]) -> List[int]:
-    """The sorted block (Swin: stage) indices that the ``dec.<index>.`` keys among ``keys`` hold DEC weights for."""
-    return sorted({int(m.group(1)) for k in keys if (m := re.match(r"dec\.(\d+)\.", k))})
+def dec_blocks_in(keys: Iterable[str]) -> List[Union[str, int]]:
+    """The DEC positions that the ``dec.<position>.`` keys among ``keys`` hold weights for: ``"input"`` (the input
+    DEC) first, then the sorted block (Swin: stage) indices."""
+    found = {m.group(1) for k in keys if (m := re.match(r"dec\.(input|\d+)\.", k))}
+    return ([INPUT] if INPUT in found else []) + sorted(int(b) for b in found if b != INPUT)
 
 
 def load_dec_state_dict(

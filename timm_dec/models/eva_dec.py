@@ -3,8 +3,8 @@
 
 Every model timm builds in ``eva.py`` is an ``Eva``: ``eva_*``, ``eva02_*``, the RoPE ViTs ``vit_*_rope_*``,
 Perception Encoder ``vit_pe_*``, DINOv3 ``vit_*_dinov3*``, LingBot-Vision and Sapiens2. Each adapted block runs
-through `DECModelMixin.dec_block` on the (B, P + H*W, C) tokens; the P prefix tokens (class, registers) pass
-through unwarped.
+through `DECModelMixin.dec_block` on the (B, P + H*W, C) tokens (the input DEC canonicalises the image before the
+patch embedding); the P prefix tokens (class, registers) pass through unwarped.
 
 Position codes: latent canonicalisation (paper Sec. 4.3, eq. 21) adapts a module M_k that is a function of the
 feature map F_k on the fixed token grid, ``S(M_k(S^{-1}(F_k)))``. An Eva block adds its rotary embedding (RoPE)
@@ -22,29 +22,27 @@ Importing this module registers ``<base>_dec`` for every model of timm's ``eva``
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from timm.models._features import feature_take_indices
 from timm.models.eva import Eva
 
-from ..adapt import DECModelMixin, register_dec_family
+from ..adapt import register_dec_family
 from ._registry import register_dec_models, supported_base_names
+from ._token import TokenDECMixin
 
 __all__ = ["EvaDEC"]
 
 
-class EvaDEC(DECModelMixin, Eva):
+class EvaDEC(TokenDECMixin, Eva):
     """A timm ``Eva`` whose blocks in ``dec_cfg.blocks`` are canonicalised by a DEC.
 
-    Takes the ``Eva`` arguments plus the ``dec_*`` options (`timm_dec.adapt.split_dec_kwargs`). Default DEC blocks:
-    ``(0, 1)``. Each block keeps its RoPE on the fixed token grid (see the module docstring); mixed-mode RoPE gives
+    Takes the ``Eva`` arguments plus the ``dec_*`` options (`timm_dec.adapt.split_dec_kwargs`). Default DEC positions:
+    ``("input",)``. Each block keeps its RoPE on the fixed token grid (see the module docstring); mixed-mode RoPE gives
     every block its own embedding, as in the base. Patch dropout is not supported (it breaks the token grid the
     warp needs).
     """
-    dec_unit_name = "block"
-    default_dec_blocks = (0, 1)
 
     @classmethod
     def dec_check_adaptable(cls, model: nn.Module) -> None:
@@ -52,41 +50,28 @@ class EvaDEC(DECModelMixin, Eva):
             raise ValueError("timm_dec cannot adapt an Eva model with patch dropout (patch_drop_rate > 0): DEC warps "
                              "the full token grid")
 
-    def dec_units(self) -> Sequence[nn.Module]:
-        return self.blocks
-
-    def dec_in_chans(self, index: int) -> int:
-        return self.embed_dim
-
-    def _dec_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
-        """Patch-embed ``x`` (B, C, H, W), add prefix tokens and positions: (B, P + h*w, D) tokens, the RoPE
-        embedding (or None) and the grid (h, w)."""
-        self.dec_check_input(x)
+    def _dec_embed(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, Tuple[int, int], Dict[str, Any]]:
         img_size = x.shape[-2:]
         x = self.patch_embed(x)
         # dynamic_img_size (DINOv3): patch_embed returns NHWC, flattened only in _pos_embed
         grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.dynamic_feat_size(img_size))
         x, rot_pos_embed = self._pos_embed(x)
         x = self.norm_pre(x)
-        return x, rot_pos_embed, grid
+        return x, grid, dict(rope=rot_pos_embed, attn_mask=attn_mask, is_causal=is_causal)
 
-    def _dec_run_block(
-            self,
-            index: int,
-            block: nn.Module,
-            x: torch.Tensor,
-            grid: Tuple[int, int],
-            rot_pos_embed: Optional[torch.Tensor],
-            attn_mask: Optional[torch.Tensor],
-            is_causal: bool,
-            image: torch.Tensor,
-    ) -> torch.Tensor:
-        rope = rot_pos_embed
-        if self.rope_mixed and rot_pos_embed is not None:
-            rope = rot_pos_embed[index]  # depth-dependent embeddings: one per block
+    def _dec_run_block(self, index: int, block: nn.Module, x: torch.Tensor, grid: Tuple[int, int],
+                       shared: Dict[str, Any], image: torch.Tensor) -> torch.Tensor:
+        rope = shared["rope"]
+        if self.rope_mixed and rope is not None:
+            rope = rope[index]  # depth-dependent embeddings: one per block
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
-            checkpointing=self.grad_checkpointing, image=image, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            checkpointing=self.grad_checkpointing, image=image, **dict(shared, rope=rope))
 
     def forward_features(
             self,
@@ -94,12 +79,9 @@ class EvaDEC(DECModelMixin, Eva):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D)."""
-        image = x
-        x, rot_pos_embed, grid = self._dec_embed(x)
-        for i, blk in enumerate(self.blocks):
-            x = self._dec_run_block(i, blk, x, grid, rot_pos_embed, attn_mask, is_causal, image)
-        return self.norm(x)
+        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D), un-warped to
+        the input's geometry in the equivariant mode."""
+        return self._dec_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_intermediates(
             self,
@@ -113,32 +95,11 @@ class EvaDEC(DECModelMixin, Eva):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``Eva.forward_intermediates`` with the adapted blocks run through their DEC."""
-        assert output_fmt in ('NCHW', 'NLC'), 'Output format for EVA-ViT features must be one of NCHW or NLC.'
-        reshape = output_fmt == 'NCHW'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-
-        B = x.shape[0]
-        image = x
-        x, rot_pos_embed, (H, W) = self._dec_embed(x)
-        blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            x = self._dec_run_block(i, blk, x, (H, W), rot_pos_embed, attn_mask, is_causal, image)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-
-        prefix_tokens = None
-        if self.num_prefix_tokens:
-            prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
-            intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if reshape:
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        """timm's ``Eva.forward_intermediates`` on the canonical image, the adapted blocks run through their DEC,
+        the spatial outputs un-warped in the equivariant mode."""
+        return self._dec_intermediates(
+            x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
+            attn_mask=attn_mask, is_causal=is_causal)
 
 
 register_dec_family(Eva, EvaDEC, "EVA, EVA02, RoPE ViTs, Perception Encoder, DINOv3, LingBot, Sapiens2")

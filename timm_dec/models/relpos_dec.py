@@ -17,64 +17,43 @@ Importing this module registers ``<base>_dec`` for every model of timm's ``visio
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from timm.models._features import feature_take_indices
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
-from ..adapt import DECModelMixin, register_dec_family
+from ..adapt import register_dec_family
 from ._registry import register_dec_models, supported_base_names
+from ._token import TokenDECMixin
 
 __all__ = ["VisionTransformerRelPosDEC"]
 
 
-class VisionTransformerRelPosDEC(DECModelMixin, VisionTransformerRelPos):
+class VisionTransformerRelPosDEC(TokenDECMixin, VisionTransformerRelPos):
     """A timm ``VisionTransformerRelPos`` whose blocks in ``dec_cfg.blocks`` are canonicalised by a DEC.
 
-    Takes the ``VisionTransformerRelPos`` arguments plus the ``dec_*`` options. Default DEC blocks: ``(0, 1)``.
+    Takes the ``VisionTransformerRelPos`` arguments plus the ``dec_*`` options. Default DEC positions: ``("input",)``.
     """
-    dec_unit_name = "block"
-    default_dec_blocks = (0, 1)
 
-    def dec_units(self) -> Sequence[nn.Module]:
-        return self.blocks
-
-    def dec_in_chans(self, index: int) -> int:
-        return self.embed_dim
-
-    def _dec_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
-        """Patch-embed ``x`` (B, C, H, W) and add the class token: (B, P + h*w, D), the shared relative position
-        bias (or None) and the grid (h, w)."""
-        self.dec_check_input(x)
+    def _dec_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int], Optional[torch.Tensor]]:
         grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         shared_rel_pos = self.shared_rel_pos.get_bias() if self.shared_rel_pos is not None else None
-        return x, shared_rel_pos, grid
+        return x, grid, shared_rel_pos
 
-    def _dec_run_block(
-            self,
-            index: int,
-            block: nn.Module,
-            x: torch.Tensor,
-            grid: Tuple[int, int],
-            shared_rel_pos: Optional[torch.Tensor],
-            image: torch.Tensor,
-    ) -> torch.Tensor:
+    def _dec_run_block(self, index: int, block: nn.Module, x: torch.Tensor, grid: Tuple[int, int],
+                       shared: Optional[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
-            checkpointing=self.grad_checkpointing, image=image, shared_rel_pos=shared_rel_pos)
+            checkpointing=self.grad_checkpointing, image=image, shared_rel_pos=shared)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D)."""
-        image = x
-        x, shared_rel_pos, grid = self._dec_embed(x)
-        for i, blk in enumerate(self.blocks):
-            x = self._dec_run_block(i, blk, x, grid, shared_rel_pos, image)
-        return self.norm(x)
+        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D), un-warped to
+        the input's geometry in the equivariant mode."""
+        return self._dec_features(x)
 
     def forward_intermediates(
             self,
@@ -86,32 +65,10 @@ class VisionTransformerRelPosDEC(DECModelMixin, VisionTransformerRelPos):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``VisionTransformerRelPos.forward_intermediates`` with the adapted blocks run through their DEC."""
-        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        reshape = output_fmt == 'NCHW'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-
-        B = x.shape[0]
-        image = x
-        x, shared_rel_pos, (H, W) = self._dec_embed(x)
-        blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            x = self._dec_run_block(i, blk, x, (H, W), shared_rel_pos, image)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-
-        prefix_tokens = None
-        if self.num_prefix_tokens:
-            prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
-            intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if reshape:
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        """timm's ``VisionTransformerRelPos.forward_intermediates`` on the canonical image, the adapted blocks run
+        through their DEC, the spatial outputs un-warped in the equivariant mode."""
+        return self._dec_intermediates(
+            x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only)
 
 
 register_dec_family(VisionTransformerRelPos, VisionTransformerRelPosDEC, "relative-position ViT (relpos, srelpos)")

@@ -24,11 +24,10 @@ __all__ = ["SwinStagesDECMixin", "SwinTransformerDEC"]
 class SwinStagesDECMixin(DECModelMixin):
     """The DEC drive of a Swin with (B, H, W, C) stages (timm's ``SwinTransformer`` and ``SwinTransformerV2``): their
     patch embedding, ``layers`` and final ``norm`` are the same, so one ``forward_features`` and one
-    ``forward_intermediates`` serve both. Default DEC stages: ``(0, 1)``. ``forward_intermediates`` also accepts
+    ``forward_intermediates`` serve both. Default DEC positions: ``("input",)``. ``forward_intermediates`` also accepts
     ``output_fmt='NHWC'``, so ``features_only`` keeps the base's NHWC maps.
     """
     dec_unit_name = "stage"
-    default_dec_blocks = (0, 1)
     dec_feature_cfg = {"feature_cls": "getter", "output_fmt": "NHWC"}
     dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
 
@@ -43,13 +42,14 @@ class SwinStagesDECMixin(DECModelMixin):
         return self.dec_block(index, stage, x, layout="nhwc", image=image)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, the stages (adapted ones through their DEC) and the final norm: (B, H', W', C')."""
-        self.dec_check_input(x)
+        """Patch embedding, the stages (adapted ones through their DEC) and the final norm: (B, H', W', C'),
+        un-warped to the input's geometry in the equivariant mode."""
+        x, knots = self.dec_canonicalize_image(x)
         image = x
         x = self.patch_embed(x)
         for i, stage in enumerate(self.layers):
             x = self._dec_run_stage(i, stage, x, image)
-        return self.norm(x)
+        return self.dec_uncanonicalize(self.norm(x), knots, "nhwc")
 
     def forward_intermediates(
             self,
@@ -60,16 +60,17 @@ class SwinStagesDECMixin(DECModelMixin):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``SwinTransformer(V2).forward_intermediates`` with the adapted stages run through their DEC.
+        """timm's ``SwinTransformer(V2).forward_intermediates`` on the canonical image, the adapted stages run through
+        their DEC, the spatial outputs un-warped in the equivariant mode.
 
         ``output_fmt`` may be ``'NCHW'`` (timm's) or ``'NHWC'`` (the stages' own layout, as timm's Swin
         ``features_only`` returns).
         """
         assert output_fmt in ('NCHW', 'NHWC'), 'Output shape must be NCHW or NHWC.'
-        self.dec_check_input(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
 
+        x, knots = self.dec_canonicalize_image(x)
         image = x
         x = self.patch_embed(x)
         num_stages = len(self.layers)
@@ -78,7 +79,7 @@ class SwinStagesDECMixin(DECModelMixin):
         for i, stage in enumerate(stages):
             x = self._dec_run_stage(i, stage, x, image)
             if i in take_indices:
-                x_inter = self.norm(x) if norm and i == num_stages - 1 else x
+                x_inter = self.dec_uncanonicalize(self.norm(x) if norm and i == num_stages - 1 else x, knots, "nhwc")
                 if output_fmt == 'NCHW':
                     x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
                 intermediates.append(x_inter)
@@ -87,7 +88,7 @@ class SwinStagesDECMixin(DECModelMixin):
             return intermediates
         if i == num_stages - 1:
             x = self.norm(x)  # sized for (and only applied to) the last stage
-        return x, intermediates
+        return self.dec_uncanonicalize(x, knots, "nhwc"), intermediates
 
 
 class SwinTransformerDEC(SwinStagesDECMixin, SwinTransformer):

@@ -44,10 +44,9 @@ class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
     """A timm ``SwinTransformerV2Cr`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
 
     Its stages take and return (B, C, H, W) maps: the DEC reads and warps them in the ``nchw`` layout. Default DEC
-    stages: ``(0, 1)``.
+    positions: ``("input",)``.
     """
     dec_unit_name = "stage"
-    default_dec_blocks = (0, 1)
     dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
 
     def dec_units(self) -> Sequence[nn.Module]:
@@ -64,13 +63,14 @@ class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
         return self.dec_block(index, stage, x, layout="nchw", image=image)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding and the stages (adapted ones through their DEC): (B, C', H', W')."""
-        self.dec_check_input(x)
+        """Patch embedding and the stages (adapted ones through their DEC): (B, C', H', W'), un-warped to the input's
+        geometry in the equivariant mode."""
+        x, knots = self.dec_canonicalize_image(x)
         image = x
         x = self.patch_embed(x)
         for i, stage in enumerate(self.stages):
             x = self._dec_run_stage(i, stage, x, image)
-        return x
+        return self.dec_uncanonicalize(x, knots, "nchw")
 
     def forward_intermediates(
             self,
@@ -81,23 +81,24 @@ class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``SwinTransformerV2Cr.forward_intermediates`` with the adapted stages run through their DEC."""
+        """timm's ``SwinTransformerV2Cr.forward_intermediates`` on the canonical image, the adapted stages run through
+        their DEC, the spatial outputs un-warped in the equivariant mode."""
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        self.dec_check_input(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
 
+        x, knots = self.dec_canonicalize_image(x)
         image = x
         x = self.patch_embed(x)
         stages = self.stages if not stop_early else self.stages[:max_index + 1]
         for i, stage in enumerate(stages):
             x = self._dec_run_stage(i, stage, x, image)
             if i in take_indices:
-                intermediates.append(x)
+                intermediates.append(self.dec_uncanonicalize(x, knots, "nchw"))
 
         if intermediates_only:
             return intermediates
-        return x, intermediates
+        return self.dec_uncanonicalize(x, knots, "nchw"), intermediates
 
 
 register_dec_family(SwinTransformerV2, SwinTransformerV2DEC, "Swin V2")
