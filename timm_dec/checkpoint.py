@@ -27,7 +27,9 @@ from torch import nn
 
 from . import __version__
 from .adapt import DECModelMixin, dec_options
-from .models import base_model_name, load_dec_state_dict
+from .models import (
+    CHECKPOINT_METADATA_KEY, base_model_name, load_dec_state_dict, read_checkpoint_record, same_dec_option,
+)
 from .models._registry import dec_blocks_in
 
 __all__ = [
@@ -138,15 +140,6 @@ def _torch_load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _same_option(a: Any, b: Any) -> bool:
-    norm = (lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
-    return norm(a) == norm(b)
-
-
-# the key of the safetensors metadata under which `save_checkpoint` records how to rebuild the model
-CHECKPOINT_METADATA_KEY = "timm_dec"
-
-
 @dataclass
 class TrainingCheckpoint:
     """A training checkpoint as read by `read_training_checkpoint`.
@@ -228,18 +221,6 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, data: Optional[Mapping[
     return path
 
 
-def _safetensors_record(path: Path) -> dict[str, Any]:
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if CHECKPOINT_METADATA_KEY not in meta:
-        return {}
-    try:
-        record = json.loads(meta[CHECKPOINT_METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its {CHECKPOINT_METADATA_KEY!r} metadata is not valid JSON: {e}") from e
-    return record if isinstance(record, dict) else {}
-
-
 def _finetune_data(args: Mapping[str, Any]) -> dict[str, Any]:
     """The digits settings a `timm_dec.finetune` run records in its args, as `TrainingCheckpoint.data`."""
     if args.get("data") != "digits":
@@ -276,7 +257,7 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         state_dict = _load_safetensors(path)
-        record = _safetensors_record(path)
+        record = read_checkpoint_record(path)
         if record:
             return TrainingCheckpoint(
                 state_dict, record.get("architecture"), dict(record.get("model_args") or {}),
@@ -369,7 +350,7 @@ def model_from_checkpoint(
     recorded = {k: v for k, v in ckpt.model_kwargs.items() if k != "pretrained_model_args"}
     requested = dict(model_kwargs or {})
     for key, value in requested.items():
-        if key.startswith("dec_") and key in recorded and not _same_option(recorded[key], value):
+        if key.startswith("dec_") and key in recorded and not same_dec_option(recorded[key], value):
             raise ValueError(
                 f"the DEC options do not match: {what} was trained with {key}={recorded[key]!r}, but {key}={value!r} "
                 f"was asked for; leave {key} out to use the checkpoint's")
@@ -381,7 +362,7 @@ def model_from_checkpoint(
     model = timm.create_model(arch, pretrained=False, **kwargs)
     options = dec_options(model)
     for key, value in recorded.items():
-        if key.startswith("dec_") and key in options and not _same_option(options[key], value):
+        if key.startswith("dec_") and key in options and not same_dec_option(options[key], value):
             raise ValueError(
                 f"the DEC options do not match: {what} records {key}={value!r}, but {arch} was built with "
                 f"{key}={options[key]!r}")
@@ -391,7 +372,7 @@ def model_from_checkpoint(
         trained = dec_options(timm.create_model(
             arch, pretrained=False, **{**recorded, **{k: v for k, v in requested.items() if not k.startswith("dec_")}}))
         for key in unnamed:
-            if key in trained and not _same_option(trained[key], options[key]):
+            if key in trained and not same_dec_option(trained[key], options[key]):
                 raise ValueError(
                     f"the DEC options do not match: {what} was trained with {key}={trained[key]!r} (the default; "
                     f"it records no {key}), but {key}={requested[key]!r} was asked for; leave {key} out")

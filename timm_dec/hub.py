@@ -37,17 +37,18 @@ from . import __version__
 from .adapt import DECModelMixin, dec_options, jsonable
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     CHECKPOINT_METADATA_KEY, CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME, TrainingCheckpoint, _read_json,
-    _same_option, check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
+    check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
     read_training_checkpoint, save_checkpoint,
 )
 from .metrics import format_scale
-from .models import base_model_name
+from .models import base_model_name, same_dec_option
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
     "normalize_metrics", "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
     "load_training_checkpoint", "read_training_checkpoint", "model_from_checkpoint", "TrainingCheckpoint",
-    "save_checkpoint", "prepare_output_folder", "add_arguments", "run",
+    "save_checkpoint", "prepare_output_folder", "check_repo_id", "hub_reachable", "check_pretrained_source",
+    "add_arguments", "run",
 ]
 
 README_NAME = "README.md"
@@ -423,7 +424,7 @@ def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
         source = f"local-dir:{source}"
     saved = dict(config.get("model_args") or {})
     for key in [k for k in kwargs if k.startswith("dec_")]:
-        if key in saved and _same_option(saved[key], kwargs[key]):
+        if key in saved and same_dec_option(saved[key], kwargs[key]):
             kwargs.pop(key)
             continue
         raise TypeError(

@@ -1,0 +1,121 @@
+"""The edges a new user meets (issue 17): no loader builds a model that contradicts the options its weights record,
+arguments are checked before any work, `hf-hub:` names fail at once offline, and the README's install and offline
+lines are what works. Offline; tiny models."""
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import huggingface_hub
+import pytest
+import timm
+import torch
+from huggingface_hub.utils import _http
+
+import timm_dec  # noqa: F401
+from timm_dec import cli, hub
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, dec_widths=(8, 16),
+            dec_proj_chans=8)
+DEC = dict(dec_blocks=(1,), dec_grid=3, dec_max_iter=6)
+EVAL = ["eval", "--num-samples", "2", "--scales", "1", "--no-progress", "-b", "2"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_dec", **{**TINY, **DEC})
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return hub.save_pretrained(model, tmp_path_factory.mktemp("saved") / "m", data=dict(num_digits=1, canvas=32))
+
+
+@pytest.fixture(scope="module")
+def ckpt(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return hub.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "dec.safetensors", data=dict(num_digits=1))
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def assert_one_line_error(rc: int, err: str, command: str, pattern: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"timm-dec {command}: error: ") and re.search(pattern, lines[0]), lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# silent wrong results
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_create_model_refuses_dec_options_that_contradict_the_saved_model(saved: Path) -> None:
+    for key, value, recorded in (("dec_grid", 8, "3"), ("dec_mode", "invariant", "'equivariant'")):
+        with pytest.raises(TypeError, match=f"{key}={value!r} contradicts the saved model .*{key}={recorded}"):
+            timm.create_model(f"local-dir:{saved}", pretrained=True, **{key: value})
+    assert timm.create_model(f"local-dir:{saved}", pretrained=True, dec_grid=3).dec_cfg.options.grid == 3
+    # without the saved weights it is a new model, which may be built with any options
+    assert timm.create_model(f"local-dir:{saved}", pretrained=False, dec_grid=8).dec_cfg.options.grid == 8
+
+
+def test_pretrained_file_refuses_dec_options_that_contradict_its_record(ckpt: Path) -> None:
+    overlay = dict(pretrained_cfg_overlay=dict(file=str(ckpt)))
+    backbone = {k: v for k, v in {**TINY, **DEC}.items() if k != "dec_grid"}
+    with pytest.raises(TypeError, match="dec_grid=8 contradicts the checkpoint .*dec_grid=3"):
+        timm.create_model("vit_tiny_dec", pretrained=True, **overlay, **backbone, dec_grid=8)
+    # left out, the default (4) would be built: as wrong as asking for it
+    with pytest.raises(TypeError, match="records dec_grid=3, but the model was built with dec_grid=4"):
+        timm.create_model("vit_tiny_dec", pretrained=True, **overlay, **backbone)
+    assert timm.create_model("vit_tiny_dec", pretrained=True, **overlay, **backbone, dec_grid=3).dec_cfg.options.grid \
+        == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# errors before work, in one line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hf-hub: names offline
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _no_request(request: httpx2.Request) -> httpx2.Response:
+    raise AssertionError(f"a request was made while offline: {request.method} {request.url}")
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: the connection itself fails (as with no route or no DNS), and no HTTP request may be made."""
+    def refuse(*args: Any, **kwargs: Any) -> socket.socket:
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(_no_request)))
+    yield
+    _http.set_client_factory(_http.default_client_factory)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the README for a newcomer
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _readme() -> str:
+    return (REPO / "README.md").read_text(encoding="utf-8")
+
+
