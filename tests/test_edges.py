@@ -83,6 +83,18 @@ def test_pretrained_file_refuses_dec_options_that_contradict_its_record(ckpt: Pa
         == 3
 
 
+def test_use_ema_without_ema_weights_is_an_error(saved: Path, ckpt: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_error(*run_cli(EVAL + ["--model", f"local-dir:{saved}", "--use-ema"], capsys)[::2], "eval",
+                          "--use-ema: local-dir:.* has no EMA weights")
+    for source in (ckpt, saved):
+        assert_one_line_error(*run_cli(EVAL + ["--checkpoint", str(source), "--use-ema"], capsys)[::2], "eval",
+                              "no EMA weights")
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(ckpt), "--use-ema", "--dry-run", "--output",
+                                    str(tmp_path / "o")], capsys)[::2], "push", "no EMA weights")
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # errors before work, in one line
 # ---------------------------------------------------------------------------------------------------------------------

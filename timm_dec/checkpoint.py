@@ -236,9 +236,13 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
 
     Raises:
         FileNotFoundError: no such checkpoint, or a folder that is neither kind of checkpoint folder.
-        ValueError: an unreadable or corrupt file.
+        ValueError: an unreadable or corrupt file, or ``use_ema`` for a checkpoint without EMA weights.
     """
     path = Path(path)
+    if use_ema and (path.is_dir() or path.suffix == ".safetensors"):
+        raise ValueError(
+            f"use_ema (--use-ema): {path} holds one set of weights and no EMA weights (only timm's train.py "
+            f".pth.tar keeps them, as state_dict_ema); leave --use-ema out")
     if path.is_dir():
         if (path / CONFIG_NAME).is_file() and not (path / TRAINING_STATE_NAME).is_file():
             config = check_pretrained(path)
@@ -312,7 +316,8 @@ def load_training_checkpoint(
             A ``dec_*`` option that contradicts the one the checkpoint was trained with is an error -- also one the
             checkpoint does not name, when it records its training options (timm's ``train.py`` records only the
             ``--model-kwargs`` given; the others were the defaults).
-        use_ema: take timm's ``state_dict_ema`` instead of ``state_dict``.
+        use_ema: take timm's ``state_dict_ema`` instead of ``state_dict`` (an error for the other kinds of
+            checkpoint, which hold no EMA weights).
         allow_base: accept a checkpoint without DEC weights for a ``*_dec`` model (its DEC starts at the identity),
             as ``timm-dec eval`` does.
 

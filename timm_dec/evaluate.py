@@ -283,7 +283,8 @@ def build_eval_model(
             weights) when not None.
         pretrained: load timm's pretrained weights (needs the Hub or its cache) for a plain name.
         in_chans: image channels, unless the checkpoint or ``model_kwargs`` set them.
-        use_ema: take timm's ``state_dict_ema`` from a ``.pth.tar``.
+        use_ema: take timm's ``state_dict_ema`` from a ``.pth.tar`` (an error for any other source: it has no EMA
+            weights).
     """
     from . import hub
 
@@ -292,6 +293,9 @@ def build_eval_model(
         return InputCanonicalizer(m, in_chans=int(getattr(m, "in_chans", None) or in_chans or 3), **canon)
 
     wrap = with_canon if canon is not None else None
+    if use_ema and not checkpoint:
+        raise ValueError(f"--use-ema: {name or 'the model'} has no EMA weights (only a timm train.py .pth.tar "
+                         f"--checkpoint keeps them); leave --use-ema out")
     if name and name.startswith(("local-dir:", "hf-hub:")):
         if checkpoint:
             raise ValueError(f"--model {name} names saved weights, which --checkpoint {checkpoint} would replace; "
