@@ -95,6 +95,16 @@ def test_use_ema_without_ema_weights_is_an_error(saved: Path, ckpt: Path, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_results_file_folder_is_checked_first_and_never_created(saved: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "missing"
+    rc, out, err = run_cli(EVAL + ["--model", f"local-dir:{saved}", "--results-file", str(missing / "r.json")], capsys)
+    assert_one_line_error(rc, err, "eval", f"the folder {re.escape(str(missing))} does not exist")
+    assert "Acc" not in out and not missing.exists()
+    assert_one_line_error(*run_cli(EVAL + ["--model", f"local-dir:{saved}", "--results-file", str(tmp_path)],
+                                   capsys)[::2], "eval", "is a folder")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # errors before work, in one line
 # ---------------------------------------------------------------------------------------------------------------------

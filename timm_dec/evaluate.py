@@ -479,6 +479,17 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not (args.data in ("digits", "mnist") or args.data.startswith("folder:")):
         raise ValueError(f"--data must be 'digits', 'mnist' or 'folder:PATH', got {args.data!r}")
+    if args.results_file:
+        _check_results_file(Path(args.results_file))
+
+
+def _check_results_file(path: Path) -> None:
+    """``--results-file`` names a file in an existing folder: checked before any work, and no folder is created."""
+    if path.is_dir():
+        raise ValueError(f"--results-file {path} is a folder; name a file (e.g. {path / 'results.json'})")
+    if not path.parent.is_dir():
+        raise ValueError(f"--results-file {path}: the folder {path.parent} does not exist (it is not created); "
+                         f"create it or choose another path")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -539,7 +550,6 @@ def run(args: argparse.Namespace) -> int:
         out = dict(result, model=model_name, checkpoint=args.checkpoint, model_kwargs=model_kwargs,
                    canon=canon, data=args.data, digits=digits, variants=variants, device=str(device),
                    amp=str(amp_dtype).replace("torch.", "") if amp_dtype else None)
-        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results_file).write_text(json.dumps(out, indent=2, default=json_default) + "\n", encoding="utf-8")
         print(f"\nwrote {args.results_file}", file=sys.stderr)
     return 0
