@@ -109,6 +109,27 @@ def test_results_file_folder_is_checked_first_and_never_created(saved: Path, tmp
 # errors before work, in one line
 # ---------------------------------------------------------------------------------------------------------------------
 
+def test_model_kwargs_without_equals_is_an_argparse_error(capsys: pytest.CaptureFixture) -> None:
+    for command in ("eval", "push", "demo"):
+        with pytest.raises(SystemExit) as info:
+            cli.main([command, "--model-kwargs", "dec_grid"] + (["--checkpoint", "x"] if command == "push" else []))
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (f"timm-dec {command}: error: argument --model-kwargs: expected "
+                                                f"KEY=VALUE items, got 'dec_grid' (e.g. dec_grid=8)")
+
+
+def test_demo_threads_and_device_are_checked_before_it_starts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["demo", "--preset", "smoke", "--out", str(tmp_path / "out"), "--no-progress"]
+    rc, out, err = run_cli(base + ["--threads", "0"], capsys)
+    assert_one_line_error(rc, err, "demo", "--threads must be >= 1, got 0")
+    assert out == ""  # no banner: nothing started
+    if not torch.cuda.is_available():  # eval's message, not torch's "Found no NVIDIA driver"
+        rc, out, err = run_cli(base + ["--device", "cuda"], capsys)
+        assert_one_line_error(rc, err, "demo", "CUDA is not available on this machine.*use --device cpu")
+        assert out == ""
+    assert not (tmp_path / "out").exists()
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # hf-hub: names offline
