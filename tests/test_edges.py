@@ -131,6 +131,18 @@ def test_demo_threads_and_device_are_checked_before_it_starts(tmp_path: Path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_push_checks_its_arguments_before_writing(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o"
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(ckpt), "--repo-id", "bad", "--output", str(out)],
+                                   capsys)[::2], "push", "repo_id must look like 'ORG/NAME', got 'bad'")
+    assert not out.exists()
+    names = tmp_path / "labels.txt"
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(ckpt), "--label-names", str(names), "--dry-run",
+                                    "--output", str(out)], capsys)[::2], "push",
+                          f"--label-names file {re.escape(str(names))} does not exist")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # hf-hub: names offline
 # ---------------------------------------------------------------------------------------------------------------------

@@ -354,6 +354,13 @@ def prepare_output_folder(folder: PathLike, names: Sequence[str]) -> Path:
     return folder
 
 
+def check_repo_id(repo_id: Any) -> str:
+    """``repo_id`` if it looks like ``ORG/NAME``; a ValueError otherwise (checked before anything is written)."""
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
+    return repo_id
+
+
 def push_to_hub(
         model: nn.Module,
         repo_id: str,
@@ -387,8 +394,7 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
+    check_repo_id(repo_id)
     api = HfApi(token=token, library_name="timm_dec", library_version=__version__)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = repo_url.repo_id
@@ -491,20 +497,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-message", default="Add timm_dec model")
 
 
+def _read_label_names(path: str) -> list[str]:
+    """``--label-names``: one class name per non-empty line."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--label-names file {file} does not exist")
+    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def run(args: argparse.Namespace) -> int:
-    """``timm-dec push``: checkpoint -> Hub folder with a model card -> one commit on the Hub."""
+    """``timm-dec push``: checkpoint -> Hub folder with a model card -> one commit on the Hub.
+
+    Every argument is checked before anything is loaded or written; the folder records what the checkpoint records
+    (DEC options and data settings), so ``timm-dec eval --model local-dir:FOLDER`` evaluates what ``--checkpoint``
+    does.
+    """
     if not args.dry_run and not args.repo_id:
         raise ValueError("--repo-id is required (or --dry-run with --output)")
     if args.dry_run and not args.output:
         raise ValueError("--dry-run needs --output DIR")
-    model = load_training_checkpoint(
-        args.checkpoint, model_name=args.model, model_kwargs=args.model_kwargs,
-        use_ema=args.use_ema)
+    if args.repo_id:
+        check_repo_id(args.repo_id)
     save_kwargs: dict[str, Any] = {"metrics": _read_metrics_arg(args.metrics), "dataset": args.dataset,
                                    "datasets": args.datasets}
     if args.label_names:
-        save_kwargs["label_names"] = [
-            line.strip() for line in Path(args.label_names).read_text(encoding="utf-8").splitlines() if line.strip()]
+        save_kwargs["label_names"] = _read_label_names(args.label_names)
+    ckpt = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
+    if ckpt.data:
+        save_kwargs["data"] = ckpt.data
     if args.output:
         folder = save_pretrained(model, args.output, repo_id=args.repo_id, **save_kwargs)
         print(f"saved {hub_architecture(model)} to {folder}")
