@@ -143,6 +143,11 @@ def test_push_checks_its_arguments_before_writing(ckpt: Path, tmp_path: Path, ca
     assert not out.exists()
 
 
+def test_checkpoint_of_another_architecture_says_so(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_error(*run_cli(EVAL + ["--model", "swin_tiny_dec", "--checkpoint", str(ckpt)], capsys)[::2],
+                          "eval", "is a checkpoint of vit_tiny_dec, not of swin_tiny_dec.*leave --model out")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # hf-hub: names offline
 # ---------------------------------------------------------------------------------------------------------------------

@@ -364,7 +364,7 @@ def model_from_checkpoint(
     if dec_kwargs and not _is_dec_name(arch):
         raise ValueError(
             f"{what} has DEC options ({', '.join(dec_kwargs)}), but {arch} has no DEC; use its '*_dec' name")
-    model = timm.create_model(arch, pretrained=False, **kwargs)
+    model = _create_for_checkpoint(ckpt, arch, kwargs)
     options = dec_options(model)
     for key, value in recorded.items():
         if key.startswith("dec_") and key in options and not same_dec_option(options[key], value):
@@ -389,8 +389,26 @@ def model_from_checkpoint(
         raise ValueError(
             f"{what} holds the weights of a {ckpt.wrapper} around {ckpt.architecture}"
             + (" (the Canon baseline): pass --canon with its options" if ckpt.wrapper == "InputCanonicalizer" else ""))
-    _load_strict(model, ckpt.state_dict, what, arch, allow_base=allow_base)
+    try:
+        _load_strict(model, ckpt.state_dict, what, arch, allow_base=allow_base)
+    except ValueError as e:
+        if ckpt.architecture and not _same_arch(arch, ckpt.architecture):
+            raise ValueError(f"{e} ({what} is a checkpoint of {ckpt.architecture}, not of {arch})") from None
+        raise
     return model.eval()
+
+
+def _create_for_checkpoint(ckpt: TrainingCheckpoint, arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """``timm.create_model(arch, **kwargs)``; a checkpoint of another architecture whose recorded options ``arch``
+    does not take is said to be one, not left to an "unexpected keyword argument"."""
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as e:
+        if not ckpt.architecture or _same_arch(arch, ckpt.architecture):
+            raise
+        raise ValueError(
+            f"{ckpt.description} is a checkpoint of {ckpt.architecture}, not of {arch}: the options it records do "
+            f"not build {arch} ({e}); leave --model out (model_name=None) to rebuild {ckpt.architecture}") from None
 
 
 def _same_arch(a: str, b: str) -> bool:
