@@ -171,6 +171,34 @@ def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     _http.set_client_factory(_http.default_client_factory)
 
 
+def test_hf_hub_name_offline_fails_at_once_in_one_line(unreachable_hub: None, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    start = time.perf_counter()
+    assert_one_line_error(*run_cli(EVAL + ["--model", "hf-hub:org/not-cached"], capsys)[::2], "eval",
+                          "hf-hub:org/not-cached is not in huggingface_hub's cache and https://huggingface.co cannot "
+                          "be reached .*local-dir:FOLDER.*--checkpoint FILE")
+    assert time.perf_counter() - start < 10  # no retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert_one_line_error(*run_cli(EVAL + ["--model", "hf-hub:org/not-cached"], capsys)[::2], "eval",
+                          "not in huggingface_hub's cache and HF_HUB_OFFLINE is set")
+
+
+def test_hf_hub_name_offline_loads_from_the_cache(unreachable_hub: None, model: torch.nn.Module, saved: Path,
+                                                  tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--org--tiny" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).write_bytes((saved / name).read_bytes())
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("c" * 40)
+    loaded = hub.load_pretrained("hf-hub:org/tiny", cache_dir=cache)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the README for a newcomer
 # ---------------------------------------------------------------------------------------------------------------------

@@ -25,9 +25,11 @@ import importlib.resources
 import json
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
+from urllib.parse import urlsplit
 
 import timm
 from timm.utils import ParseKwargs
@@ -423,11 +425,13 @@ def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
 
     Raises:
         TypeError: a ``dec_*`` kwarg that differs from the saved option.
+        OSError: an ``hf-hub:`` model that is not cached, offline (see `check_pretrained_source`).
     """
-    config = check_pretrained_source(source, cache_dir=kwargs.get("cache_dir"))
     source = os.fspath(source)
-    if not source.startswith(("hf-hub:", "local-dir:")):
-        source = f"local-dir:{source}"
+    folder, offline = _pretrained_folder(source, kwargs.get("cache_dir"))
+    config = check_pretrained(folder)
+    if offline or not source.startswith("hf-hub:"):
+        source = f"local-dir:{folder}"  # offline, the cached copy (timm's hf-hub: loader would retry the network)
     saved = dict(config.get("model_args") or {})
     for key in [k for k in kwargs if k.startswith("dec_")]:
         if key in saved and same_dec_option(saved[key], kwargs[key]):
@@ -441,16 +445,55 @@ def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
 
 def check_pretrained_source(source: PathLike, cache_dir: Optional[PathLike] = None) -> dict[str, Any]:
     """`check_pretrained` for ``"hf-hub:ORG/NAME"`` (downloading or reading the cache), ``"local-dir:FOLDER"`` or a
-    folder; returns its config."""
-    source = os.fspath(source)
-    if source.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
-        from timm.models._hub import hf_split
-        repo, revision = hf_split(source[len("hf-hub:"):])
-        paths = [hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir)
+    folder; returns its config.
+
+    Raises:
+        OSError: an ``hf-hub:`` model that is not cached while the Hub cannot be reached or ``HF_HUB_OFFLINE`` is
+            set (said at once, not after huggingface_hub's retries).
+    """
+    return check_pretrained(_pretrained_folder(os.fspath(source), cache_dir)[0])
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface_hub's endpoint (``HF_ENDPOINT``, default https://huggingface.co) accepts a TCP connection
+    within ``timeout`` seconds; no request is made. Behind a proxy (``HTTPS_PROXY``, ``ALL_PROXY``) it is assumed
+    reachable, as only the proxy knows."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _pretrained_folder(source: str, cache_dir: Optional[PathLike]) -> tuple[Path, bool]:
+    """The folder a saved-model source names, and whether it was read offline: an ``hf-hub:`` model is downloaded
+    (``config.json`` and the weights), or read from huggingface_hub's cache when ``HF_HUB_OFFLINE`` is set or the
+    Hub cannot be reached."""
+    if not source.startswith("hf-hub:"):
+        return Path(source[len("local-dir:"):] if source.startswith("local-dir:") else source), False
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from timm.models._hub import hf_split
+
+    repo, revision = hf_split(source[len("hf-hub:"):])
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
+    try:
+        paths = [hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir, local_files_only=offline)
                  for name in (CONFIG_NAME, WEIGHTS_NAME)]
-        return check_pretrained(Path(paths[0]).parent)
-    return check_pretrained(source[len("local-dir:"):] if source.startswith("local-dir:") else source)
+    except LocalEntryNotFoundError:
+        if not offline:
+            raise
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+               f"{constants.ENDPOINT} cannot be reached (offline?)")
+        raise OSError(f"{source} is not in huggingface_hub's cache and {why}: load a downloaded folder with "
+                      f"local-dir:FOLDER, or a weights file with --checkpoint FILE") from None
+    return Path(paths[0]).parent, offline
 
 
 # ---------------------------------------------------------------------------------------------------------------------
