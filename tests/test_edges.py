@@ -207,3 +207,20 @@ def _readme() -> str:
     return (REPO / "README.md").read_text(encoding="utf-8")
 
 
+def test_readme_has_a_plain_install_line() -> None:
+    intro = _readme()[:_readme().index("## Use")]
+    assert "pip install -e '.[demo]'" in intro
+    assert re.search(r"pip wheel .*\n.*pip install .*dist/timm_dec-\*\.whl", intro)
+
+
+def test_readme_offline_snippet_names_the_file_hf_download_writes() -> None:
+    text = _readme()
+    command = re.search(r"`hf download (\S+) (\S+) --local-dir (\S+)`", text)
+    assert command, "the offline route names an hf download command with --local-dir"
+    written = f"{command.group(3)}/{command.group(2)}"  # hf download writes FILENAME under --local-dir
+    assert f'pretrained_cfg_overlay=dict(file="{written}")' in text
+
+
+def test_readme_says_dinov2_has_no_classifier() -> None:
+    assert timm.create_model("vit_small_patch14_dinov2", img_size=56).num_classes == 0
+    assert "DINOv2 has no classifier by default (num_classes=0)" in _readme()
