@@ -303,7 +303,8 @@ def test_readme_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     base = timm.create_model("vit_tiny_patch16_224").eval()
-    safetensors.torch.save_file(base.state_dict(), "vit_tiny_patch16_224.safetensors")
+    Path("vit_tiny").mkdir()  # where the README's `hf download ... --local-dir vit_tiny` writes model.safetensors
+    safetensors.torch.save_file(base.state_dict(), "vit_tiny/model.safetensors")
     scope: dict[str, Any] = {}
     exec(compile(offline, "README.md (offline)", "exec"), scope)
     x = torch.randn(1, 3, 224, 224)

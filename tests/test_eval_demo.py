@@ -127,6 +127,25 @@ class TestDemo:
         assert hub.read_training_checkpoint(demo_out / "checkpoints" / "canon.safetensors").wrapper == \
             "InputCanonicalizer"
 
+    def test_push_then_eval_of_the_folder_matches_eval_of_the_checkpoint(self, demo_out: Path, tmp_path: Path):
+        # push writes everything eval reads (DEC options, the digits and label rule the demo trained with), so the
+        # pushed folder evaluates as the checkpoint does, with no data flags given
+        ckpt = demo_out / "checkpoints" / "dec.safetensors"
+        folder = tmp_path / "pushed"
+        assert cli.main(["push", "--checkpoint", str(ckpt), "--dry-run", "--output", str(folder)]) == 0
+        results = []
+        for source in (["--checkpoint", str(ckpt)], ["--model", f"local-dir:{folder}"]):
+            out = tmp_path / f"{len(results)}.json"
+            assert cli.main(["eval", *source, "--num-samples", "8", "--scales", "0.7,1,1.4", "--no-progress",
+                             "--json", str(out)]) == 0
+            results.append(json.loads(out.read_text()))
+        by_ckpt, by_folder = results
+        smoke = PRESETS["smoke"]
+        assert by_ckpt["digits"]["label"] == smoke["label"] and by_ckpt["digits"]["canvas"] == smoke["canvas"]
+        assert by_folder["digits"] == by_ckpt["digits"]
+        for key in ("acc", "inv_e", "per_scale_acc", "per_scale_prob_correct"):
+            np.testing.assert_allclose(by_folder[key], by_ckpt[key], rtol=0, atol=1e-6, err_msg=key)
+
     @pytest.mark.skipif(torch.cuda.is_available(), reason="fails the demo with --device cuda on a CPU machine")
     def test_failed_demo_leaves_no_empty_checkpoints_folder(self, tmp_path: Path, capsys: pytest.CaptureFixture):
         out = tmp_path / "out"

@@ -27,7 +27,9 @@ from torch import nn
 
 from . import __version__
 from .adapt import DECModelMixin, dec_options
-from .models import base_model_name, load_dec_state_dict
+from .models import (
+    CHECKPOINT_METADATA_KEY, base_model_name, load_dec_state_dict, read_checkpoint_record, same_dec_option,
+)
 from .models._registry import dec_blocks_in
 
 __all__ = [
@@ -138,15 +140,6 @@ def _torch_load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _same_option(a: Any, b: Any) -> bool:
-    norm = (lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
-    return norm(a) == norm(b)
-
-
-# the key of the safetensors metadata under which `save_checkpoint` records how to rebuild the model
-CHECKPOINT_METADATA_KEY = "timm_dec"
-
-
 @dataclass
 class TrainingCheckpoint:
     """A training checkpoint as read by `read_training_checkpoint`.
@@ -228,18 +221,6 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, data: Optional[Mapping[
     return path
 
 
-def _safetensors_record(path: Path) -> dict[str, Any]:
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if CHECKPOINT_METADATA_KEY not in meta:
-        return {}
-    try:
-        record = json.loads(meta[CHECKPOINT_METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its {CHECKPOINT_METADATA_KEY!r} metadata is not valid JSON: {e}") from e
-    return record if isinstance(record, dict) else {}
-
-
 def _finetune_data(args: Mapping[str, Any]) -> dict[str, Any]:
     """The digits settings a `timm_dec.finetune` run records in its args, as `TrainingCheckpoint.data`."""
     if args.get("data") != "digits":
@@ -255,9 +236,13 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
 
     Raises:
         FileNotFoundError: no such checkpoint, or a folder that is neither kind of checkpoint folder.
-        ValueError: an unreadable or corrupt file.
+        ValueError: an unreadable or corrupt file, or ``use_ema`` for a checkpoint without EMA weights.
     """
     path = Path(path)
+    if use_ema and (path.is_dir() or path.suffix == ".safetensors"):
+        raise ValueError(
+            f"use_ema (--use-ema): {path} holds one set of weights and no EMA weights (only timm's train.py "
+            f".pth.tar keeps them, as state_dict_ema); leave --use-ema out")
     if path.is_dir():
         if (path / CONFIG_NAME).is_file() and not (path / TRAINING_STATE_NAME).is_file():
             config = check_pretrained(path)
@@ -276,7 +261,7 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         state_dict = _load_safetensors(path)
-        record = _safetensors_record(path)
+        record = read_checkpoint_record(path)
         if record:
             return TrainingCheckpoint(
                 state_dict, record.get("architecture"), dict(record.get("model_args") or {}),
@@ -331,7 +316,8 @@ def load_training_checkpoint(
             A ``dec_*`` option that contradicts the one the checkpoint was trained with is an error -- also one the
             checkpoint does not name, when it records its training options (timm's ``train.py`` records only the
             ``--model-kwargs`` given; the others were the defaults).
-        use_ema: take timm's ``state_dict_ema`` instead of ``state_dict``.
+        use_ema: take timm's ``state_dict_ema`` instead of ``state_dict`` (an error for the other kinds of
+            checkpoint, which hold no EMA weights).
         allow_base: accept a checkpoint without DEC weights for a ``*_dec`` model (its DEC starts at the identity),
             as ``timm-dec eval`` does.
 
@@ -369,7 +355,7 @@ def model_from_checkpoint(
     recorded = {k: v for k, v in ckpt.model_kwargs.items() if k != "pretrained_model_args"}
     requested = dict(model_kwargs or {})
     for key, value in requested.items():
-        if key.startswith("dec_") and key in recorded and not _same_option(recorded[key], value):
+        if key.startswith("dec_") and key in recorded and not same_dec_option(recorded[key], value):
             raise ValueError(
                 f"the DEC options do not match: {what} was trained with {key}={recorded[key]!r}, but {key}={value!r} "
                 f"was asked for; leave {key} out to use the checkpoint's")
@@ -378,10 +364,10 @@ def model_from_checkpoint(
     if dec_kwargs and not _is_dec_name(arch):
         raise ValueError(
             f"{what} has DEC options ({', '.join(dec_kwargs)}), but {arch} has no DEC; use its '*_dec' name")
-    model = timm.create_model(arch, pretrained=False, **kwargs)
+    model = _create_for_checkpoint(ckpt, arch, kwargs)
     options = dec_options(model)
     for key, value in recorded.items():
-        if key.startswith("dec_") and key in options and not _same_option(options[key], value):
+        if key.startswith("dec_") and key in options and not same_dec_option(options[key], value):
             raise ValueError(
                 f"the DEC options do not match: {what} records {key}={value!r}, but {arch} was built with "
                 f"{key}={options[key]!r}")
@@ -391,7 +377,7 @@ def model_from_checkpoint(
         trained = dec_options(timm.create_model(
             arch, pretrained=False, **{**recorded, **{k: v for k, v in requested.items() if not k.startswith("dec_")}}))
         for key in unnamed:
-            if key in trained and not _same_option(trained[key], options[key]):
+            if key in trained and not same_dec_option(trained[key], options[key]):
                 raise ValueError(
                     f"the DEC options do not match: {what} was trained with {key}={trained[key]!r} (the default; "
                     f"it records no {key}), but {key}={requested[key]!r} was asked for; leave {key} out")
@@ -403,8 +389,26 @@ def model_from_checkpoint(
         raise ValueError(
             f"{what} holds the weights of a {ckpt.wrapper} around {ckpt.architecture}"
             + (" (the Canon baseline): pass --canon with its options" if ckpt.wrapper == "InputCanonicalizer" else ""))
-    _load_strict(model, ckpt.state_dict, what, arch, allow_base=allow_base)
+    try:
+        _load_strict(model, ckpt.state_dict, what, arch, allow_base=allow_base)
+    except ValueError as e:
+        if ckpt.architecture and not _same_arch(arch, ckpt.architecture):
+            raise ValueError(f"{e} ({what} is a checkpoint of {ckpt.architecture}, not of {arch})") from None
+        raise
     return model.eval()
+
+
+def _create_for_checkpoint(ckpt: TrainingCheckpoint, arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """``timm.create_model(arch, **kwargs)``; a checkpoint of another architecture whose recorded options ``arch``
+    does not take is said to be one, not left to an "unexpected keyword argument"."""
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as e:
+        if not ckpt.architecture or _same_arch(arch, ckpt.architecture):
+            raise
+        raise ValueError(
+            f"{ckpt.description} is a checkpoint of {ckpt.architecture}, not of {arch}: the options it records do "
+            f"not build {arch} ({e}); leave --model out (model_name=None) to rebuild {ckpt.architecture}") from None
 
 
 def _same_arch(a: str, b: str) -> bool:

@@ -11,11 +11,13 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from timm.utils import ParseKwargs
 
 from . import __version__
 
-__all__ = ["SUBCOMMANDS", "build_parser", "error_line", "main"]
+__all__ = ["SUBCOMMANDS", "CheckedParseKwargs", "build_parser", "check_before_run", "error_line", "main"]
 
 SUBCOMMANDS = {
     "demo": ("timm_dec.demo", "train base, Aug, InvL, Canon and DEC on locally scaled digits and compare them"),
@@ -26,6 +28,18 @@ SUBCOMMANDS = {
 }
 DESCRIPTION = ("timm-dec: local scale consistency for timm vision transformers with the Deep Equilibrium "
                "Canonicalizer (DEC). Run 'timm-dec COMMAND --help' for the options of a command.")
+
+
+class CheckedParseKwargs(ParseKwargs):
+    """timm's ``ParseKwargs`` (``--model-kwargs KEY=VALUE ...``) with argparse's error for an item without ``=``,
+    instead of a traceback from inside the parser."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        bad = [v for v in values if v and "=" not in v]
+        if bad:
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE items, got {bad[0]!r} (e.g. dec_grid=8)")
+        super().__call__(parser, namespace, values, option_string)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter = DefaultsHelpFormatter if name in ("eval", "push") else argparse.HelpFormatter
         sub = commands.add_parser(name, help=help_text, description=help_text, parents=[common],
                                   formatter_class=formatter)
+        sub.register("action", ParseKwargs, CheckedParseKwargs)  # action=ParseKwargs gets the checked one
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
@@ -74,6 +89,18 @@ def _debug_wanted(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("TIMM_DEC_DEBUG", "") not in ("", "0")
 
 
+def check_before_run(args: argparse.Namespace) -> None:
+    """Checks of options that a command would otherwise meet only after it has started: ``--device`` (eval's
+    check: a CUDA device without CUDA) and ``--threads`` of ``timm-dec demo``."""
+    if args.command != "demo":
+        return
+    from .evaluate import resolve_device
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    resolve_device(args.device)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -81,6 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_before_run(args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if _debug_wanted(args):

@@ -283,7 +283,8 @@ def build_eval_model(
             weights) when not None.
         pretrained: load timm's pretrained weights (needs the Hub or its cache) for a plain name.
         in_chans: image channels, unless the checkpoint or ``model_kwargs`` set them.
-        use_ema: take timm's ``state_dict_ema`` from a ``.pth.tar``.
+        use_ema: take timm's ``state_dict_ema`` from a ``.pth.tar`` (an error for any other source: it has no EMA
+            weights).
     """
     from . import hub
 
@@ -292,6 +293,9 @@ def build_eval_model(
         return InputCanonicalizer(m, in_chans=int(getattr(m, "in_chans", None) or in_chans or 3), **canon)
 
     wrap = with_canon if canon is not None else None
+    if use_ema and not checkpoint:
+        raise ValueError(f"--use-ema: {name or 'the model'} has no EMA weights (only a timm train.py .pth.tar "
+                         f"--checkpoint keeps them); leave --use-ema out")
     if name and name.startswith(("local-dir:", "hf-hub:")):
         if checkpoint:
             raise ValueError(f"--model {name} names saved weights, which --checkpoint {checkpoint} would replace; "
@@ -477,6 +481,17 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not (args.data in ("digits", "mnist") or args.data.startswith("folder:")):
         raise ValueError(f"--data must be 'digits', 'mnist' or 'folder:PATH', got {args.data!r}")
+    if args.results_file:
+        _check_results_file(Path(args.results_file))
+
+
+def _check_results_file(path: Path) -> None:
+    """``--results-file`` names a file in an existing folder: checked before any work, and no folder is created."""
+    if path.is_dir():
+        raise ValueError(f"--results-file {path} is a folder; name a file (e.g. {path / 'results.json'})")
+    if not path.parent.is_dir():
+        raise ValueError(f"--results-file {path}: the folder {path.parent} does not exist (it is not created); "
+                         f"create it or choose another path")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -537,7 +552,6 @@ def run(args: argparse.Namespace) -> int:
         out = dict(result, model=model_name, checkpoint=args.checkpoint, model_kwargs=model_kwargs,
                    canon=canon, data=args.data, digits=digits, variants=variants, device=str(device),
                    amp=str(amp_dtype).replace("torch.", "") if amp_dtype else None)
-        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results_file).write_text(json.dumps(out, indent=2, default=json_default) + "\n", encoding="utf-8")
         print(f"\nwrote {args.results_file}", file=sys.stderr)
     return 0

@@ -25,9 +25,11 @@ import importlib.resources
 import json
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
+from urllib.parse import urlsplit
 
 import timm
 from timm.utils import ParseKwargs
@@ -37,17 +39,18 @@ from . import __version__
 from .adapt import DECModelMixin, dec_options, jsonable
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     CHECKPOINT_METADATA_KEY, CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME, TrainingCheckpoint, _read_json,
-    _same_option, check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
+    check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
     read_training_checkpoint, save_checkpoint,
 )
 from .metrics import format_scale
-from .models import base_model_name
+from .models import base_model_name, same_dec_option
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
     "normalize_metrics", "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
     "load_training_checkpoint", "read_training_checkpoint", "model_from_checkpoint", "TrainingCheckpoint",
-    "save_checkpoint", "prepare_output_folder", "add_arguments", "run",
+    "save_checkpoint", "prepare_output_folder", "check_repo_id", "hub_reachable", "check_pretrained_source",
+    "add_arguments", "run",
 ]
 
 README_NAME = "README.md"
@@ -353,6 +356,13 @@ def prepare_output_folder(folder: PathLike, names: Sequence[str]) -> Path:
     return folder
 
 
+def check_repo_id(repo_id: Any) -> str:
+    """``repo_id`` if it looks like ``ORG/NAME``; a ValueError otherwise (checked before anything is written)."""
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
+    return repo_id
+
+
 def push_to_hub(
         model: nn.Module,
         repo_id: str,
@@ -386,8 +396,7 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
+    check_repo_id(repo_id)
     api = HfApi(token=token, library_name="timm_dec", library_version=__version__)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = repo_url.repo_id
@@ -416,14 +425,16 @@ def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
 
     Raises:
         TypeError: a ``dec_*`` kwarg that differs from the saved option.
+        OSError: an ``hf-hub:`` model that is not cached, offline (see `check_pretrained_source`).
     """
-    config = check_pretrained_source(source, cache_dir=kwargs.get("cache_dir"))
     source = os.fspath(source)
-    if not source.startswith(("hf-hub:", "local-dir:")):
-        source = f"local-dir:{source}"
+    folder, offline = _pretrained_folder(source, kwargs.get("cache_dir"))
+    config = check_pretrained(folder)
+    if offline or not source.startswith("hf-hub:"):
+        source = f"local-dir:{folder}"  # offline, the cached copy (timm's hf-hub: loader would retry the network)
     saved = dict(config.get("model_args") or {})
     for key in [k for k in kwargs if k.startswith("dec_")]:
-        if key in saved and _same_option(saved[key], kwargs[key]):
+        if key in saved and same_dec_option(saved[key], kwargs[key]):
             kwargs.pop(key)
             continue
         raise TypeError(
@@ -434,16 +445,55 @@ def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
 
 def check_pretrained_source(source: PathLike, cache_dir: Optional[PathLike] = None) -> dict[str, Any]:
     """`check_pretrained` for ``"hf-hub:ORG/NAME"`` (downloading or reading the cache), ``"local-dir:FOLDER"`` or a
-    folder; returns its config."""
-    source = os.fspath(source)
-    if source.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
-        from timm.models._hub import hf_split
-        repo, revision = hf_split(source[len("hf-hub:"):])
-        paths = [hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir)
+    folder; returns its config.
+
+    Raises:
+        OSError: an ``hf-hub:`` model that is not cached while the Hub cannot be reached or ``HF_HUB_OFFLINE`` is
+            set (said at once, not after huggingface_hub's retries).
+    """
+    return check_pretrained(_pretrained_folder(os.fspath(source), cache_dir)[0])
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface_hub's endpoint (``HF_ENDPOINT``, default https://huggingface.co) accepts a TCP connection
+    within ``timeout`` seconds; no request is made. Behind a proxy (``HTTPS_PROXY``, ``ALL_PROXY``) it is assumed
+    reachable, as only the proxy knows."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _pretrained_folder(source: str, cache_dir: Optional[PathLike]) -> tuple[Path, bool]:
+    """The folder a saved-model source names, and whether it was read offline: an ``hf-hub:`` model is downloaded
+    (``config.json`` and the weights), or read from huggingface_hub's cache when ``HF_HUB_OFFLINE`` is set or the
+    Hub cannot be reached."""
+    if not source.startswith("hf-hub:"):
+        return Path(source[len("local-dir:"):] if source.startswith("local-dir:") else source), False
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from timm.models._hub import hf_split
+
+    repo, revision = hf_split(source[len("hf-hub:"):])
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
+    try:
+        paths = [hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir, local_files_only=offline)
                  for name in (CONFIG_NAME, WEIGHTS_NAME)]
-        return check_pretrained(Path(paths[0]).parent)
-    return check_pretrained(source[len("local-dir:"):] if source.startswith("local-dir:") else source)
+    except LocalEntryNotFoundError:
+        if not offline:
+            raise
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+               f"{constants.ENDPOINT} cannot be reached (offline?)")
+        raise OSError(f"{source} is not in huggingface_hub's cache and {why}: load a downloaded folder with "
+                      f"local-dir:FOLDER, or a weights file with --checkpoint FILE") from None
+    return Path(paths[0]).parent, offline
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -490,20 +540,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-message", default="Add timm_dec model")
 
 
+def _read_label_names(path: str) -> list[str]:
+    """``--label-names``: one class name per non-empty line."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--label-names file {file} does not exist")
+    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def run(args: argparse.Namespace) -> int:
-    """``timm-dec push``: checkpoint -> Hub folder with a model card -> one commit on the Hub."""
+    """``timm-dec push``: checkpoint -> Hub folder with a model card -> one commit on the Hub.
+
+    Every argument is checked before anything is loaded or written; the folder records what the checkpoint records
+    (DEC options and data settings), so ``timm-dec eval --model local-dir:FOLDER`` evaluates what ``--checkpoint``
+    does.
+    """
     if not args.dry_run and not args.repo_id:
         raise ValueError("--repo-id is required (or --dry-run with --output)")
     if args.dry_run and not args.output:
         raise ValueError("--dry-run needs --output DIR")
-    model = load_training_checkpoint(
-        args.checkpoint, model_name=args.model, model_kwargs=args.model_kwargs,
-        use_ema=args.use_ema)
+    if args.repo_id:
+        check_repo_id(args.repo_id)
     save_kwargs: dict[str, Any] = {"metrics": _read_metrics_arg(args.metrics), "dataset": args.dataset,
                                    "datasets": args.datasets}
     if args.label_names:
-        save_kwargs["label_names"] = [
-            line.strip() for line in Path(args.label_names).read_text(encoding="utf-8").splitlines() if line.strip()]
+        save_kwargs["label_names"] = _read_label_names(args.label_names)
+    ckpt = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
+    if ckpt.data:
+        save_kwargs["data"] = ckpt.data
     if args.output:
         folder = save_pretrained(model, args.output, repo_id=args.repo_id, **save_kwargs)
         print(f"saved {hub_architecture(model)} to {folder}")

@@ -14,22 +14,26 @@ its arguments and stops (`_capture_base_build`): nothing is built twice and timm
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import types
 from collections import deque
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple, Union
 
+import safetensors
 import torch
 from torch import nn
 import timm.models
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
 from timm.models._pretrained import DefaultCfg
 
-from ..adapt import INPUT, DECModelMixin, dec_class_for, split_dec_kwargs
+from ..adapt import INPUT, DECModelMixin, dec_class_for, dec_options as built_dec_options, split_dec_kwargs
 
 __all__ = [
-    "DEC_MODULES", "create_dec_model", "dec_checkpoint_filter", "load_dec_state_dict", "list_dec_models",
+    "DEC_MODULES", "CHECKPOINT_METADATA_KEY", "check_recorded_dec_options", "read_checkpoint_record",
+    "same_dec_option", "create_dec_model", "dec_checkpoint_filter", "load_dec_state_dict", "list_dec_models",
     "register_dec_models", "supported_base_names", "base_model_name",
 ]
 
@@ -42,6 +46,8 @@ _TIMM_FAMILY_MODULES = (
 )
 _BUILDER_SIGNATURE = inspect.signature(build_model_with_cfg)
 _BASE_OF: Dict[str, str] = {}  # <name>_dec -> base name
+# the key of the safetensors metadata under which `timm_dec.checkpoint.save_checkpoint` records how to rebuild a model
+CHECKPOINT_METADATA_KEY = "timm_dec"
 
 
 class _Captured(Exception):
@@ -227,6 +233,77 @@ def _check_fit(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
     raise ValueError(f"{source} does not fit {target}{dec_hint}: " + "; ".join(parts))
 
 
+def same_dec_option(a: Any, b: Any) -> bool:
+    """Whether two values of a DEC option are the same, lists and tuples alike (JSON gives lists)."""
+    norm = (lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def read_checkpoint_record(path: Path) -> Dict[str, Any]:
+    """The record `timm_dec.checkpoint.save_checkpoint` keeps in a ``.safetensors`` file's metadata (architecture,
+    ``model_args`` with every DEC option, data settings), read from its header only; {} when it has none.
+
+    Raises:
+        ValueError: the record is not valid JSON.
+    """
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if CHECKPOINT_METADATA_KEY not in meta:
+        return {}
+    try:
+        record = json.loads(meta[CHECKPOINT_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its {CHECKPOINT_METADATA_KEY!r} metadata is not valid JSON: {e}") from e
+    return record if isinstance(record, dict) else {}
+
+
+def _recorded_model_args(kwargs: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """What the weights a ``pretrained=True`` build loads record about the model they were trained as, and where
+    they come from: the ``model_args`` of a ``local-dir:`` / ``hf-hub:`` config (timm passes them on as
+    ``pretrained_model_args``), or the record of a ``timm_dec`` ``.safetensors`` file named by the pretrained cfg
+    (``pretrained_cfg_overlay=dict(file=...)``, train.py's ``--pretrained-path``); ("", {}) for neither."""
+    cfg = kwargs.get("pretrained_cfg")
+    cfg = cfg if isinstance(cfg, Mapping) else {}
+    if kwargs.get("pretrained_model_args"):
+        return f"the saved model {cfg.get('file') or cfg.get('hf_hub_id') or ''}".rstrip(), \
+            dict(kwargs["pretrained_model_args"])
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    file = overlay.get("file") or cfg.get("file")
+    if file and str(file).endswith(".safetensors") and Path(file).is_file():
+        return f"the checkpoint {file}", dict(read_checkpoint_record(Path(file)).get("model_args") or {})
+    return "", {}
+
+
+def check_recorded_dec_options(requested: Mapping[str, Any], recorded: Mapping[str, Any], source: str) -> None:
+    """Refuse ``dec_*`` options that contradict the ones the weights were trained with.
+
+    Args:
+        requested: the keyword arguments asked for (only ``dec_*`` ones are checked).
+        recorded: the options the weights record (a saved ``model_args``).
+        source: names the weights in the message.
+
+    Raises:
+        TypeError: an option whose value differs from the recorded one; both values are named.
+    """
+    for key, value in requested.items():
+        if key.startswith("dec_") and key in recorded and not same_dec_option(value, recorded[key]):
+            raise TypeError(
+                f"{key}={value!r} contradicts {source}, whose DEC weights were trained with {key}={recorded[key]!r}; "
+                f"leave {key} out to use the recorded one (or pretrained=False for a new, untrained model)")
+
+
+def _check_built_dec_options(model: nn.Module, recorded: Mapping[str, Any], source: str) -> None:
+    """Refuse a model whose DEC options differ from the recorded ones (an option left out that the weights record
+    with another value than the default)."""
+    dec_model = next((m for m in model.modules() if isinstance(m, DECModelMixin)), None)
+    built = built_dec_options(dec_model) if dec_model is not None else {}
+    for key, value in recorded.items():
+        if key in built and not same_dec_option(built[key], value):
+            raise TypeError(
+                f"{source} records {key}={value!r}, but the model was built with {key}={built[key]!r} (the "
+                f"default, or a value given): pass {key}={value!r}, or leave it out where the saved config is read")
+
+
 def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build ``dec_name``: timm's build of ``base_name`` with the DEC class, the ``dec_name`` cfgs and DEC filter.
 
@@ -238,7 +315,14 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
 
     Returns:
         The model (or its feature wrapper for ``features_only=True``).
+
+    Raises:
+        TypeError: with ``pretrained=True``, a ``dec_*`` option that contradicts the one the weights record (a
+            ``local-dir:`` / ``hf-hub:`` config, or a ``timm_dec`` ``.safetensors`` file as the pretrained file).
     """
+    if pretrained:
+        source, recorded = _recorded_model_args(kwargs)
+        check_recorded_dec_options(kwargs, recorded, source)
     dec_options = split_dec_kwargs(kwargs, keep_prefix=True)
     arguments = _capture_base_build(base_name, pretrained, kwargs)
     dec_cls = dec_class_for(arguments.pop("model_cls"))
@@ -252,7 +336,12 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     feature_cfg.pop("flatten_sequential", None)
     feature_cfg.update(dec_cls.dec_feature_cfg)
     arguments["feature_cfg"] = feature_cfg
-    return build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, **dec_options)
+    model = build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, **dec_options)
+    if pretrained:
+        # features_only prunes the blocks past the last feature, DEC included (their weights were checked)
+        skip = ("dec_blocks",) if kwargs.get("features_only") else ()
+        _check_built_dec_options(model, {k: v for k, v in recorded.items() if k not in skip}, source)
+    return model
 
 
 def _mirrored_default_cfg(base_name: str) -> Optional[DefaultCfg]:
