@@ -17,7 +17,7 @@ from timm.utils import ParseKwargs
 
 from . import __version__
 
-__all__ = ["SUBCOMMANDS", "CheckedParseKwargs", "build_parser", "check_before_run", "error_line", "main"]
+__all__ = ["SUBCOMMANDS", "CheckedParseKwargs", "build_parser", "error_line", "main"]
 
 SUBCOMMANDS = {
     "demo": ("timm_dec.demo", "train base, Aug, InvL, Canon and DEC on locally scaled digits and compare them"),
@@ -89,18 +89,6 @@ def _debug_wanted(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("TIMM_DEC_DEBUG", "") not in ("", "0")
 
 
-def check_before_run(args: argparse.Namespace) -> None:
-    """Checks of options that a command would otherwise meet only after it has started: ``--device`` (eval's
-    check: a CUDA device without CUDA) and ``--threads`` of ``timm-dec demo``."""
-    if args.command != "demo":
-        return
-    from .evaluate import resolve_device
-
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    resolve_device(args.device)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -108,7 +96,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        check_before_run(args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if _debug_wanted(args):

@@ -55,7 +55,7 @@ from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
 from .adapt import INPUT
 from .dec import BACKWARD_MODES, UPDATE_FORMS
 from .demo_report import dec_evidence, dec_kwargs, eval_command, paired_rows, plots, tables
-from .evaluate import evaluate_model, normalize_transform, parse_bins, parse_scales
+from .evaluate import evaluate_model, normalize_transform, parse_bins, parse_scales, resolve_device
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 from .metrics import evaluate_scale_consistency, json_default
 from .models import load_dec_state_dict
@@ -137,16 +137,6 @@ def _bins(text: str) -> tuple[tuple[float, float], ...]:
     return tuple(parse_bins(text))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _positions(text: str) -> tuple[Union[str, int], ...]:
     """``input,0,1`` -> ("input", 0, 1): DEC positions, the input image and block indices."""
     try:
@@ -165,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
@@ -232,6 +222,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg["lr"] = paper_lr(cfg["model"])
     if cfg["finetune_lr"] is None:
         cfg["finetune_lr"] = cfg["lr"] * _FINETUNE_LR_RATIO
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
@@ -567,7 +559,7 @@ def _summary(args: argparse.Namespace, s: _Setup, results: dict[str, dict[str, A
 def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, LocallyScaledDigits]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     channels = int(cfg["model_kwargs"].get("in_chans", 3))
     data_kw = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], scale_range=tuple(cfg["scale_range"]),
                    digit_size=cfg["digit_size"], seed=cfg["seed"])
@@ -621,5 +613,6 @@ def run(args: argparse.Namespace) -> int:
     (s.out / "tables.txt").write_text(text + "\n", encoding="utf-8")
     (s.out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n", encoding="utf-8")
     print(f"\nwall time {wall / 60:.1f} min; wrote {s.out}/summary.json, tables.txt, {', '.join(files)} and "
-          f"checkpoints/ (re-evaluate one with the eval_command in summary.json)")
+          f"checkpoints/ (re-evaluate one with its methods.<name>.eval_command in summary.json, e.g. "
+          f"methods.dec.eval_command)")
     return 0
