@@ -15,7 +15,7 @@ from .adapt import INPUT
 from .data import LocallyScaledDigits
 from .evaluate import format_per_scale_table, format_table
 from .metrics import format_scale, paired_bootstrap
-from .ops import apply_inverse_map, apply_map
+from .ops.folds import local_magnification
 from .plots import plot_per_scale, plot_prob_correct, plot_warp_grids
 
 __all__ = ["dec_kwargs", "eval_command", "paired_rows", "first_dec_knots", "dec_evidence", "tables", "plots"]
@@ -90,20 +90,6 @@ def first_dec_knots(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, st
     return found[0], key
 
 
-def _magnification(knots: torch.Tensor, points: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """1 / sqrt(det J_l) at l^{-1}(points): how much the canonical map enlarges the input around each point.
-
-    knots (B, 2, G+1, G+1), points (B, N, 2) -> (B, N), float64.
-    """
-    knots, points = knots.double(), points.double()
-    p = apply_inverse_map(knots, points, sweeps=10).clamp(eps, 1 - eps)
-    ex, ey = torch.tensor([eps, 0.0], dtype=torch.float64), torch.tensor([0.0, eps], dtype=torch.float64)
-    jx = (apply_map(knots, p + ex) - apply_map(knots, p - ex)) / (2 * eps)
-    jy = (apply_map(knots, p + ey) - apply_map(knots, p - ey)) / (2 * eps)
-    det = jx[..., 0] * jy[..., 1] - jy[..., 0] * jx[..., 1]
-    return det.clamp_min(1e-12).rsqrt()
-
-
 def dec_evidence(model: nn.Module, test_set: LocallyScaledDigits, cfg: dict[str, Any],
                  device: torch.device) -> dict[str, Any]:
     """Does the first DEC stretch small digits and squeeze large ones? Per digit of ``stretch_images`` test images:
@@ -130,7 +116,7 @@ def dec_evidence(model: nn.Module, test_set: LocallyScaledDigits, cfg: dict[str,
                              ((top + size / 2) / patch - 0.5) / max(side - 1, 1)] for left, top, size in boxes])
             scales.extend(sample.scales)
         pts = torch.tensor(centres, dtype=torch.float64).clamp(0, 1)
-        mags.append(_magnification(knots.cpu(), pts).flatten())
+        mags.append(local_magnification(knots.cpu(), pts).flatten())
     log_s = torch.tensor(scales, dtype=torch.float64).log()
     log_m = torch.cat(mags).log()
     pearson = torch.corrcoef(torch.stack((log_s, log_m)))[0, 1].item()

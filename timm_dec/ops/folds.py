@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["jacobian_det_corners", "min_jacobian_det", "fold_free_knots"]
+from .knots import apply_inverse_map, apply_map
+
+__all__ = ["jacobian_det_corners", "min_jacobian_det", "fold_free_knots", "local_magnification"]
 
 
 def _slopes(knots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,3 +103,26 @@ def fold_free_knots(knots: torch.Tensor, min_det: float = 0.05) -> tuple[torch.T
     blended = identity + lam.view(-1, 1, 1, 1) * (knots - identity)
     guarded = torch.where((lam < 1).view(-1, 1, 1, 1), blended, knots)
     return guarded, lam
+
+
+def local_magnification(knots: torch.Tensor, points: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """How much canonicalising enlarges the input around each input point: 1 / sqrt(det J_l) at l^{-1}(points).
+
+    S^{-1}(F)(p) = F(l(p)), so content at input point q appears at p = l^{-1}(q), scaled by 1 / det J_l(p) in area.
+    det J is taken by central differences (``eps``) in float64.
+
+    Args:
+        knots: (B, 2, G+1, G+1) knot tables.
+        points: (B, N, 2) input points (x, y) in [0, 1].
+
+    Returns:
+        (B, N) float64 linear magnifications (> 1 where the canonical map enlarges the input).
+    """
+    knots, points = knots.double(), points.double()
+    p = apply_inverse_map(knots, points, sweeps=10).clamp(eps, 1 - eps)
+    ex = torch.tensor([eps, 0.0], dtype=torch.float64, device=p.device)
+    ey = torch.tensor([0.0, eps], dtype=torch.float64, device=p.device)
+    jx = (apply_map(knots, p + ex) - apply_map(knots, p - ex)) / (2 * eps)
+    jy = (apply_map(knots, p + ey) - apply_map(knots, p - ey)) / (2 * eps)
+    det = jx[..., 0] * jy[..., 1] - jy[..., 0] * jx[..., 1]
+    return det.clamp_min(1e-12).rsqrt()
