@@ -208,6 +208,21 @@ def test_card_carries_metadata_options_and_metrics(saved: Path) -> None:
     assert "@inproceedings{rahman2025local" in text
 
 
+def test_card_prose_describes_the_models_own_dec() -> None:
+    """Where the DECs sit, the update form and the backward come from the model's options, not one fixed text."""
+    kwargs = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5)
+    default = hub.render_model_card(timm.create_model("vit_tiny_patch16_224_dec", **kwargs))
+    assert "in front of\nits patch embedding (the input image is canonicalised)" in default.replace("  ", " ")
+    assert "absolute update, `knots = H(S^-1(F; knots))`" in default
+    assert "implicit differentiation (an adjoint fixed point" in default and "phantom gradients" not in default
+    other = hub.render_model_card(timm.create_model(
+        "vit_tiny_patch16_224_dec", dec_blocks=("input", 0, 1), dec_update="residual", dec_backward="phantom",
+        dec_phantom_steps=2, **kwargs))
+    assert "its patch embedding (the input image is canonicalised) and blocks 0, 1" in other
+    assert "residual update, `knots = knots + H(S^-1(F; knots))`" in other
+    assert "phantom gradients (2 unrolled steps from the equilibrium)" in other and "implicit differentiation" not in other
+
+
 def test_card_without_metrics_says_so(model: torch.nn.Module) -> None:
     text = hub.render_model_card(model)
     assert ModelCard(text).data.eval_results is None

@@ -36,7 +36,7 @@ from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
-from .adapt import DECModelMixin, dec_options, jsonable
+from .adapt import INPUT, DECModelMixin, dec_options, jsonable
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     CHECKPOINT_METADATA_KEY, CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME, TrainingCheckpoint, _read_json,
     check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
@@ -169,6 +169,24 @@ def _card_metrics(metrics: Mapping[str, Any], dataset: Optional[str]) -> dict[st
     }
 
 
+def _card_dec_prose(cfg: Any, unit: str) -> dict[str, str]:
+    """The card's words for where the model's DECs sit, its update form and its backward (its own options)."""
+    indices = [str(b) for b in cfg.blocks if b != INPUT]
+    where = ["its patch embedding (the input image is canonicalised)"] if INPUT in cfg.blocks else []
+    if indices:
+        where.append(f"{unit}{'s' if len(indices) > 1 else ''} {', '.join(indices)}")
+    o = cfg.options
+    update = ("knots = H(S^-1(F; knots))" if o.update == "absolute" else "knots = knots + H(S^-1(F; knots))")
+    backward = (f"implicit differentiation (an adjoint fixed point, up to {o.backward_max_iter} iterations)"
+                if o.backward == "implicit" else
+                f"phantom gradients ({o.phantom_steps} unrolled step{'s' if o.phantom_steps > 1 else ''} from the "
+                f"equilibrium)")
+    solver = {"anderson": "Anderson acceleration", "fixed_point": "plain fixed-point iteration"}.get(o.solver, o.solver)
+    return dict(dec_where=" and ".join(where), dec_update=f"{o.update} update, `{update}`",
+                dec_solve=f"{solver} (up to {o.max_iter} iterations, relative tolerance {o.tol:g})",
+                dec_backward=backward)
+
+
 def render_model_card(
         model: nn.Module,
         *,
@@ -222,8 +240,7 @@ def render_model_card(
         dec_params=f"{dec_params / 1e6:.3f}",
         num_classes=model.num_classes,
         input_size=" x ".join(str(s) for s in input_size),
-        dec_unit=getattr(model, "dec_unit_name", "block") + ("s" if len(cfg.blocks) > 1 else ""),
-        dec_blocks=", ".join(str(b) for b in cfg.blocks),
+        **_card_dec_prose(cfg, getattr(model, "dec_unit_name", "block")),
         dec_grid=cfg.options.grid,
         dec_mode=cfg.mode,
         dec_options=list(dec_options(model).items()),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .gpu import GPU_MODELS, bench_gpu, gpu_targets
-from .overhead import MODES, OVERHEAD_MODELS, bench_overhead
+from .overhead import MODES, OVERHEAD_MODELS, SOLVES, bench_overhead
 from .timing import environment, paired_times, peak_cpu_memory, time_interleaved, write_json
 from .warp import WARP_SHAPES, bench_warp, composed_warp, format_warp_table
 
@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     overhead.add_argument("--modes", nargs="+", choices=MODES, default=None,
                           help="overhead: eager (default), compile (torch.compile of both models), cudagraph (CUDA: "
                                "the eval forward captured in a CUDA graph); gpu: all three")
+    overhead.add_argument("--solves", nargs="+", choices=tuple(SOLVES), default=None,
+                          help="converging (default tolerance, default) and/or worst (every solve to its iteration "
+                               "limit)")
     overhead.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile mode")
     gpu = parser.add_argument_group("gpu")
     gpu.add_argument("--dry-run", action="store_true",
