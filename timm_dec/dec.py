@@ -585,14 +585,21 @@ class DEC(nn.Module):
             return torch.where(failed, z0, f_star)
         z_start = torch.where(failed, z0, z_star)  # a failed sample's iterate is non-finite: keep it out of the graph
         if c.backward == "implicit":
-            z_leaf = z_start.detach().requires_grad_()
-            fz = self.update(z_leaf, p)
-            out = _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf))
+            out = self._implicit_reentry(z_start, p)
         else:
             out = z_start
             for _ in range(c.phantom_steps):
                 out = self.update(out, p)
         return torch.where(failed, z0, out)
+
+    # The adjoint solve calls torch.autograd.grad inside a backward, which Dynamo cannot trace: under torch.compile
+    # this one step runs eagerly (one graph break per DEC call in a training step; eval forwards stay one graph).
+    @torch.compiler.disable
+    def _implicit_reentry(self, z_start: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """One application of f from z* whose incoming gradient is replaced by the adjoint solution (implicit mode)."""
+        z_leaf = z_start.detach().requires_grad_()
+        fz = self.update(z_leaf, p)
+        return _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf))
 
     def forward(
             self,
