@@ -338,7 +338,8 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     # features go through forward_intermediates, the one feature path that runs the DEC, in a wrapper keyed like
     # the base's (FeatureGetterNet or FeatureListNet) with the DEC at dec.*
     feature_cfg = dict(arguments.get("feature_cfg") or {})
-    feature_cfg["feature_cls"] = dec_feature_class(model_kwargs.pop("feature_cls", None) or feature_cfg.get("feature_cls"))
+    base_feature_cls = model_kwargs.pop("feature_cls", None) or feature_cfg.get("feature_cls")
+    feature_cfg["feature_cls"] = dec_feature_class(base_feature_cls)
     arguments["feature_cfg"] = feature_cfg
     model = build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, **dec_options)
     if pretrained:
