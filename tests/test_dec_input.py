@@ -120,7 +120,7 @@ def test_features_only_maps_are_unwarped_to_the_input_geometry(family):
                 # the identity warp resamples at coordinates rounded in float32 (~1e-6 px at 64 px), which on a
                 # noise image moves pixels by ~5e-5; raw stage maps carry that through (logits stay within 1e-5)
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-        inner = getattr(model, "model", model)
+        inner = model.dec_model  # the wrapped *_dec model; its dec is the wrapper's
         perturb_dec(inner)
         knots = input_knots(inner, x)
         with torch.no_grad():

@@ -136,6 +136,7 @@ def dec_options(model: nn.Module) -> Dict[str, Any]:
         >>> dec_options(timm.create_model("vit_tiny_dec", dec_grid=8))["dec_grid"]
         8
     """
+    model = getattr(model, "dec_model", model)  # a features_only wrapper (timm_dec.models._features)
     if not isinstance(model, DECModelMixin):
         return {}
     cfg = model.dec_cfg
@@ -320,8 +321,6 @@ class DECModelMixin:
     """
     dec_unit_name: str = "block"
     default_dec_blocks: Tuple[Union[str, int], ...] = (INPUT,)
-    # features_only goes through forward_intermediates (FeatureGetterNet), the one feature path that runs the DEC
-    dec_feature_cfg: Dict[str, Any] = {"feature_cls": "getter"}
     # ordinal suffix that puts dec.<k> in unit k's layer-decay group (see `dec_group_matcher`)
     dec_group_suffix: Optional[Tuple[int, ...]] = None
     dec: nn.ModuleDict

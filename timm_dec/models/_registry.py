@@ -30,6 +30,7 @@ from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_mod
 from timm.models._pretrained import DefaultCfg
 
 from ..adapt import INPUT, DECModelMixin, dec_class_for, dec_options as built_dec_options, split_dec_kwargs
+from ._features import DECFeaturesMixin, dec_feature_class
 
 __all__ = [
     "DEC_MODULES", "CHECKPOINT_METADATA_KEY", "check_recorded_dec_options", "read_checkpoint_record",
@@ -158,8 +159,10 @@ def dec_checkpoint_filter(
 
 
 def _dec_models(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(state-dict prefix, module) of ``model`` itself or of each ``*_dec`` model inside it (a Canon wrapper's)."""
-    return [(f"{name}." if name else "", m) for name, m in model.named_modules() if isinstance(m, DECModelMixin)]
+    """(state-dict prefix, module) of ``model`` itself or of each ``*_dec`` model inside it (a Canon wrapper's, an
+    smp encoder's): a ``*_dec`` model that holds its DEC modules, or a DEC ``features_only`` wrapper."""
+    return [(f"{name}." if name else "", m) for name, m in model.named_modules()
+            if isinstance(m, DECFeaturesMixin) or (isinstance(m, DECModelMixin) and "dec" in m._modules)]
 
 
 def dec_blocks_in(keys: Iterable[str]) -> List[Union[str, int]]:
@@ -295,7 +298,8 @@ def check_recorded_dec_options(requested: Mapping[str, Any], recorded: Mapping[s
 def _check_built_dec_options(model: nn.Module, recorded: Mapping[str, Any], source: str) -> None:
     """Refuse a model whose DEC options differ from the recorded ones (an option left out that the weights record
     with another value than the default)."""
-    dec_model = next((m for m in model.modules() if isinstance(m, DECModelMixin)), None)
+    dec_model = next((getattr(m, "dec_model", m) for m in model.modules()
+                      if isinstance(m, (DECModelMixin, DECFeaturesMixin))), None)
     built = built_dec_options(dec_model) if dec_model is not None else {}
     for key, value in recorded.items():
         if key in built and not same_dec_option(built[key], value):
@@ -331,10 +335,11 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     model_kwargs = arguments.pop("kwargs", {})
     base_filter = arguments.get("pretrained_filter_fn")
     arguments["pretrained_filter_fn"] = partial(dec_checkpoint_filter, base_filter=base_filter)
-    # features go through forward_intermediates, the one feature path that runs the DEC
+    # features go through forward_intermediates, the one feature path that runs the DEC, in a wrapper keyed like
+    # the base's (FeatureGetterNet or FeatureListNet) with the DEC at dec.*
     feature_cfg = dict(arguments.get("feature_cfg") or {})
-    feature_cfg.pop("flatten_sequential", None)
-    feature_cfg.update(dec_cls.dec_feature_cfg)
+    base_feature_cls = model_kwargs.pop("feature_cls", None) or feature_cfg.get("feature_cls")
+    feature_cfg["feature_cls"] = dec_feature_class(base_feature_cls)
     arguments["feature_cfg"] = feature_cfg
     model = build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, **dec_options)
     if pretrained:

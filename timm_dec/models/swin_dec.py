@@ -25,10 +25,10 @@ class SwinStagesDECMixin(DECModelMixin):
     """The DEC drive of a Swin with (B, H, W, C) stages (timm's ``SwinTransformer`` and ``SwinTransformerV2``): their
     patch embedding, ``layers`` and final ``norm`` are the same, so one ``forward_features`` and one
     ``forward_intermediates`` serve both. Default DEC positions: ``("input",)``. ``forward_intermediates`` also accepts
-    ``output_fmt='NHWC'``, so ``features_only`` keeps the base's NHWC maps.
+    ``output_fmt='NHWC'``, so ``features_only`` (`timm_dec.models._features.DECFeatureListNet`) keeps the base's NHWC
+    maps.
     """
     dec_unit_name = "stage"
-    dec_feature_cfg = {"feature_cls": "getter", "output_fmt": "NHWC"}
     dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
 
     def dec_units(self) -> Sequence[nn.Module]:

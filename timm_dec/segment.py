@@ -1,0 +1,442 @@
+"""``timm-dec segment``: semantic segmentation under local scaling (paper Sec. 5.1, Table 1), offline and CPU-sized.
+
+Scenes of k digits (scikit-learn's handwritten digits, train and test glyphs disjoint; `LocallyScaledDigits`), each
+digit resized by its own scale; every digit pixel is labelled with its class (1..10 for digits 0..9), the rest is
+background (0). A tiny ViT (patch 4: a 12 x 12 token map at 48 px) with a pixel-shuffle + 3x3 conv decoder
+(`DigitSegmenter`) is trained with cross-entropy (background weight ``bg_weight``) from a shared start, then every
+method gets ``finetune_steps`` more backbone steps from it:
+
+- **Base**: plain; **Aug**: random monotone scalings of image and mask (`random_knots`, `monotone_warp`);
+- **AugL**: Aug plus the EquE loss ||S(M(I)) - M(S(I))||^2 on the class probabilities (the paper's baseline);
+- **Canon**: Aug with an input canonicaliser over a bank of warps (`InputCanonicalizer`), its mask un-warped;
+- **DEC**: the ``<model>_dec`` twin of the start with the input DEC (equivariant: S(M(S^{-1}(I))), the mask
+  un-warped at full resolution), ``dec_warmup_steps`` DEC-only steps, then ``finetune_steps`` joint steps;
+- **Aug+time**: Aug given the DEC's wall time (more backbone steps), the equal-time control.
+
+Reported on the same test images: mIoU (per image, and over the test set's pixels), EquE (eq. 23) over random
+monotone scalings on the soft masks (class probabilities) and on the hard ones (the fraction of pixels whose
+predicted class changes), mIoU per per-digit scale, paired-bootstrap intervals against Aug, a figure of predicted
+masks under local scaling, ``summary.json`` and ``checkpoints/<method>.safetensors``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapt import DECModelMixin
+from .baselines import InputCanonicalizer
+from .data import LocallyScaledDigits, random_knots
+from .demo import _schedule
+from .metrics import equi_error_from_outputs, json_default, paired_bootstrap
+from .models import load_dec_state_dict
+from .ops import identity_knots, monotone_warp
+
+__all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "add_arguments", "run", "miou_per_image"]
+
+METHODS = ("base", "aug", "augl", "canon", "dec", "aug_time")
+LABELS = {"base": "Base", "aug": "Aug", "augl": "AugL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
+NUM_CLASSES = 11  # background + 10 digits
+_COMMON = dict(lr=2e-3, finetune_lr=5e-4, weight_decay=0.05, warmup_frac=0.1, bg_weight=0.1, aug_strength=0.3,
+               aug_p=0.5, augl_weight=10.0, dec_lr_mult=10.0, canon_warps=32, equ_strength=0.3, seed=0,
+               scale_range=(0.5, 2.0), num_digits=2)
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(
+        _COMMON, model="vit_tiny_patch16_224", canvas=48, digit_size=12,
+        model_kwargs=dict(img_size=48, patch_size=4, embed_dim=64, depth=4, num_heads=2, class_token=False,
+                          global_pool="avg", in_chans=1, num_classes=0),
+        train_samples=6000, test_samples=1000, batch_size=32, start_steps=450, finetune_steps=250,
+        dec_warmup_steps=100, dec_kwargs=dict(dec_widths=(16, 32), dec_image_widths=(8, 16), dec_image_size=48),
+        scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_images=300, equ_images=500, eval_batch=100, figure_images=3),
+    "smoke": dict(
+        _COMMON, model="vit_tiny_patch16_224", canvas=32, digit_size=8,
+        model_kwargs=dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, class_token=False,
+                          global_pool="avg", in_chans=1, num_classes=0),
+        train_samples=16, test_samples=8, batch_size=8, start_steps=2, finetune_steps=2, dec_warmup_steps=1,
+        dec_kwargs=dict(dec_widths=(4, 4), dec_image_widths=(4, 4), dec_image_size=16, dec_grid=2, dec_max_iter=4),
+        scales=(0.8, 1.2), scale_images=4, equ_images=4, eval_batch=8, figure_images=2, canon_warps=4),
+}
+_DEC_FIXED = dict(dec_blocks=("input",), dec_mode="invariant", dec_update="absolute", dec_backward="implicit",
+                  dec_tol=1e-3)  # the segmenter un-warps the full-resolution mask itself (equivariant, eq. 21)
+
+
+class SegDigits:
+    """Locally scaled digit scenes with per-pixel labels, rendered once into tensors.
+
+    Args:
+        split: ``"train"`` or ``"test"`` (disjoint glyph pools).
+        num_samples: scenes.
+        cfg: the run's configuration (``num_digits``, ``canvas``, ``digit_size``, ``scale_range``, ``seed``).
+    """
+
+    def __init__(self, split: str, num_samples: int, cfg: dict[str, Any]) -> None:
+        self.digits = LocallyScaledDigits(split, num_samples=num_samples, num_digits=cfg["num_digits"],
+                                          canvas=cfg["canvas"], digit_size=cfg["digit_size"],
+                                          scale_range=tuple(cfg["scale_range"]), seed=cfg["seed"], channels=1)
+        pairs = [self.render(i) for i in range(num_samples)]
+        self.images = torch.stack([p[0] for p in pairs])  # (N, 1, H, W), normalised
+        self.masks = torch.stack([p[1] for p in pairs])  # (N, H, W) int64 in [0, 11)
+
+    def render(self, index: int, scales: Optional[Sequence[float]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``index`` at its own per-digit scales or at ``scales``: the (1, H, W) image, normalised to [-1, 1],
+        and its (H, W) mask (a pixel of digit d brighter than 0.25 is class d + 1)."""
+        sample = self.digits.describe(index)
+        scales = sample.scales if scales is None else tuple(scales)
+        image = self.digits.render(sample.source_indices, scales)
+        mask = torch.zeros(image.shape[-2:], dtype=torch.long)
+        for digit, (left, top, size) in zip(sample.digits, self.digits.digit_boxes(scales)):
+            box = mask[top:top + size, left:left + size]
+            box[image[0, top:top + size, left:left + size] > 0.25] = digit + 1
+        return (image - 0.5) / 0.5, mask
+
+
+class DigitSegmenter(nn.Module):
+    """A timm ViT-class backbone and a pixel-shuffle decoder: per-pixel logits (B, classes, H, W).
+
+    With a ``*_dec`` backbone (input DEC, invariant mode) the model is S(M(S^{-1}(I))): the backbone's base forward
+    runs on the canonical image and the full-resolution logits are un-warped with the same knots; with ``canon``
+    the same, the knots chosen from Canon's bank.
+
+    Args:
+        backbone: a timm model whose ``forward_features`` gives (B, h*w, D) tokens (no prefix tokens).
+        patch: the backbone's patch size (the decoder's upsampling factor).
+        canon: an `InputCanonicalizer` (its wrapped model unused), or None.
+    """
+
+    def __init__(self, backbone: nn.Module, patch: int, canon: Optional[InputCanonicalizer] = None) -> None:
+        super().__init__()
+        self.backbone, self.patch, self.canon = backbone, patch, canon
+        width = 32
+        self.proj = nn.Conv2d(backbone.num_features, width * patch * patch, 1)
+        self.head = nn.Sequential(nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(width, NUM_CLASSES, 3, padding=1))
+
+    def canonicalize(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The image the backbone sees and the knots that un-warp its mask (None: no canonicaliser)."""
+        if isinstance(self.backbone, DECModelMixin):
+            return self.backbone.dec_canonicalize_image(x)
+        if self.canon is not None:
+            canonical, index = self.canon.canonicalize(x)
+            return canonical, self.canon.warps.to(x.device)[index]
+        return x, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args:
+            x: (B, C, H, W) images.
+
+        Returns:
+            (B, 11, H, W) logits, in the input's geometry.
+        """
+        x, knots = self.canonicalize(x)
+        if isinstance(self.backbone, DECModelMixin):  # the base class's forward: the image is canonical already
+            tokens = super(DECModelMixin, self.backbone).forward_features(x)
+        else:
+            tokens = self.backbone.forward_features(x)
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        logits = self.head(F.pixel_shuffle(self.proj(fmap), self.patch))
+        return logits if knots is None else monotone_warp(logits, knots, inverse=True, check=False)
+
+
+def miou_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image mIoU (%): the mean IoU over the classes present in the image's prediction or target.
+
+    Args:
+        pred, target: (N, H, W) class indices.
+
+    Returns:
+        (N,) mIoU in percent.
+    """
+    p = F.one_hot(pred, NUM_CLASSES).flatten(1, 2).bool()
+    t = F.one_hot(target, NUM_CLASSES).flatten(1, 2).bool()
+    inter, union = (p & t).sum(1).float(), (p | t).sum(1).float()
+    present = union > 0
+    return 100 * torch.where(present, inter / union.clamp(min=1), 0).sum(1) / present.sum(1)
+
+
+def _confusion(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(target.flatten() * NUM_CLASSES + pred.flatten(),
+                          minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def _warp_pair(images: torch.Tensor, masks: torch.Tensor, strength: float, p: float,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aug: the same random monotone scaling S of each image (bilinear) and its mask (of the one-hot map)."""
+    knots = random_knots(images.shape[0], strength=strength, generator=gen)
+    keep = torch.rand(images.shape[0], generator=gen) >= p
+    knots[keep] = identity_knots(int(keep.sum()), 4)
+    onehot = F.one_hot(masks, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    return (monotone_warp(images, knots, inverse=True, check=False),
+            monotone_warp(onehot, knots, inverse=True, check=False).argmax(1))
+
+
+def _optimizer(model: nn.Module, lr: float, cfg: dict[str, Any], only_dec: bool,
+               dec_mult: float) -> torch.optim.Optimizer:
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        new = name.startswith(("backbone.dec.", "canon."))
+        if only_dec and not new:
+            continue
+        groups.setdefault((new, p.ndim <= 1), []).append(p)
+    return torch.optim.AdamW([dict(params=ps, lr=lr * (dec_mult if new else 1.0),
+                                   weight_decay=0.0 if flat else cfg["weight_decay"])
+                              for (new, flat), ps in groups.items()])
+
+
+def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
+          augl: float = 0.0, only_dec: bool = False, seed: int = 0, budget_s: Optional[float] = None) -> dict:
+    """Train ``model`` for ``steps`` steps (or until ``budget_s`` seconds, then ``steps`` is a cap).
+
+    Returns:
+        ``steps`` run, ``seconds``, the last 20 steps' mean ``loss``.
+    """
+    model.train()
+    opt = _optimizer(model, lr, cfg, only_dec, cfg["dec_lr_mult"])
+    sched = _schedule(opt, steps, cfg["warmup_frac"])
+    weight = torch.ones(NUM_CLASSES)
+    weight[0] = cfg["bg_weight"]
+    gen = torch.Generator().manual_seed(seed)
+    losses, start, step = [], time.perf_counter(), 0
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, data.images.shape[0], (cfg["batch_size"],), generator=gen)
+        x, y = data.images[idx], data.masks[idx]
+        if augment:
+            x, y = _warp_pair(x, y, cfg["aug_strength"], cfg["aug_p"], gen)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, weight=weight)
+        if augl:
+            knots = random_knots(x.shape[0], strength=cfg["aug_strength"], generator=gen)
+            probs_of_warped = model(monotone_warp(x, knots, inverse=True, check=False)).softmax(1)
+            warped_probs = monotone_warp(logits.softmax(1), knots, inverse=True, check=False)
+            loss = loss + augl * equi_error_from_outputs(warped_probs, probs_of_warped)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if budget_s is not None and time.perf_counter() - start >= budget_s:
+            break
+    model.eval()
+    return dict(steps=step, seconds=time.perf_counter() - start, loss=sum(losses[-20:]) / max(1, len(losses[-20:])))
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([model(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test: SegDigits, cfg: dict[str, Any]) -> dict[str, Any]:
+    """mIoU (per image and over the pixels), soft and hard EquE, mIoU per per-digit scale."""
+    model.eval()
+    batch = cfg["eval_batch"]
+    pred = _predict(model, test.images, batch).argmax(1)
+    per_image = miou_per_image(pred, test.masks)
+    conf = _confusion(pred, test.masks).double()
+    iou = 100 * conf.diag() / (conf.sum(0) + conf.sum(1) - conf.diag()).clamp(min=1)
+    n = min(cfg["equ_images"], test.images.shape[0])
+    images = test.images[:n]
+    knots = random_knots(n, strength=cfg["equ_strength"], generator=torch.Generator().manual_seed(cfg["seed"] + 7))
+    probs = _predict(model, images, batch).softmax(1)
+    probs_of_warped = torch.cat([model(monotone_warp(images[i:i + batch], knots[i:i + batch], inverse=True))
+                                 for i in range(0, n, batch)]).softmax(1)
+    warped_probs = monotone_warp(probs, knots, inverse=True)
+    soft = equi_error_from_outputs(warped_probs, probs_of_warped, reduction="none")
+    hard = (warped_probs.argmax(1) != probs_of_warped.argmax(1)).flatten(1).float().mean(1)
+    per_scale = {}
+    m = min(cfg["scale_images"], test.images.shape[0])
+    for s in cfg["scales"]:
+        pairs = [test.render(i, (s,) * cfg["num_digits"]) for i in range(m)]
+        x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        per_scale[str(s)] = miou_per_image(_predict(model, x, batch).argmax(1), y).mean().item()
+    return dict(miou=per_image.mean().item(), miou_pixels=iou.mean().item(), iou_background=iou[0].item(),
+                iou_digits=iou[1:].mean().item(), eque_soft=soft.mean().item(), eque_hard=100 * hard.mean().item(),
+                per_scale=per_scale, _per_image=per_image, _soft=soft, _hard=hard)
+
+
+def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: str) -> str:
+    """``model``'s weights as safetensors, with the configuration that rebuilds it in the metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(method=method, model=cfg["model"] + ("_dec" if method == "dec" else ""),
+                model_kwargs={**cfg["model_kwargs"], **(dict(_DEC_FIXED, **cfg["dec_kwargs"]) if method == "dec"
+                                                          else {})},
+                canon_warps=cfg["canon_warps"] if method == "canon" else None)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(path), metadata={"timm_dec_segment": json.dumps(meta, default=list)})
+    return str(path)
+
+
+def _dec_model(start: DigitSegmenter, cfg: dict[str, Any]) -> DigitSegmenter:
+    """The start with its backbone replaced by the ``*_dec`` twin (the start's weights, the DEC at the identity)."""
+    twin = timm.create_model(cfg["model"] + "_dec", **cfg["model_kwargs"], **_DEC_FIXED, **cfg["dec_kwargs"])
+    load_dec_state_dict(twin, start.backbone.state_dict(), source="the shared start")
+    model = copy.deepcopy(start)
+    model.backbone = twin
+    return model
+
+
+def _train_methods(start: DigitSegmenter, train_set: SegDigits, cfg: dict[str, Any], methods: Sequence[str],
+                   log: Callable[[str], None]) -> tuple[dict[str, DigitSegmenter], dict[str, Any]]:
+    """Every method from the shared start, in the order that lets Aug+time read the DEC's wall time."""
+    models, runs = {}, {}
+    steps, lr, seed = cfg["finetune_steps"], cfg["finetune_lr"], cfg["seed"] + 1
+    for method in [m for m in ("base", "aug", "augl", "canon", "dec", "aug_time") if m in methods]:
+        if method == "dec":
+            model = _dec_model(start, cfg)
+            warm = train(model, train_set, cfg["dec_warmup_steps"], lr, cfg, augment=True, only_dec=True, seed=seed)
+            joint = train(model, train_set, steps, lr, cfg, augment=True, seed=seed)
+            runs[method] = dict(steps=joint["steps"], dec_only_steps=warm["steps"], loss=joint["loss"],
+                                seconds=warm["seconds"] + joint["seconds"])
+        elif method == "aug_time":
+            model = copy.deepcopy(start)
+            per_step = runs["aug"]["seconds"] / max(1, runs["aug"]["steps"])
+            budget = runs["dec"]["seconds"] if "dec" in runs else runs["aug"]["seconds"]
+            runs[method] = train(model, train_set, max(steps, round(budget / per_step)), lr, cfg, augment=True,
+                                 seed=seed)
+        else:
+            model = copy.deepcopy(start)
+            if method == "canon":
+                model.canon = InputCanonicalizer(nn.Identity(), num_warps=cfg["canon_warps"], in_chans=1,
+                                                 energy_size=16, energy_widths=(8, 16), seed=cfg["seed"])
+            runs[method] = train(model, train_set, steps, lr, cfg, augment=method != "base",
+                                 augl=cfg["augl_weight"] if method == "augl" else 0.0, seed=seed)
+        models[method] = model
+        log(f"  {LABELS[method]:<9} {runs[method]['steps']:>4} steps  {runs[method]['seconds']:6.1f} s  "
+            f"loss {runs[method]['loss']:.3f}")
+    return models, runs
+
+
+def _tables(results: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The printed tables and the paired comparisons with Aug."""
+    lines = [f"Segmentation under local scaling ({len(next(iter(results.values()))['_per_image'])} test images; "
+             f"EquE over one random monotone scaling per image, strength {cfg['equ_strength']})",
+             f"{'Method':<10}{'mIoU':>7}{'mIoU px':>9}{'IoU dig':>9}{'IoU bg':>8}{'EquE 1e-3':>11}{'EquE hard %':>13}"]
+    for m, r in results.items():
+        lines.append(f"{LABELS[m]:<10}{r['miou']:7.2f}{r['miou_pixels']:9.2f}{r['iou_digits']:9.2f}"
+                     f"{r['iou_background']:8.2f}{1e3 * r['eque_soft']:11.3f}{r['eque_hard']:13.3f}")
+    lines += ["", "mIoU (%) per per-digit scale (every digit at that scale)",
+              f"{'Method':<10}" + "".join(f"{s:>8}" for s in cfg["scales"])]
+    for m, r in results.items():
+        lines.append(f"{LABELS[m]:<10}" + "".join(f"{v:8.2f}" for v in r["per_scale"].values()))
+    paired: dict[str, Any] = {}
+    if "aug" in results:
+        lines += ["", "Against Aug on the same test images (95% paired bootstrap intervals)",
+                  f"{'Method':<10}{'dmIoU':>8}{'interval':>20}{'dEquE 1e-3':>12}{'interval':>20}{'EquE/Aug':>10}"
+                  f"{'dhard %':>9}{'interval':>18}"]
+        aug = results["aug"]
+        for m, r in results.items():
+            if m == "aug":
+                continue
+            d = paired_bootstrap(r["_per_image"], aug["_per_image"], seed=cfg["seed"])
+            e = paired_bootstrap(1e3 * r["_soft"], 1e3 * aug["_soft"], seed=cfg["seed"])
+            h = paired_bootstrap(100 * r["_hard"], 100 * aug["_hard"], seed=cfg["seed"])
+            ratio = r["eque_soft"] / max(aug["eque_soft"], 1e-12)
+            paired[m] = dict(miou=d, eque_soft_1e3=e, eque_hard_pct=h, eque_ratio=ratio,
+                             eque_hard_ratio=r["eque_hard"] / max(aug["eque_hard"], 1e-12))
+            lines.append(f"{LABELS[m]:<10}{d['diff']:+8.2f}  [{d['low']:+7.2f}, {d['high']:+7.2f}]{e['diff']:+12.3f}"
+                         f"  [{e['low']:+7.3f}, {e['high']:+7.3f}]{ratio:10.3f}{h['diff']:+9.3f}"
+                         f"  [{h['low']:+6.3f}, {h['high']:+6.3f}]")
+    return "\n".join(lines), paired
+
+
+def _figure(models: dict[str, DigitSegmenter], test: SegDigits, cfg: dict[str, Any], path: Path) -> Optional[str]:
+    """Predicted masks of a few test scenes, each at a small, its own and a large per-digit scale."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    scales = (cfg["scales"][0], None, cfg["scales"][-1])
+    rows = [(i, s) for i in range(min(cfg["figure_images"], len(test.images))) for s in scales]
+    cols = ["image", "truth"] + [LABELS[m] for m in models]
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.3 * len(cols), 1.3 * len(rows)), squeeze=False)
+    for r, (i, s) in enumerate(rows):
+        image, mask = test.render(i, None if s is None else (s,) * cfg["num_digits"])
+        with torch.no_grad():
+            preds = [m.eval()(image[None])[0].argmax(0) for m in models.values()]
+        panels = [(image[0], "gray", None)] + [(p, "tab20", NUM_CLASSES - 1) for p in [mask] + preds]
+        for c, (panel, cmap, vmax) in enumerate(panels):
+            axes[r, c].imshow(panel, cmap=cmap, vmin=0 if vmax else None, vmax=vmax, interpolation="nearest")
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(cols[c], fontsize=8)
+        axes[r, 0].set_ylabel("own" if s is None else f"s={s}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``timm-dec segment`` options; those left out come from ``--preset``."""
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                        help="default: the CPU-sized comparison; smoke: seconds, checks the pipeline only")
+    parser.add_argument("--out", default="segment_out", help="output folder (default segment_out/)")
+    parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
+                        default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (aug always runs)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the data, start and training (default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
+    for key in ("start_steps", "finetune_steps", "dec_warmup_steps", "train_samples", "test_samples"):
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: the preset's")
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The preset with the options given on the command line; `ValueError` for a bad one."""
+    cfg = copy.deepcopy(PRESETS[args.preset])
+    for key in ("seed", "start_steps", "finetune_steps", "dec_warmup_steps", "train_samples", "test_samples"):
+        value = getattr(args, key, None)
+        if value is not None:
+            if value < (0 if key.endswith("steps") or key == "seed" else 2):
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 0 (samples >= 2), got {value}")
+            cfg[key] = value
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    cfg["methods"] = [m for m in METHODS if m in set(args.methods) | {"aug"}]
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the methods, evaluate them, print the tables and write ``--out``."""
+    cfg = resolve_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out, t0 = Path(args.out), time.perf_counter()
+    print(f"timm-dec segment: preset {args.preset}, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads")
+    torch.manual_seed(cfg["seed"])
+    train_set = SegDigits("train", cfg["train_samples"], cfg)
+    test_set = SegDigits("test", cfg["test_samples"], cfg)
+    patch = cfg["model_kwargs"]["patch_size"]
+    start = DigitSegmenter(timm.create_model(cfg["model"], **cfg["model_kwargs"]), patch)
+    start_run = train(start, train_set, cfg["start_steps"], cfg["lr"], cfg, augment=False, seed=cfg["seed"])
+    print(f"  start     {start_run['steps']:>4} steps  {start_run['seconds']:6.1f} s  loss {start_run['loss']:.3f}")
+    models, runs = _train_methods(start, train_set, cfg, cfg["methods"], print)
+    results = {m: evaluate(model, test_set, cfg) for m, model in models.items()}
+    text, paired = _tables(results, cfg)
+    print(text)
+    if args.preset == "smoke":
+        print("(smoke preset: the pipeline only; these numbers mean nothing)")
+    checkpoints = {m: _checkpoint(model, out / "checkpoints" / f"{m}.safetensors", cfg, m)
+                   for m, model in models.items()}
+    figure = _figure(models, test_set, cfg, out / "masks.png")
+    wall = time.perf_counter() - t0
+    summary = dict(config=cfg, start=start_run, runs=runs, checkpoints=checkpoints, figure=figure, paired=paired,
+                   results={m: {k: v for k, v in r.items() if not k.startswith("_")} for m, r in results.items()},
+                   wall_seconds=wall, threads=torch.get_num_threads())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
+    (out / "tables.txt").write_text(text + "\n")
+    print(f"wall time {wall / 60:.1f} min; wrote {out / 'summary.json'}")
+    return 0
