@@ -96,7 +96,7 @@ class TestInputCanonicalizer:
 
     def test_picks_lowest_energy(self):
         torch.manual_seed(0)
-        canon = InputCanonicalizer(tiny_vit(), num_warps=12, strength=0.8, energy_size=16).eval()
+        canon = InputCanonicalizer(tiny_vit(), num_warps=12, strength=0.8, energy_size=16, identity_margin=0.0).eval()
         canon.energy = LeftMass()
         x = torch.rand(3, 3, 16, 16)
         x[0, :, :, 8:] += 1.0  # mass on the right: the winner must pull the right half leftwards
@@ -110,7 +110,7 @@ class TestInputCanonicalizer:
 
     def test_energy_downsampling_and_batch_independence(self):
         torch.manual_seed(0)
-        canon = InputCanonicalizer(tiny_vit(), num_warps=6, energy_size=8)
+        canon = InputCanonicalizer(tiny_vit(), num_warps=6, energy_size=8, identity_margin=0.0)
         nn.init.normal_(canon.energy.head.weight)
         x = torch.rand(4, 3, 16, 16)
         energy = canon.energies(x)
@@ -134,7 +134,7 @@ class TestInputCanonicalizer:
 
     def test_straight_through_matches_softmax_mixture(self):
         torch.manual_seed(1)
-        canon = InputCanonicalizer(nn.Identity(), num_warps=5, energy_size=16, temperature=0.5)
+        canon = InputCanonicalizer(nn.Identity(), num_warps=5, energy_size=16, temperature=0.5, identity_margin=0.0)
         for p in canon.energy.parameters():
             nn.init.normal_(p, std=0.3)
         x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
@@ -159,7 +159,7 @@ class TestInputCanonicalizer:
     def test_straight_through_at_the_scoring_resolution(self):
         # 16 px inputs scored at 8 px: the backward is that of the mixture of the 8 px candidates, upsampled.
         torch.manual_seed(2)
-        canon = InputCanonicalizer(nn.Identity(), num_warps=4, energy_size=8).double()
+        canon = InputCanonicalizer(nn.Identity(), num_warps=4, energy_size=8, identity_margin=0.0).double()
         for p in canon.energy.parameters():
             nn.init.normal_(p, std=0.3)
         x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
@@ -200,17 +200,17 @@ class TestInputCanonicalizer:
     def test_checkpoint_without_prior_loads_with_zero_prior(self):
         canon = InputCanonicalizer(tiny_vit(), num_warps=4, identity_margin=2.0)
         state = {k: v for k, v in canon.state_dict().items() if k != "energy_prior"}
-        fresh = InputCanonicalizer(tiny_vit(), num_warps=4, identity_margin=2.0)
+        fresh = InputCanonicalizer(tiny_vit(), num_warps=4)
         fresh.load_state_dict(state, strict=True)
         assert torch.equal(fresh.energy_prior, torch.zeros(4)) and fresh.identity_margin == 0.0
         # A checkpoint with a prior restores it whatever the constructor's margin.
-        other = InputCanonicalizer(tiny_vit(), num_warps=4)
+        other = InputCanonicalizer(tiny_vit(), num_warps=4, identity_margin=0.0)
         other.load_state_dict(canon.state_dict(), strict=True)
         assert other.identity_margin == 2.0
 
     def test_energy_loss_scores_identity_current_choice_and_distinct_others(self):
         torch.manual_seed(0)
-        canon = InputCanonicalizer(nn.Identity(), num_warps=32, strength=0.5, energy_size=16)
+        canon = InputCanonicalizer(nn.Identity(), num_warps=32, strength=0.5, energy_size=16, identity_margin=0.0)
         for p in canon.energy.parameters():
             nn.init.normal_(p, std=0.3)
         x = torch.rand(6, 3, 16, 16)

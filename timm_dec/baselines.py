@@ -161,6 +161,10 @@ class InputCanonicalizer(nn.Module):
     taken at the scoring resolution, so the input is not warped K times at full size). Samples are
     independent of each other. The wrapped model keeps its own state-dict keys under ``model.``.
 
+    Every warp but the identity pays ``identity_margin`` of energy, and a training loop should add `energy_loss`
+    (the classifier's ranking of candidates) to its loss: trained by the straight-through gradient alone, the energy
+    chooses warps at random with respect to the classifier (README, "Canon: how its energy starts and learns").
+
     Example:
         >>> import timm
         >>> canon = InputCanonicalizer(timm.create_model("resnet18", num_classes=10), num_warps=8)
@@ -179,7 +183,7 @@ class InputCanonicalizer(nn.Module):
             energy_size: int = 32,
             energy_widths: Sequence[int] = (32, 64),
             temperature: float = 1.0,
-            identity_margin: float = 0.0,
+            identity_margin: float = 1.0,
     ) -> None:
         """Args:
             model: any module mapping (B, C, H, W) images to outputs, e.g. a timm classifier.
@@ -192,7 +196,7 @@ class InputCanonicalizer(nn.Module):
             energy_widths: channels of the energy net's two 3x3 convolutions.
             temperature: of the softmax in the straight-through backward; > 0.
             identity_margin: energy added to every warp but the identity (the ``energy_prior`` buffer, saved with
-                the weights); >= 0. With a margin, ties and near-ties go to the identity.
+                the weights); >= 0. With a margin, ties and near-ties go to the identity; 0 is the paper's Canon.
         """
         super().__init__()
         if not isinstance(model, nn.Module):
