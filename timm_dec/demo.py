@@ -225,6 +225,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
                 "stretch_images"):
         if cfg[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    if cfg["canon_candidates"] < 2 or cfg["canon_margin"] < 0 or cfg["canon_rank_weight"] < 0:
+        raise ValueError("--canon-candidates must be >= 2, --canon-margin and --canon-rank-weight >= 0")
     if not 0 <= cfg["warmup_frac"] < 1:
         raise ValueError(f"--warmup-frac must be in [0, 1), got {cfg['warmup_frac']}")
     if cfg["plain_steps"] + cfg["aug_steps"] + cfg["finetune_steps"] == 0:
