@@ -96,7 +96,7 @@ class TestInputCanonicalizer:
 
     def test_picks_lowest_energy(self):
         torch.manual_seed(0)
-        canon = InputCanonicalizer(tiny_vit(), num_warps=12, strength=0.8, energy_size=16).eval()
+        canon = InputCanonicalizer(tiny_vit(), num_warps=12, strength=0.8, energy_size=16, identity_margin=0.0).eval()
         canon.energy = LeftMass()
         x = torch.rand(3, 3, 16, 16)
         x[0, :, :, 8:] += 1.0  # mass on the right: the winner must pull the right half leftwards
@@ -110,7 +110,7 @@ class TestInputCanonicalizer:
 
     def test_energy_downsampling_and_batch_independence(self):
         torch.manual_seed(0)
-        canon = InputCanonicalizer(tiny_vit(), num_warps=6, energy_size=8)
+        canon = InputCanonicalizer(tiny_vit(), num_warps=6, energy_size=8, identity_margin=0.0)
         nn.init.normal_(canon.energy.head.weight)
         x = torch.rand(4, 3, 16, 16)
         energy = canon.energies(x)
@@ -134,7 +134,7 @@ class TestInputCanonicalizer:
 
     def test_straight_through_matches_softmax_mixture(self):
         torch.manual_seed(1)
-        canon = InputCanonicalizer(nn.Identity(), num_warps=5, energy_size=16, temperature=0.5)
+        canon = InputCanonicalizer(nn.Identity(), num_warps=5, energy_size=16, temperature=0.5, identity_margin=0.0)
         for p in canon.energy.parameters():
             nn.init.normal_(p, std=0.3)
         x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
@@ -159,7 +159,7 @@ class TestInputCanonicalizer:
     def test_straight_through_at_the_scoring_resolution(self):
         # 16 px inputs scored at 8 px: the backward is that of the mixture of the 8 px candidates, upsampled.
         torch.manual_seed(2)
-        canon = InputCanonicalizer(nn.Identity(), num_warps=4, energy_size=8).double()
+        canon = InputCanonicalizer(nn.Identity(), num_warps=4, energy_size=8, identity_margin=0.0).double()
         for p in canon.energy.parameters():
             nn.init.normal_(p, std=0.3)
         x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
@@ -176,6 +176,101 @@ class TestInputCanonicalizer:
         ref = torch.autograd.grad((mixture * upstream).sum(), list(canon.energy.parameters()))
         for g, r in zip(grads, ref):
             torch.testing.assert_close(g, r)
+
+    def test_identity_prior_keeps_the_identity_under_small_energy_differences(self):
+        # A perturbed energy net whose energies differ by less than the margin: every sample keeps the identity, so
+        # Canon is the wrapped model. Without the margin the same net leaves the identity for most samples.
+        torch.manual_seed(0)
+        model = tiny_vit().eval()
+        canon = InputCanonicalizer(model, num_warps=16, strength=0.5, energy_size=16, identity_margin=1.0).eval()
+        for p in canon.energy.parameters():
+            nn.init.normal_(p, std=0.1)
+        x = torch.rand(8, 3, 16, 16)
+        raw = canon.energy(canon._scored(x)[1].flatten(0, 1)).reshape(8, 16)
+        assert 0 < (raw - raw[:, :1]).abs().max() < 1.0
+        # The prior is the identity's advantage in the energies, and is saved with the weights.
+        torch.testing.assert_close(canon.energies(x), raw + 1.0 - torch.eye(16)[0])
+        assert canon.identity_margin == 1.0 and "energy_prior" in canon.state_dict()
+        x_canon, index = canon.canonicalize(x)
+        assert torch.equal(index, torch.zeros(8, dtype=torch.long))
+        torch.testing.assert_close(canon(x), model(x), rtol=0, atol=1e-5)
+        canon.energy_prior.zero_()
+        assert (canon.canonicalize(x)[1] != 0).sum() >= 4
+
+    def test_checkpoint_without_prior_loads_with_zero_prior(self):
+        canon = InputCanonicalizer(tiny_vit(), num_warps=4, identity_margin=2.0)
+        state = {k: v for k, v in canon.state_dict().items() if k != "energy_prior"}
+        fresh = InputCanonicalizer(tiny_vit(), num_warps=4)
+        fresh.load_state_dict(state, strict=True)
+        assert torch.equal(fresh.energy_prior, torch.zeros(4)) and fresh.identity_margin == 0.0
+        # A checkpoint with a prior restores it whatever the constructor's margin.
+        other = InputCanonicalizer(tiny_vit(), num_warps=4, identity_margin=0.0)
+        other.load_state_dict(canon.state_dict(), strict=True)
+        assert other.identity_margin == 2.0
+
+    def test_energy_loss_scores_identity_current_choice_and_distinct_others(self):
+        torch.manual_seed(0)
+        canon = InputCanonicalizer(nn.Identity(), num_warps=32, strength=0.5, energy_size=16, identity_margin=0.0)
+        for p in canon.energy.parameters():
+            nn.init.normal_(p, std=0.3)
+        x = torch.rand(6, 3, 16, 16)
+        current = canon.energies(x).argmin(dim=1)
+        assert (current != 0).all()  # else the current choice would be the identity, scored anyway
+        seen: list[torch.Tensor] = []
+
+        def classifier(c: torch.Tensor) -> torch.Tensor:
+            seen.append(c)
+            return torch.zeros(c.shape[0], 2)
+
+        loss = canon.energy_loss(x, torch.zeros(6, dtype=torch.long), classifier, num_candidates=3)
+        cands = seen[0].reshape(6, 3, 3, 16, 16)
+        every = torch.stack([monotone_warp(x, canon.warps[k].expand(6, -1, -1, -1)) for k in range(32)], dim=1)
+        for b in range(6):
+            hit = [int((every[b] - cands[b, j]).flatten(1).abs().amax(1).argmin()) for j in range(3)]
+            assert hit[:2] == [0, current[b].item()] and len(set(hit)) == 3
+        # Equal classifier losses: the target is uniform over the 3 scored warps.
+        energy = canon.energies(x)
+        index = torch.tensor([[0, current[b].item(), hit] for b, hit in enumerate(
+            int((every[b] - cands[b, 2]).flatten(1).abs().amax(1).argmin()) for b in range(6))])
+        ref = -torch.log_softmax(-energy.gather(1, index), dim=1).mean(dim=1).mean()
+        torch.testing.assert_close(loss, ref)
+
+    def test_energy_loss_trains_the_energy_to_pick_the_warp_the_classifier_reads_best(self):
+        # A "classifier" that reads one warp best: its loss grows with the distance to warp 5 of a fixed image, and
+        # the inputs are noisy copies of that image. Trained with energy_loss alone, the energy, which starts at the
+        # identity, must learn to pick warp 5 for unseen copies; the backbone gets no gradient.
+        torch.manual_seed(0)
+        base = nn.functional.interpolate(torch.rand(1, 1, 4, 4), size=(16, 16), mode="bilinear", align_corners=True)
+        base = base.expand(1, 3, -1, -1)
+        head = nn.Linear(2, 2)
+        canon = InputCanonicalizer(head, num_warps=8, strength=0.8, energy_size=16, identity_margin=0.5)
+        goal = monotone_warp(base, canon.warps[5:6])
+
+        def classifier(c: torch.Tensor) -> torch.Tensor:
+            dist = (c - goal).pow(2).mean(dim=(1, 2, 3))
+            return torch.stack([-200 * dist, torch.zeros_like(dist)], dim=1)
+
+        def batch(n: int) -> torch.Tensor:
+            return base + 0.02 * torch.randn(n, 3, 16, 16)
+
+        assert torch.equal(canon.canonicalize(batch(16))[1], torch.zeros(16, dtype=torch.long))
+        optimizer = torch.optim.Adam(canon.energy.parameters(), lr=1e-2)
+        for _ in range(150):
+            loss = canon.energy_loss(batch(16), torch.zeros(16, dtype=torch.long), classifier, num_candidates=3)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        assert all(p.grad is None for p in head.parameters())
+        with torch.no_grad():
+            index = canon.canonicalize(batch(32))[1]
+        assert (index == 5).float().mean() >= 0.9, index.tolist()
+
+    def test_energy_loss_bad_input(self):
+        canon = InputCanonicalizer(tiny_vit(), num_warps=4, energy_size=8)
+        with pytest.raises(ValueError, match="num_candidates"):
+            canon.energy_loss(torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long), num_candidates=1)
+        with pytest.raises(ValueError, match="identity_margin"):
+            InputCanonicalizer(tiny_vit(), identity_margin=-1.0)
 
     def test_no_graph_in_eval(self):
         canon = InputCanonicalizer(tiny_vit(), num_warps=4, energy_size=8).eval()

@@ -8,11 +8,14 @@
   of monotone warps (64 by default, the identity first) with a 3-layer energy CNN, applies the lowest-energy warp
   per sample, S^{-1}(I; Phi*), and runs the model on the result. The hard choice passes gradients to the energy net
   with a straight-through estimator: forward is the argmin, backward is that of the softmax-weighted mixture of all
-  (scored) candidates with weights softmax(-energy / temperature).
+  (scored) candidates with weights softmax(-energy / temperature). Two additions make the choice mean something
+  (measured in the README): an identity prior (every non-identity warp pays ``identity_margin``, so Canon starts
+  as the wrapped model and leaves the identity only where its energy says so by more than the margin), and
+  `InputCanonicalizer.energy_loss`, which teaches the energy to rank candidates as the classifier reads them.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -158,6 +161,10 @@ class InputCanonicalizer(nn.Module):
     taken at the scoring resolution, so the input is not warped K times at full size). Samples are
     independent of each other. The wrapped model keeps its own state-dict keys under ``model.``.
 
+    Every warp but the identity pays ``identity_margin`` of energy, and a training loop should add `energy_loss`
+    (the classifier's ranking of candidates) to its loss: trained by the straight-through gradient alone, the energy
+    chooses warps at random with respect to the classifier (README, "Canon: how its energy starts and learns").
+
     Example:
         >>> import timm
         >>> canon = InputCanonicalizer(timm.create_model("resnet18", num_classes=10), num_warps=8)
@@ -176,6 +183,7 @@ class InputCanonicalizer(nn.Module):
             energy_size: int = 32,
             energy_widths: Sequence[int] = (32, 64),
             temperature: float = 1.0,
+            identity_margin: float = 1.0,
     ) -> None:
         """Args:
             model: any module mapping (B, C, H, W) images to outputs, e.g. a timm classifier.
@@ -187,6 +195,8 @@ class InputCanonicalizer(nn.Module):
             energy_size: candidates are area-downsampled so that their longer side is at most this before scoring.
             energy_widths: channels of the energy net's two 3x3 convolutions.
             temperature: of the softmax in the straight-through backward; > 0.
+            identity_margin: energy added to every warp but the identity (the ``energy_prior`` buffer, saved with
+                the weights); >= 0. With a margin, ties and near-ties go to the identity; 0 is the paper's Canon.
         """
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -195,9 +205,14 @@ class InputCanonicalizer(nn.Module):
             raise ValueError(f"energy_size must be >= 4, got {energy_size}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not identity_margin >= 0:
+            raise ValueError(f"identity_margin must be >= 0, got {identity_margin}")
         self.model = model
         self.energy = EnergyNet(in_chans, energy_widths)
         self.register_buffer("warps", warp_bank(num_warps, grid, strength, seed), persistent=True)
+        prior = torch.full((num_warps,), float(identity_margin))
+        prior[0] = 0.0
+        self.register_buffer("energy_prior", prior, persistent=True)
         self.in_chans = in_chans
         self.energy_size = energy_size
         self.temperature = float(temperature)
@@ -224,6 +239,18 @@ class InputCanonicalizer(nn.Module):
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         self.model.reset_classifier(num_classes, *args, **kwargs)
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints from before the identity prior had none: a zero prior is exactly what they were trained with.
+        key = prefix + "energy_prior"
+        if key not in state_dict and any(k.startswith(prefix + "energy.") for k in state_dict):
+            state_dict[key] = torch.zeros_like(self.energy_prior)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def identity_margin(self) -> float:
+        """The energy every non-identity warp pays (from the ``energy_prior`` buffer)."""
+        return float(self.energy_prior[1:].min()) if self.num_warps > 1 else 0.0
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"x must be a floating point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
@@ -238,7 +265,8 @@ class InputCanonicalizer(nn.Module):
         return out.reshape(batch, k, *x.shape[1:])
 
     def _scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K) energies and the (B, K, C, h, w) candidates they score, at the scoring resolution."""
+        """(B, K) energies (the identity prior included) and the (B, K, C, h, w) candidates they score, at the
+        scoring resolution."""
         self._check_input(x)
         height, width = x.shape[-2:]
         if max(height, width) > self.energy_size:
@@ -246,7 +274,8 @@ class InputCanonicalizer(nn.Module):
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
             x = F.interpolate(x, size=size, mode="area")
         cands = self._candidates(x)
-        return self.energy(cands.flatten(0, 1)).reshape(cands.shape[:2]), cands
+        energy = self.energy(cands.flatten(0, 1)).reshape(cands.shape[:2])
+        return energy + self.energy_prior.to(energy), cands
 
     def energies(self, x: torch.Tensor) -> torch.Tensor:
         """Energy of every canonicalised candidate.
@@ -255,7 +284,7 @@ class InputCanonicalizer(nn.Module):
             x: (B, C, H, W) images.
 
         Returns:
-            (B, K) energies; a sample's row does not depend on the other samples.
+            (B, K) energies, the identity prior included; a sample's row does not depend on the other samples.
         """
         return self._scored(x)[0]
 
@@ -283,6 +312,58 @@ class InputCanonicalizer(nn.Module):
             out = out + mix.to(out.dtype)
         return out, index
 
+    def energy_loss(
+            self,
+            x: torch.Tensor,
+            target: torch.Tensor,
+            classifier: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+            num_candidates: int = 4,
+            loss_temperature: float = 0.1,
+    ) -> torch.Tensor:
+        """Teach the energy which candidates the classifier reads best (a listwise ranking loss).
+
+        For each sample, ``num_candidates`` warps are scored: the identity, the current lowest-energy warp, and
+        random others. The classifier's cross-entropy on each (no gradient to the classifier) gives the target
+        distribution softmax(-CE / loss_temperature) over them; the loss is the cross-entropy from that target to
+        softmax(-E) over the same warps (E with the identity prior). Its minimum orders the energies as the
+        classifier's losses, so the argmin moves to the warp the classifier reads best, and leaves the identity
+        only where another warp is clearly better. Samples are independent; the random warps come from torch's
+        global RNG.
+
+        Args:
+            x: (B, C, H, W) images, as ``forward`` takes them.
+            target: (B,) class indices of the classifier's output.
+            classifier: maps (N, C, H, W) images to (N, num_classes) logits or log-probabilities; default the wrapped
+                model.
+            num_candidates: M warps scored per sample, including the identity and the current choice; >= 2.
+            loss_temperature: of the target softmax over the classifier's losses (nats); > 0.
+
+        Returns:
+            () the mean over samples of the ranking loss; its gradient reaches the energy net only.
+        """
+        if num_candidates < 2:
+            raise ValueError(f"num_candidates must be >= 2, got {num_candidates}")
+        if not loss_temperature > 0:
+            raise ValueError(f"loss_temperature must be > 0, got {loss_temperature}")
+        classifier = self.model if classifier is None else classifier
+        batch, k = x.shape[0], self.num_warps
+        m = min(num_candidates, k)
+        energy = self.energies(x)  # (B, K)
+        current = energy.detach().argmin(dim=1)
+        # (B, M) distinct warps: the identity, the current choice (if not the identity), then uniform random others
+        keys = torch.rand(batch, k, device=x.device)
+        keys[:, 0] = -2.0
+        keys.scatter_(1, current[:, None], -1.0)
+        index = keys.argsort(dim=1)[:, :m]
+        with torch.no_grad():
+            warps = self.warps.to(x.device)[index.flatten()]
+            cands = monotone_warp(x.repeat_interleave(m, dim=0), warps, check=False)
+            out = classifier(cands)
+            ce = F.cross_entropy(out.float(), target.repeat_interleave(m), reduction="none").reshape(batch, m)
+            goal = torch.softmax(-ce / loss_temperature, dim=1)
+        chosen = energy.gather(1, index)
+        return -(goal * torch.log_softmax(-chosen, dim=1)).sum(dim=1).mean()
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The wrapped model's ``forward_features`` on the canonicalised input."""
         return self.model.forward_features(self.canonicalize(x)[0])
@@ -301,4 +382,5 @@ class InputCanonicalizer(nn.Module):
         return self.model(self.canonicalize(x)[0])
 
     def extra_repr(self) -> str:
-        return f"num_warps={self.num_warps}, energy_size={self.energy_size}, temperature={self.temperature}"
+        return (f"num_warps={self.num_warps}, energy_size={self.energy_size}, temperature={self.temperature}, "
+                f"identity_margin={self.identity_margin:g}")

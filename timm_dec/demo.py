@@ -8,7 +8,8 @@ the model has 10 outputs per digit position and is scored on the whole number (`
 The order of training is the paper's: a shared start (a plain stage, then an Aug stage from it: "Aug also serves as
 the starting weights for DEC and the other baselines"), then every method gets ``finetune_steps`` more steps from it:
 **Base** continues the plain model without augmentation; **Aug** keeps training with `RandomMonotoneScale`; **InvL**
-is Aug plus the eq. 25 loss; **Canon** is Aug with the model inside `InputCanonicalizer`; **DEC** is Aug with the
+is Aug plus the eq. 25 loss; **Canon** is Aug with the model inside `InputCanonicalizer` (an identity prior; the
+energy also learns, by ``energy_loss``, which warps the classifier reads best); **DEC** is Aug with the
 ``<model>_dec`` twin (the Aug weights, DEC at identity), which first trains its DEC alone for ``dec_warmup_steps``
 (backbone frozen, as the authors do) and then trains everything with the DEC at ``dec_lr_mult`` times the backbone's
 learning rate. Every method ends with the same number of backbone steps; all are evaluated on the same test images.
@@ -75,8 +76,9 @@ START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "can
 # implicit gradients (README, "Defaults": the residual update's DEC-only phase blew the loss up, at the input and on
 # the token map). Classification runs in the invariant mode: the head reads the canonical image's features.
 _COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, invl_weight=1.0, canon_warps=64,
-               dec_grid=4, dec_mode="invariant", dec_update="absolute", dec_backward="implicit", dec_tol=1e-3,
-               dec_image_widths=(8, 16), dec_image_size=64, equal_time=True)
+               canon_margin=1.0, canon_rank_weight=1.0, canon_candidates=4, dec_grid=4, dec_mode="invariant",
+               dec_update="absolute", dec_backward="implicit", dec_tol=1e-3, dec_image_widths=(8, 16),
+               dec_image_size=64, equal_time=True)
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
@@ -179,6 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("finetune-steps", "steps of every method from the shared start"),
                        ("dec-warmup-steps", "DEC-only steps before the DEC's joint steps"),
                        ("batch-size", None), ("canon-warps", None), ("canon-energy-size", None),
+                       ("canon-candidates", "Canon: warps per image the classifier scores for the energy's ranking"),
                        ("dec-grid", None), ("dec-max-iter", None)):
         g.add_argument(f"--{name}", type=int, default=None, help=text)
     for name, text in (("lr", "plain-stage peak learning rate (paper preset: A1's per model)"),
@@ -186,7 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("dec-lr-mult", "the DEC's (and Canon's energy net's) learning rate over the backbone's"),
                        ("weight-decay", None), ("warmup-frac", "linear warm-up, as a fraction of each stage"),
                        ("aug-strength", "RandomMonotoneScale strength for Aug, InvL, Canon's bank and DEC"),
-                       ("aug-p", "RandomMonotoneScale probability"), ("invl-weight", "weight of the eq. 25 loss")):
+                       ("aug-p", "RandomMonotoneScale probability"), ("invl-weight", "weight of the eq. 25 loss"),
+                       ("canon-margin", "Canon: energy every non-identity warp pays (identity prior)"),
+                       ("canon-rank-weight", "Canon: weight of the energy's ranking loss (0: straight-through only)")):
         g.add_argument(f"--{name}", type=float, default=None, help=text)
     g.add_argument("--canon-energy-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"))
     g.add_argument("--dec-blocks", type=_positions, default=None,
@@ -235,6 +240,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
                 "stretch_images"):
         if cfg[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    if cfg["canon_candidates"] < 2 or cfg["canon_margin"] < 0 or cfg["canon_rank_weight"] < 0:
+        raise ValueError("--canon-candidates must be >= 2, --canon-margin and --canon-rank-weight >= 0")
     if not 0 <= cfg["warmup_frac"] < 1:
         raise ValueError(f"--warmup-frac must be in [0, 1), got {cfg['warmup_frac']}")
     if cfg["plain_steps"] + cfg["aug_steps"] + cfg["finetune_steps"] == 0:
@@ -297,6 +304,7 @@ class Stage:
     augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     invl: Optional[nn.Module] = None
     invl_scale: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    aux_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # (normalised x, y) -> ()
     new_prefixes: Sequence[str] = ()
     new_lr_mult: float = 1.0
     only_new: bool = False
@@ -343,6 +351,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: S
         loss = F.cross_entropy(logits, y)
         if stage.invl is not None and stage.invl_scale is not None:
             loss = loss + stage.invl(logits, model(normalize(stage.invl_scale(x))))
+        if stage.aux_loss is not None:
+            loss = loss + stage.aux_loss(normalize(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(trained, 1.0)
@@ -461,7 +471,8 @@ def _methods(s: _Setup, starts: dict[str, dict[str, torch.Tensor]]) -> dict[str,
             torch.manual_seed(seed)
             model = InputCanonicalizer(
                 model, num_warps=cfg["canon_warps"], strength=cfg["aug_strength"], in_chans=s.channels,
-                energy_size=cfg["canon_energy_size"], energy_widths=tuple(cfg["canon_energy_widths"]), seed=seed)
+                energy_size=cfg["canon_energy_size"], energy_widths=tuple(cfg["canon_energy_widths"]), seed=seed,
+                identity_margin=cfg["canon_margin"])
         models[method] = model
     return models
 
@@ -477,13 +488,18 @@ def _train_methods(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor
         return monotone_warp(x, knots, inverse=True, check=False)
 
     n, lr, mult = cfg["finetune_steps"], cfg["finetune_lr"], cfg["dec_lr_mult"]
+
+    def canon_rank(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # Canon's energy learns what the model reads
+        canon = models["canon"]
+        return cfg["canon_rank_weight"] * canon.energy_loss(x, y, s.classifier(canon.model), cfg["canon_candidates"])
+
     stages = {
         "base": [Stage("Base", n, lr, seed=seed + 3)],
         "aug": [Stage("Aug", n, lr, augment=s.augment, seed=seed + 3)],
         "invl": [Stage("InvL", n, lr, augment=s.augment, invl=InvarianceLoss(cfg["invl_weight"]),
                        invl_scale=invl_scale, seed=seed + 3)],
         "canon": [Stage("Canon", n, lr, augment=s.augment, new_prefixes=("energy.",), new_lr_mult=mult,
-                        seed=seed + 3)],
+                        aux_loss=canon_rank if cfg["canon_rank_weight"] > 0 else None, seed=seed + 3)],
         "dec": [Stage("DEC warm-up", cfg["dec_warmup_steps"], lr, augment=s.augment, new_prefixes=("dec.",),
                       new_lr_mult=mult, only_new=True, seed=seed + 4),
                 Stage("DEC", n, lr, augment=s.augment, new_prefixes=("dec.",), new_lr_mult=mult, seed=seed + 3)],
