@@ -38,7 +38,7 @@ class TestDemo:
     def test_files_and_summary(self, demo_out: Path):
         for name in ("summary.json", "tables.txt", "per_scale_accuracy.png", "prob_correct.png", "warp_grids.png"):
             assert (demo_out / name).is_file() and (demo_out / name).stat().st_size > 0, name
-        for m in METHODS:
+        for m in METHODS + ("aug_time",):
             assert (demo_out / "checkpoints" / f"{m}.safetensors").is_file()
         s = json.loads((demo_out / "summary.json").read_text())
         assert {"preset", "config", "num_classes", "model_kwargs", "methods", "prob_correct", "tables", "plots",
@@ -47,21 +47,29 @@ class TestDemo:
         for key in ("num_digits", "label", "digit_size", "canvas", "scale_range", "plain_steps", "aug_steps",
                     "finetune_steps", "dec_warmup_steps", "dec_lr_mult", "seed"):
             assert key in s["config"], key
-        assert tuple(s["methods"]) == METHODS
+        assert tuple(s["methods"]) == METHODS + ("aug_time",)  # + the equal-compute control
         n_scales = len(PRESETS["smoke"]["scales"])
         for m, r in s["methods"].items():
             assert {"acc", "inv_e", "per_scale_acc", "per_scale_prob_correct", "per_bin_acc", "scales", "checkpoint",
                     "eval_command", "backbone_steps", "seconds"} <= set(r), m
             assert 0 <= r["acc"] <= 1 and r["inv_e"] >= 0 and len(r["per_scale_acc"]) == n_scales
             assert len(r["per_bin_acc"]) == len(PRESETS["smoke"]["scale_bins"])
-        # The same budget: every method took the same number of backbone steps; the DEC also its DEC-only steps.
-        steps = {r["backbone_steps"] for r in s["methods"].values()}
+        # The same budget: every method took the same number of backbone steps; the DEC also its DEC-only steps;
+        # Aug+time as many more as the DEC's extra training time bought at Aug's speed.
+        steps = {r["backbone_steps"] for m, r in s["methods"].items() if m != "aug_time"}
         assert len(steps) == 1 and steps.pop() > 0
+        timing = {m: s["methods"][m] for m in ("aug", "dec", "aug_time")}
+        extra = timing["aug_time"]["backbone_steps"] - timing["aug"]["backbone_steps"]
+        per_step = timing["aug"]["seconds"] / PRESETS["smoke"]["finetune_steps"]
+        assert extra == max(0, round((timing["dec"]["seconds"] - timing["aug"]["seconds"]) / per_step))
+        control = s["paired_vs_aug"]["dec_vs_aug_time"]
+        assert control["acc_points"] == pytest.approx(
+            100 * (s["methods"]["dec"]["acc"] - s["methods"]["aug_time"]["acc"]))
         assert s["methods"]["dec"]["dec_only_steps"] == PRESETS["smoke"]["dec_warmup_steps"]
         paired = s["paired_vs_aug"]["dec"]
         assert paired["acc_points"] == pytest.approx(100 * (s["methods"]["dec"]["acc"] - s["methods"]["aug"]["acc"]))
         assert paired["acc_low"] <= paired["acc_points"] <= paired["acc_high"]
-        assert set(s["paired_vs_aug"]) == {"base", "invl", "canon", "dec"}
+        assert set(s["paired_vs_aug"]) == {"base", "invl", "canon", "dec", "aug_time", "dec_vs_aug_time"}
         assert -1 <= s["dec_evidence"]["pearson_log_scale_log_magnification"] <= 1
         prob = np.asarray(s["prob_correct"]["dec"])
         assert prob.shape == (PRESETS["smoke"]["prob_images"], len(PRESETS["smoke"]["prob_scales"]))
@@ -163,7 +171,7 @@ class TestDemo:
         assert cli.main(argv) == 0
         s = json.loads((tmp_path / "summary.json").read_text())
         assert s["num_classes"] == 1000 and s["config"]["label"] == "number" and s["config"]["canvas"] == 224
-        assert s["config"]["num_digits"] == 3 and tuple(s["methods"]) == METHODS
+        assert s["config"]["num_digits"] == 3 and tuple(s["methods"]) == METHODS + ("aug_time",)
 
     def test_config_overrides_preset(self):
         parser = argparse.ArgumentParser()

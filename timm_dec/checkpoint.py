@@ -117,7 +117,8 @@ def check_pretrained(folder: PathLike) -> dict[str, Any]:
     keys = _safetensors_keys(folder / WEIGHTS_NAME)
     model_args = config.get("model_args") or {}
     if "dec_blocks" in model_args:
-        expected, found = sorted(int(b) for b in model_args["dec_blocks"]), dec_blocks_in(keys)
+        expected = dec_blocks_in(f"dec.{b}." for b in model_args["dec_blocks"])  # "input" first, then sorted
+        found = dec_blocks_in(keys)
         if expected != found:
             raise ValueError(
                 f"the DEC options of {config_path} (dec_blocks={expected}) do not match {folder / WEIGHTS_NAME}, "
