@@ -208,6 +208,26 @@ class TestGradients:
         assert torch.autograd.gradcheck(lambda x: dec.logits(x, layout="nchw"), (x,), atol=1e-6, rtol=1e-4,
                                         fast_mode=True)
 
+    @pytest.mark.parametrize("training", [True, False])
+    def test_image_h_implicit_matches_finite_differences(self, training):
+        """The image H (max pooling, three convolutions) in float64: the implicit gradient w.r.t. the image."""
+        torch.manual_seed(0)
+        opts = dict(grid=2, image_widths=(4, 4), tol=1e-12, max_iter=100, backward_tol=1e-12, backward_max_iter=100,
+                    logit_bound=8.0, input="image", image_size=None)
+        dec = perturbed(DEC(2, **opts).double(), std=0.3).train(training)
+        x = torch.randn(2, 2, 9, 10, dtype=torch.float64, requires_grad=True)
+        assert dec.logits(x, layout="nchw").abs().max() > 0.05
+        assert torch.autograd.gradcheck(lambda x: dec.logits(x, layout="nchw"), (x,), atol=1e-6, rtol=1e-4,
+                                        fast_mode=True)
+
+    def test_max_pool_without_grad_is_the_pooling_op(self):
+        from timm_dec.dec import _max_pool2
+
+        for shape in ((3, 4, 8, 8), (2, 5, 7, 9), (1, 2, 1, 3)):
+            x = torch.randn(shape)
+            with torch.no_grad():
+                assert torch.equal(_max_pool2(x), nn.functional.max_pool2d(x, 2, ceil_mode=True))
+
     def test_implicit_matches_unrolled_to_convergence(self):
         dec, x, weight = float64_setup()
         (dec.logits(x, layout="nchw") * weight).sum().backward()

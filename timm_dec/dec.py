@@ -346,6 +346,22 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return torch._C._nn.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
 
 
+def _max_pool2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2, ceil_mode=True)`` of (b, c, h, w); without autograd as the maximum of four strided views.
+
+    The solver's iterations run without grad: there the strided form is ~10x faster than CPU max pooling (which
+    also computes the indices its backward needs) and gives the same values; with grad the pooling op keeps its
+    cheaper backward.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.max_pool2d(x, 2, ceil_mode=True)
+    h, w = x.shape[-2:]
+    if h % 2 or w % 2:
+        x = F.pad(x, (0, w % 2, 0, h % 2), value=float("-inf"))
+    return torch.maximum(torch.maximum(x[..., ::2, ::2], x[..., 1::2, ::2]),
+                         torch.maximum(x[..., ::2, 1::2], x[..., 1::2, 1::2]))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The module
 
@@ -512,8 +528,8 @@ class DEC(nn.Module):
         warped = monotone_warp(p, self.knots(z), layout="nchw", check=False)
         h = self.act1(_conv(warped, self.conv1))
         if self.reads_image:
-            h = F.max_pool2d(h, 2, ceil_mode=True)
-            h = F.max_pool2d(self.act2(_conv(h, self.conv2)), 2, ceil_mode=True)
+            h = _max_pool2(h)
+            h = _max_pool2(self.act2(_conv(h, self.conv2)))
             h = self.act3(self.norm(_conv(h, self.conv3)))
         else:
             h = self.act2(self.norm(_conv(h, self.conv2)))
