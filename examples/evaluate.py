@@ -34,8 +34,8 @@ from timm_dec.evaluate import build_eval_model, check_class_count, parse_scales,
 from timm_dec.metrics import evaluate_scale_consistency
 from timm_dec.models import base_model_name
 
-TINY = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, global_pool="avg", dec_blocks=(0, 1),
-            dec_widths=(16, 32))
+TINY = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, global_pool="avg", dec_blocks=("input",),
+            dec_image_widths=(8, 16))
 FRESH_DIGITS, FRESH_CANVAS = 1, 32  # the fresh tiny model's data when no flag says otherwise
 
 

@@ -25,8 +25,8 @@ case "$PRESET" in
     BATCH_SIZE=${BATCH_SIZE:-32}
     ARGS=(--model vit_tiny_dec --img-size 32 --num-digits 1 --digit-size 16 --train-samples "${TRAIN_SAMPLES:-2000}"
           --test-samples "${TEST_SAMPLES:-200}"
-          --model-kwargs patch_size=8 embed_dim=64 depth=4 num_heads=4 global_pool=avg dec_blocks=0,1
-          dec_widths=16,32
+          --model-kwargs patch_size=8 embed_dim=64 depth=4 num_heads=4 global_pool=avg dec_blocks=input
+          dec_image_widths=8,16
           --epochs "${EPOCHS:-5}" --warmup-epochs 1 --lr 2e-3 --checkpoint-every 20) ;;
   digits)   # paper Sec. 5.2 setting: pretrained ViT-S/16 on locally scaled 3-digit numbers, 224 px (GPUs)
     BATCH_SIZE=${BATCH_SIZE:-32}

@@ -26,7 +26,7 @@ import timm_dec  # noqa: F401  (registers the *_dec models)
 from timm_dec.hub import hub_architecture, load_training_checkpoint, push_to_hub, save_pretrained
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, global_pool="avg", num_classes=10,
-            dec_blocks=(0, 1), dec_widths=(16, 32))
+            dec_blocks=("input",), dec_image_widths=(8, 16))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

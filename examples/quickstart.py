@@ -26,10 +26,10 @@ from timm_dec.data import LocallyScaledDigits
 from timm_dec.hub import save_pretrained
 from timm_dec.ops import apply_map
 
-# A ViT small enough to train on a CPU in a minute: 32 px digits, 8 px patches, average pooling, DEC before the
-# first two blocks with a narrow H.
-TINY = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, global_pool="avg", dec_blocks=(0, 1),
-            dec_widths=(16, 32))
+# A ViT small enough to train on a CPU in a minute: 32 px digits, 8 px patches, average pooling, a DEC on the input
+# image (the default position) with the image H's default widths.
+TINY = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, global_pool="avg", dec_blocks=("input",),
+            dec_image_widths=(8, 16))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

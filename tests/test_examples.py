@@ -174,5 +174,5 @@ def test_finetune_accelerate_script(in_tmp: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((in_tmp / "ft" / "summary.json").read_text())
     assert summary["step"] == 2 and summary["metrics"]["num_samples"] == 4
-    assert summary["model_kwargs"]["dec_blocks"] == [0, 1]
-    assert hub.load_pretrained(in_tmp / "ft" / "final").dec_cfg.options.widths == (16, 32)
+    assert summary["model_kwargs"]["dec_blocks"] == ["input"]
+    assert hub.load_pretrained(in_tmp / "ft" / "final").dec_cfg.options.image_widths == (8, 16)
