@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.models._manipulate import checkpoint
 
+from ._compat import checkpoint
 from .dec import DEC, DECConfig
 from .ops import monotone_warp
 

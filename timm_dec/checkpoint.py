@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._compat import timm_model_args
 from .adapt import DECModelMixin, dec_options
 from .models import (
     CHECKPOINT_METADATA_KEY, base_model_name, load_dec_state_dict, read_checkpoint_record, same_dec_option,
@@ -179,7 +180,7 @@ def _timm_model_inside(model: nn.Module) -> nn.Module:
     forward ``pretrained_cfg`` but is not what ``create_model`` built)."""
     for module in model.modules():
         timm_class = type(module).__module__.startswith(("timm.", "timm_dec.models"))
-        if ("_model_args" in vars(module) or timm_class) and getattr(module, "pretrained_cfg", None):
+        if (timm_model_args(module) is not None or timm_class) and getattr(module, "pretrained_cfg", None):
             return module
     raise TypeError(f"{type(model).__name__} holds no timm model (no pretrained_cfg): create it with "
                     f"timm.create_model")
@@ -189,7 +190,7 @@ def checkpoint_record(model: nn.Module, data: Optional[Mapping[str, Any]] = None
     """What `save_checkpoint` records about ``model``: architecture, ``create_model`` kwargs with every DEC option,
     the wrapper class (Canon) if any, and the data settings."""
     inner = _timm_model_inside(model)
-    args = {k: v for k, v in dict(getattr(inner, "_model_args", {}) or {}).items()
+    args = {k: v for k, v in (timm_model_args(inner) or {}).items()
             if k not in ("pretrained_model_args", "device", "dtype", "pretrained_cfg_overlay", "pretrained_cfg")}
     args.update(dec_options(inner))
     args.setdefault("num_classes", inner.num_classes)

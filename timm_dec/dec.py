@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import get_act_layer
 
+from ._compat import native_conv2d
 from .ops import identity_logits, knots_from_logits, monotone_warp
 from .ops.folds import fold_free_knots
 from .ops.layout import LAYOUTS, spatial_size
@@ -343,7 +344,7 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """
     if x.device.type != "cpu":
         return conv(x)
-    return torch._C._nn.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
+    return native_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ class DEC(nn.Module):
         if x.device.type != "cpu":
             return F.conv2d(x, self.proj.weight[:, :, None, None], self.proj.bias)
         # a per-sample GEMM (a Linear folds the batch into one GEMM whose blocking, and rounding, depend on B)
-        return torch._C._nn.thnn_conv2d(
+        return native_conv2d(
             x.contiguous(), self.proj.weight[:, :, None, None], (1, 1), self.proj.bias, (1, 1), (0, 0))
 
     def knots(self, z: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
+from ._compat import hf_split
 from .adapt import INPUT, DECModelMixin, dec_options, jsonable
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     CHECKPOINT_METADATA_KEY, CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME, TrainingCheckpoint, _read_json,
@@ -496,7 +497,6 @@ def _pretrained_folder(source: str, cache_dir: Optional[PathLike]) -> tuple[Path
         return Path(source[len("local-dir:"):] if source.startswith("local-dir:") else source), False
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-    from timm.models._hub import hf_split
 
     repo, revision = hf_split(source[len("hf-hub:"):])
     offline = constants.HF_HUB_OFFLINE or not hub_reachable()

@@ -18,8 +18,8 @@ from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from timm.models._features import FeatureGetterNet, FeatureListNet
 
+from .._compat import FeatureGetterNet, FeatureListNet
 from ..adapt import AdaptConfig, DECModelMixin
 
 __all__ = ["DECFeaturesMixin", "DECFeatureGetterNet", "DECFeatureListNet", "dec_feature_class"]

@@ -9,14 +9,13 @@ work as for the base. ``dec_*`` keywords (``dec_blocks``, ``dec_grid``, ``dec_mo
 configure the DEC modules.
 
 The base entrypoint runs in a private copy of its timm module's globals in which ``build_model_with_cfg`` records
-its arguments and stops (`_capture_base_build`): nothing is built twice and timm's modules are never modified.
+its arguments and stops (`timm_dec._compat.capture_build_arguments`): nothing is built twice and timm's modules are
+never modified.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
-import types
 from collections import deque
 from functools import partial
 from pathlib import Path
@@ -25,10 +24,9 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping,
 import safetensors
 import torch
 from torch import nn
-import timm.models
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
-from timm.models._pretrained import DefaultCfg
 
+from .._compat import DefaultCfg, capture_build_arguments
 from ..adapt import INPUT, DECModelMixin, dec_class_for, dec_options as built_dec_options, split_dec_kwargs
 from ._features import DECFeaturesMixin, dec_feature_class
 
@@ -45,60 +43,17 @@ _TIMM_FAMILY_MODULES = (
     "timm.models.beit", "timm.models.swin_transformer", "timm.models.eva", "timm.models.vision_transformer_relpos",
     "timm.models.swin_transformer_v2", "timm.models.swin_transformer_v2_cr",
 )
-_BUILDER_SIGNATURE = inspect.signature(build_model_with_cfg)
 _BASE_OF: Dict[str, str] = {}  # <name>_dec -> base name
 # the key of the safetensors metadata under which `timm_dec.checkpoint.save_checkpoint` records how to rebuild a model
 CHECKPOINT_METADATA_KEY = "timm_dec"
 
 
-class _Captured(Exception):
-    """Raised by the recording builder to stop the base entrypoint once its build arguments are known."""
-
-    def __init__(self, arguments: Dict[str, Any]) -> None:
-        super().__init__("build arguments captured")
-        self.arguments = arguments
-
-
-def _recording_builder(*args: Any, **kwargs: Any) -> nn.Module:
-    bound = _BUILDER_SIGNATURE.bind(*args, **kwargs)
-    raise _Captured(dict(bound.arguments))
-
-
-def _shadow_globals(module_name: str, shadows: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """A copy of a timm family module's globals with ``build_model_with_cfg`` recording instead of building.
-
-    Functions of the family modules found in it (the entrypoints, ``_create_*`` helpers, also when imported from
-    another family module, as the hybrid ViTs do) are re-bound to the shadow globals of their own module.
-    """
-    if module_name in shadows:
-        return shadows[module_name]
-    module = __import__(module_name, fromlist=["_"])
-    shadow: Dict[str, Any] = dict(vars(module))
-    shadows[module_name] = shadow
-    shadow["build_model_with_cfg"] = _recording_builder
-    for name, obj in list(shadow.items()):
-        if isinstance(obj, types.FunctionType) and obj.__module__ in _TIMM_FAMILY_MODULES:
-            target = shadow if obj.__module__ == module_name else _shadow_globals(obj.__module__, shadows)
-            rebound = types.FunctionType(obj.__code__, target, obj.__name__, obj.__defaults__, obj.__closure__)
-            rebound.__kwdefaults__ = obj.__kwdefaults__
-            shadow[name] = rebound
-    return shadow
-
-
 def _capture_base_build(base_name: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The arguments timm's entrypoint for ``base_name`` passes to ``build_model_with_cfg``, without building."""
-    entrypoint = timm.models.model_entrypoint(base_name)
-    if entrypoint.__module__ not in _TIMM_FAMILY_MODULES:
-        raise TypeError(f"{base_name} is defined in {entrypoint.__module__}, which timm_dec does not support")
+    """The arguments timm's entrypoint for ``base_name`` passes to ``build_model_with_cfg``, without building
+    (`timm_dec._compat.capture_build_arguments`)."""
     if kwargs.get("use_naflex"):
         raise TypeError(f"timm_dec does not support NaFlexVit (use_naflex=True for {base_name})")
-    shadow = _shadow_globals(entrypoint.__module__, {})
-    try:
-        model = shadow[base_name](pretrained=pretrained, **kwargs)
-    except _Captured as captured:
-        return captured.arguments
-    raise TypeError(f"{base_name} was built as {type(model).__name__} outside build_model_with_cfg, which timm_dec "
-                    f"does not support")
+    return capture_build_arguments(base_name, pretrained, kwargs, _TIMM_FAMILY_MODULES)
 
 
 def dec_checkpoint_filter(
