@@ -15,7 +15,6 @@ family class in place.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ._compat import checkpoint
+from ._format import jsonable
 from .dec import DEC, DECConfig
 from .ops import monotone_warp
 
@@ -144,19 +144,6 @@ def dec_options(model: nn.Module) -> Dict[str, Any]:
     for field in dataclasses.fields(cfg.options):
         options[f"dec_{field.name}"] = jsonable(getattr(cfg.options, field.name), f"DEC option {field.name}")
     return options
-
-
-def jsonable(value: Any, what: str) -> Any:
-    """``value`` as JSON data (tuples become lists); `ValueError` / `TypeError` naming ``what`` if it is not data."""
-    if isinstance(value, (tuple, list)):
-        return [jsonable(v, what) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{what} = {value} cannot be written to config.json")
-        return value
-    raise TypeError(f"{what} = {value!r} ({type(value).__name__}) cannot be written to config.json")
 
 
 def _make_config(

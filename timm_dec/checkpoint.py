@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from torch import nn
 
 from . import __version__
 from ._compat import timm_model_args
+from ._format import plain
 from .adapt import DECModelMixin, dec_options
 from .models import (
     CHECKPOINT_METADATA_KEY, base_model_name, load_dec_state_dict, read_checkpoint_record, same_dec_option,
@@ -164,17 +164,6 @@ class TrainingCheckpoint:
     complete_options: bool = True
 
 
-def _plain(value: Any) -> Any:
-    """JSON data for the checkpoint metadata: tuples become lists, other objects their repr."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
-        return value
-    return repr(value)
-
-
 def _timm_model_inside(model: nn.Module) -> nn.Module:
     """``model`` itself when timm built it, else the first timm model inside it (a wrapper such as Canon may
     forward ``pretrained_cfg`` but is not what ``create_model`` built)."""
@@ -194,12 +183,12 @@ def checkpoint_record(model: nn.Module, data: Optional[Mapping[str, Any]] = None
             if k not in ("pretrained_model_args", "device", "dtype", "pretrained_cfg_overlay", "pretrained_cfg")}
     args.update(dec_options(inner))
     args.setdefault("num_classes", inner.num_classes)
-    record: dict[str, Any] = {"architecture": inner.pretrained_cfg["architecture"], "model_args": _plain(args),
+    record: dict[str, Any] = {"architecture": inner.pretrained_cfg["architecture"], "model_args": plain(args),
                               "timm_dec_version": __version__}
     if inner is not model:
         record["wrapper"] = type(model).__name__
     if data:
-        record["data"] = _plain(dict(data))
+        record["data"] = plain(dict(data))
     return record
 
 

@@ -51,15 +51,16 @@ from tqdm.auto import tqdm
 
 from .baselines import InputCanonicalizer, InvarianceLoss
 from .checkpoint import save_checkpoint
-from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
+from .data import LocallyScaledDigits, RandomMonotoneScale
 from .adapt import INPUT
 from .dec import BACKWARD_MODES, UPDATE_FORMS
 from .demo_report import dec_evidence, dec_kwargs, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model, normalize_transform, parse_bins, parse_scales, resolve_device
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
-from .metrics import evaluate_scale_consistency, json_default
+from ._format import json_default
+from .metrics import evaluate_scale_consistency
 from .models import load_dec_state_dict
-from .ops import monotone_warp
+from .ops import monotone_warp, random_knots
 
 __all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train"]
 

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from .adapt import INPUT
 from .data import LocallyScaledDigits
-from .evaluate import format_per_scale_table, format_table
-from .metrics import format_scale, paired_bootstrap
+from ._format import format_per_scale_table, format_scale, format_table
+from .metrics import paired_bootstrap
 from .ops.folds import local_magnification
 from .plots import plot_per_scale, plot_prob_correct, plot_warp_grids
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -51,7 +50,8 @@ from .baselines import InputCanonicalizer
 from .data import ImageFolderVariants, LocallyScaledDigits
 from .dec import solver_stats
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
-from .metrics import evaluate_scale_consistency, format_scale, json_default
+from ._format import format_per_scale_table, format_scale, format_table, json_default
+from .metrics import evaluate_scale_consistency
 
 __all__ = [
     "DEFAULT_SCALES", "parse_scales", "parse_bins", "normalize_transform", "digits_dataset", "data_dataset",
@@ -382,31 +382,6 @@ def evaluate_model(
                                     mean_residual=stats.mean_residual,
                                     max_residual=max(r.max_residual for r in stats.records))
     return result
-
-
-def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Paper Table 2 layout: one row per method, Acc (%) and InvE (1e-2, i.e. 100 x the raw value)."""
-    width = max(8, *(len(n) for n in results))
-    lines = [f"{'Method':<{width}}  {'Acc (%)':>8}  {'InvE (1e-2)':>11}"]
-    for name, r in results.items():
-        lines.append(f"{name:<{width}}  {100 * r['acc']:>8.2f}  {100 * r['inv_e']:>11.2f}")
-    return "\n".join(lines)
-
-
-def format_per_scale_table(results: Mapping[str, Mapping[str, Any]], key: str = "per_scale_acc") -> str:
-    """Paper Table 3 layout: accuracy (%) per scale (or per bin with ``key="per_bin_acc"``) and their mean +- std."""
-    first = next(iter(results.values()))
-    cols = ([f"[{lo:g},{hi:g}]" for lo, hi in first["scale_bins"]] if key == "per_bin_acc"
-            else [format_scale(s) for s in first["scales"]])
-    width = max(8, *(len(n) for n in results))
-    cw = max(6, *(len(c) for c in cols))
-    lines = [f"{'Scale':<{width}}  " + "  ".join(f"{c:>{cw}}" for c in cols) + f"  {'Overall':>14}"]
-    for name, r in results.items():
-        accs = [100 * a for a in r[key]]
-        spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-        overall = f"{statistics.fmean(accs):.2f} ± {spread:.2f}"
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{a:>{cw}.2f}" for a in accs) + f"  {overall:>14}")
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

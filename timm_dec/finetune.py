@@ -58,7 +58,8 @@ from .adapt import dec_options
 from .data import ImageFolderSplit, ImageFolderVariants, LocallyScaledDigits
 from .evaluate import normalize_transform
 from .hub import push_to_hub, save_pretrained
-from .metrics import evaluate_scale_consistency, format_scale
+from ._format import format_scale, plain
+from .metrics import evaluate_scale_consistency
 
 __all__ = ["TABLE_A1", "build_parser", "add_arguments", "main", "run", "weights_digest"]
 
@@ -229,22 +230,10 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return repr(obj)
-
-
 def _run_signature(args: argparse.Namespace, model_kwargs: dict[str, Any], world: int) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint."""
     return {
-        "model": args.model, "model_kwargs": _jsonable(model_kwargs), "data": args.data, "seed": args.seed,
+        "model": args.model, "model_kwargs": plain(model_kwargs), "data": args.data, "seed": args.seed,
         "global_batch": args.batch_size * world * args.grad_accum, "epochs": args.epochs, "lr": args.lr,
     }
 
@@ -336,8 +325,8 @@ def _save_checkpoint(t: _Training) -> None:
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         state = {"step": t.step, "epoch": t.step / t.updates_per_epoch, "model": args.model,
-                 "model_kwargs": _jsonable(t.model_kwargs), "signature": t.signature,
-                 "scheduler": _jsonable(t.scheduler.state_dict()), "args": _jsonable(vars(args)),
+                 "model_kwargs": plain(t.model_kwargs), "signature": t.signature,
+                 "scheduler": plain(t.scheduler.state_dict()), "args": plain(vars(args)),
                  "world_size": accelerator.num_processes}
         (folder / STATE_NAME).write_text(json.dumps(state, indent=2))
         if args.keep_checkpoints:
@@ -418,7 +407,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(set(digests)) != 1:
         raise RuntimeError(f"the ranks' weights differ after training: {digests}")
     metrics = None if args.no_eval else _evaluate(args, unwrapped, test_ds, accelerator)
-    summary = {"step": t.step, "model": args.model, "model_kwargs": _jsonable(model_kwargs), "world_size": world,
+    summary = {"step": t.step, "model": args.model, "model_kwargs": plain(model_kwargs), "world_size": world,
                "rank_weight_sha256": digests, "metrics": metrics, "seconds": round(time.time() - start, 2)}
     if main:
         _save_final(args, unwrapped, t.output / "final", metrics, label_names, model_cfg, is_dec)

@@ -37,13 +37,13 @@ from torch import nn
 
 from . import __version__
 from ._compat import hf_split
-from .adapt import INPUT, DECModelMixin, dec_options, jsonable
+from ._format import format_scale, jsonable
+from .adapt import INPUT, DECModelMixin, dec_options
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     CHECKPOINT_METADATA_KEY, CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME, TrainingCheckpoint, _read_json,
     check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
     read_training_checkpoint, save_checkpoint,
 )
-from .metrics import format_scale
 from .models import base_model_name, same_dec_option
 
 __all__ = [

@@ -35,11 +35,12 @@ from torch import nn
 
 from .adapt import DECModelMixin
 from .baselines import InputCanonicalizer
-from .data import LocallyScaledDigits, random_knots
+from .data import LocallyScaledDigits
 from .demo import _schedule
-from .metrics import equi_error_from_outputs, json_default, paired_bootstrap
+from ._format import json_default
+from .metrics import equi_error_from_outputs, paired_bootstrap
 from .models import load_dec_state_dict
-from .ops import identity_knots, monotone_warp
+from .ops import identity_knots, monotone_warp, random_knots
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "add_arguments", "run", "miou_per_image"]
 

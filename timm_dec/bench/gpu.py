@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..ops import LAYOUTS, knots_from_logits, monotone_warp, monotone_warp_ref
+from ..ops import LAYOUTS, knots_from_logits, monotone_warp_ref
 from .overhead import MODES, bench_overhead
 from .timing import environment
 from .warp import WARP_SHAPES, bench_warp, format_warp_table

@@ -9,9 +9,10 @@ from .knots import (
 from .reference import monotone_warp_ref, sample_nchw
 from .layout import LAYOUTS, pair, spatial_size
 from .warp import BACKEND_ENV, BACKENDS, monotone_warp, resolve_backend
+from .random import random_knots
 
 __all__ = [
     "knots_from_logits", "identity_logits", "identity_knots", "check_knots", "apply_map", "apply_inverse_map",
     "pixel_coords", "dense_coords", "monotone_warp", "monotone_warp_ref", "sample_nchw", "resolve_backend",
-    "LAYOUTS", "BACKENDS", "BACKEND_ENV", "DEFAULT_INVERSE_SWEEPS", "spatial_size", "pair",
+    "random_knots", "LAYOUTS", "BACKENDS", "BACKEND_ENV", "DEFAULT_INVERSE_SWEEPS", "spatial_size", "pair",
 ]
