@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__
 from ._compat import timm_model_args
 from ._format import plain
-from .adapt import DECModelMixin, dec_options
+from .models._base import DECModelMixin, dec_options
 from .models import (
     CHECKPOINT_METADATA_KEY, base_model_name, load_dec_state_dict, read_checkpoint_record, same_dec_option,
 )

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from .baselines import InputCanonicalizer, InvarianceLoss
 from .checkpoint import save_checkpoint
 from .data import LocallyScaledDigits, RandomMonotoneScale
-from .adapt import INPUT
+from .models._base import INPUT
 from .dec import BACKWARD_MODES, UPDATE_FORMS
 from .demo_report import dec_evidence, dec_kwargs, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model, normalize_transform, parse_bins, parse_scales, resolve_device

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .adapt import INPUT
+from .models._base import INPUT
 from .data import LocallyScaledDigits
 from ._format import format_per_scale_table, format_scale, format_table
 from .metrics import paired_bootstrap

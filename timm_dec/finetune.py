@@ -54,7 +54,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
 from torch.utils.data import DataLoader, Dataset
 
-from .adapt import dec_options
+from .models._base import dec_options
 from .data import ImageFolderSplit, ImageFolderVariants, LocallyScaledDigits
 from .evaluate import normalize_transform
 from .hub import push_to_hub, save_pretrained

@@ -38,7 +38,7 @@ from torch import nn
 from . import __version__
 from ._compat import hf_split
 from ._format import format_scale, jsonable
-from .adapt import INPUT, DECModelMixin, dec_options
+from .models._base import INPUT, DECModelMixin, dec_options
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     CHECKPOINT_METADATA_KEY, CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME, TrainingCheckpoint, _read_json,
     check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
@@ -62,7 +62,7 @@ PathLike = Union[str, os.PathLike]
 
 
 def _dec_cfg(model: nn.Module) -> Any:
-    """The frozen DEC config of an adapted model (`timm_dec.adapt.AdaptConfig`), or None for a model without DEC."""
+    """The frozen DEC config of an adapted model (`timm_dec.models._base.AdaptConfig`), or None for a model without DEC."""
     if isinstance(model, DECModelMixin):
         return model.dec_cfg
     return None

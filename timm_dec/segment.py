@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapt import DECModelMixin
+from .models._base import DECModelMixin
 from .baselines import InputCanonicalizer
 from .data import LocallyScaledDigits
 from .demo import _schedule

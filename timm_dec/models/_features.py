@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._compat import FeatureGetterNet, FeatureListNet
-from ..adapt import AdaptConfig, DECModelMixin
+from ._base import AdaptConfig, DECModelMixin
 
 __all__ = ["DECFeaturesMixin", "DECFeatureGetterNet", "DECFeatureListNet", "dec_feature_class"]
 

@@ -2,7 +2,7 @@
 
 Each ``<base>_dec`` entrypoint runs the base entrypoint of timm to learn how timm builds that base -- model class,
 architecture arguments, checkpoint filter, strictness, feature config -- then calls timm's
-``build_model_with_cfg`` with the matching DEC class (`timm_dec.adapt.dec_class_for`), the ``<base>_dec``
+``build_model_with_cfg`` with the matching DEC class (`timm_dec.models._base.dec_class_for`), the ``<base>_dec``
 pretrained cfg (a copy of the base's, so the weights are the base's) and `dec_checkpoint_filter`. So pretrained
 loading (``hf_hub_id``, ``pretrained_cfg_overlay=dict(file=...)``), ``features_only`` and every create_model keyword
 work as for the base. ``dec_*`` keywords (``dec_blocks``, ``dec_grid``, ``dec_mode``, ``dec_<DECConfig field>``)
@@ -27,7 +27,7 @@ from torch import nn
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
 
 from .._compat import DefaultCfg, capture_build_arguments
-from ..adapt import INPUT, DECModelMixin, dec_class_for, dec_options as built_dec_options, split_dec_kwargs
+from ._base import INPUT, DECModelMixin, dec_class_for, dec_options as built_dec_options, split_dec_kwargs
 from ._features import DECFeaturesMixin, dec_feature_class
 
 __all__ = [

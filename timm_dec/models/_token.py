@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._compat import feature_take_indices
-from ..adapt import DECModelMixin
+from ._base import DECModelMixin
 
 __all__ = ["TokenDECMixin"]
 

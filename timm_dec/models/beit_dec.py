@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from timm.models.beit import Beit
 
-from ..adapt import register_dec_family
+from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
 from ._token import TokenDECMixin
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
-from ..adapt import register_dec_family
+from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
 from ._token import TokenDECMixin
 

@@ -15,7 +15,7 @@ from torch import nn
 from timm.models.swin_transformer import SwinTransformer
 
 from .._compat import feature_take_indices
-from ..adapt import DECModelMixin, register_dec_family
+from ._base import DECModelMixin, register_dec_family
 from ._registry import register_dec_models, supported_base_names
 
 __all__ = ["SwinStagesDECMixin", "SwinTransformerDEC"]

@@ -25,7 +25,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 
 from .._compat import feature_take_indices
-from ..adapt import DECModelMixin, register_dec_family
+from ._base import DECModelMixin, register_dec_family
 from ._registry import register_dec_models, supported_base_names
 from .swin_dec import SwinStagesDECMixin
 
