@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models._base import DECModelMixin
-from .baselines import InputCanonicalizer
-from .data import LocallyScaledDigits
-from .demo import _schedule
-from ._format import json_default
-from .metrics import equi_error_from_outputs, paired_bootstrap
-from .models import load_dec_state_dict
-from .ops import identity_knots, monotone_warp, random_knots
+from ..models._base import DECModelMixin
+from ..baselines import InputCanonicalizer
+from ..data import LocallyScaledDigits
+from ._common import warmup_cosine_schedule
+from .._format import json_default
+from ..metrics import equi_error_from_outputs, paired_bootstrap
+from ..models import load_dec_state_dict
+from ..ops import identity_knots, monotone_warp, random_knots
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "add_arguments", "run", "miou_per_image"]
 
@@ -202,7 +202,7 @@ def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[st
     """
     model.train()
     opt = _optimizer(model, lr, cfg, only_dec, cfg["dec_lr_mult"])
-    sched = _schedule(opt, steps, cfg["warmup_frac"])
+    sched = warmup_cosine_schedule(opt, steps, cfg["warmup_frac"])
     weight = torch.ones(NUM_CLASSES)
     weight[0] = cfg["bg_weight"]
     gen = torch.Generator().manual_seed(seed)
