@@ -11,8 +11,8 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from .models._base import (  # noqa: F401  (re-exported: the adapt API before the models/_base.py split)
-    INPUT, MODES, AdaptConfig, DECModelMixin, _attach, _make_config, dec_class_for, dec_options,
-    register_dec_family, split_dec_kwargs, supported_families,
+    DEFAULT_MODE, INPUT, MODES, AdaptConfig, DECModelMixin, _attach, _make_config, dec_class_for, dec_options,
+    parse_dec_options, register_dec_family, split_dec_kwargs, supported_families,
 )
 
 __all__ = [
@@ -25,9 +25,8 @@ def adapt(
         model: nn.Module,
         *,
         blocks: Optional[Union[int, str, Sequence[Union[int, str]]]] = None,
-        grid: int = 4,
-        mode: str = "equivariant",
-        **dec_options: Any,
+        mode: str = DEFAULT_MODE,
+        **options: Any,
 ) -> nn.Module:
     """Give a timm model DEC canonicalisers in front of its patch embedding and chosen blocks, in place.
 
@@ -47,10 +46,10 @@ def adapt(
             ``SwinTransformerV2Cr``.
         blocks: DEC positions: ``"input"`` (the image, before the patch embedding) and indices of the transformer
             blocks (Swin: stages) to adapt; negative indices count from the end.
-        grid: G, the DEC grid of G x G cells.
         mode: ``"equivariant"`` (eq. 21: ``S(M_k(S^{-1}(F_k)))``; the input DEC un-warps the spatial outputs) or
             ``"invariant"`` (eq. 22: ``M_k(S^{-1}(F_k))``; nothing is un-warped).
-        **dec_options: other `timm_dec.dec.DECConfig` fields (``widths``, ``max_iter``, ``tol``, ``backward``, ...).
+        **options: `timm_dec.dec.DECConfig` fields, which own the names and defaults: ``grid`` (G, the DEC grid of
+            G x G cells; default 4), ``widths``, ``max_iter``, ``tol``, ``backward``, ...
 
     Returns:
         ``model`` itself, now an instance of the family's DEC class.
@@ -75,7 +74,7 @@ def adapt(
     # class switch first: the options are checked with the family hooks; a rejected adapt leaves the model as it was
     model.__class__ = dec_cls
     try:
-        _attach(model, _make_config(model, blocks, grid, mode, dec_options))
+        _attach(model, _make_config(model, parse_dec_options({"blocks": blocks, "mode": mode, **options})))
     except Exception:
         model.__class__ = base_cls
         raise

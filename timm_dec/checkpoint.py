@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__
 from ._compat import timm_model_args
 from ._format import plain
-from .models._base import DECModelMixin, dec_options
+from .models._base import DECModelMixin, default_dec_options, dec_options
 from .models import (
     CHECKPOINT_METADATA_KEY, base_model_name, load_dec_state_dict, read_checkpoint_record, same_dec_option,
 )
@@ -363,9 +363,8 @@ def model_from_checkpoint(
                 f"{key}={options[key]!r}")
     unnamed = [k for k in requested if k.startswith("dec_") and k not in recorded]
     if unnamed and ckpt.architecture and _same_arch(arch, ckpt.architecture):
-        # the checkpoint was trained with the options it records and the defaults for the others
-        trained = dec_options(timm.create_model(
-            arch, pretrained=False, **{**recorded, **{k: v for k, v in requested.items() if not k.startswith("dec_")}}))
+        # the checkpoint was trained with the options it records and the defaults (DECConfig's) for the others
+        trained = default_dec_options(model)
         for key in unnamed:
             if key in trained and not same_dec_option(trained[key], options[key]):
                 raise ValueError(

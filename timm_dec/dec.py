@@ -129,6 +129,11 @@ class DECConfig:
     logit_bound: float = 1.5
     min_jacobian: float = 0.05
 
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The option names, in field order: ``dec_<name>`` for ``create_model``, ``<name>`` for `timm_dec.adapt`."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
     def __post_init__(self) -> None:
         for field in ("widths", "image_widths"):
             widths = getattr(self, field)
@@ -391,7 +396,7 @@ class DEC(nn.Module):
             cfg = DECConfig()
         elif not isinstance(cfg, DECConfig):
             raise TypeError(f"cfg must be a DECConfig, got {type(cfg).__name__}")
-        fields = {f.name for f in dataclasses.fields(DECConfig)}
+        fields = set(DECConfig.option_names())
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise TypeError(f"unknown DEC option(s) {unknown}; the options are {sorted(fields)}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -29,12 +29,15 @@ from ..ops import monotone_warp
 
 __all__ = [
     "AdaptConfig", "DECModelMixin", "MODES", "INPUT", "register_dec_family", "dec_class_for",
-    "split_dec_kwargs", "dec_options", "supported_families",
+    "split_dec_kwargs", "dec_options", "supported_families", "DECOptions", "DEFAULT_MODE", "DEC_PREFIX",
+    "MODEL_OPTIONS", "dec_option_names", "parse_dec_options", "pop_dec_kwargs", "default_dec_options",
 ]
 
 MODES = ("equivariant", "invariant")
+DEFAULT_MODE = MODES[0]
 INPUT = "input"  # the position (and ``model.dec`` key) of the DEC that canonicalises the input image
-_ADAPT_OPTIONS = ("blocks", "grid", "mode")
+DEC_PREFIX = "dec_"  # of the create_model keyword arguments
+MODEL_OPTIONS = ("blocks", "mode")  # the options of the model; every other DEC option is a DECConfig field
 
 # timm base class -> its DEC subclass; filled by the family modules when they are imported
 _DEC_CLASSES: Dict[type, type] = {}
@@ -96,27 +99,68 @@ def dec_class_for(base_cls: type) -> type:
     return dec_cls
 
 
-def split_dec_kwargs(kwargs: Dict[str, Any], keep_prefix: bool = False) -> Dict[str, Any]:
-    """Pop the ``dec_*`` keyword arguments of ``create_model`` from ``kwargs`` and return them (the inverse of
-    `dec_options`).
+class DECOptions(NamedTuple):
+    """The parsed ``dec_*`` options of a model: where its DECs sit, the mode and every DEC module's `DECConfig`."""
+    blocks: Optional[Union[int, str, Sequence[Union[int, str]]]]  # None: the family's default positions
+    mode: str
+    config: DECConfig
 
-    ``dec_blocks``, ``dec_grid``, ``dec_mode`` and ``dec_<field>`` for every `DECConfig` field are accepted.
+
+def dec_option_names() -> Tuple[str, ...]:
+    """Every DEC option name: the model's (``blocks``, ``mode``), then the `DECConfig` fields, which own the rest."""
+    return MODEL_OPTIONS + DECConfig.option_names()
+
+
+def parse_dec_options(options: Mapping[str, Any], prefix: str = "") -> DECOptions:
+    """Check the names and values of DEC options once and freeze them: the one parser of `create_dec_model`,
+    `DECModelMixin.__init__` and `timm_dec.adapt`.
 
     Args:
-        kwargs: model keyword arguments; modified in place.
-        keep_prefix: return them as given (``{"dec_grid": 8}``), to pass on to a family class.
+        options: ``{name: value}``; names are ``prefix`` + ``blocks``, ``mode`` or a `DECConfig` field. A missing
+            option takes its default (``mode``: `DEFAULT_MODE`; a `DECConfig` field: the dataclass's default;
+            ``blocks``: None, the family's `DECModelMixin.default_dec_blocks`).
+        prefix: ``"dec_"`` for ``create_model`` keyword arguments, ``""`` for `adapt`'s.
 
     Returns:
-        The options for `adapt`, e.g. ``{"grid": 8}`` for ``dec_grid=8``.
+        The positions (checked against a model by `DECModelMixin`), the mode and the `DECConfig`.
+
+    Raises:
+        TypeError: an unknown option; the message names it as given and lists the valid ones.
+        ValueError: an invalid mode or `DECConfig` value.
     """
-    valid = _ADAPT_OPTIONS + tuple(f.name for f in dataclasses.fields(DECConfig) if f.name != "grid")
-    options = {}
-    for key in [k for k in kwargs if k.startswith("dec_")]:
-        name = key[len("dec_"):]
-        if name not in valid:
-            raise TypeError(f"unknown DEC option {key!r}; valid: {', '.join('dec_' + v for v in valid)}")
-        options[key if keep_prefix else name] = kwargs.pop(key)
-    return options
+    names = dec_option_names()
+    unknown = [k for k in options if not (k.startswith(prefix) and k[len(prefix):] in names)]
+    if unknown:
+        raise TypeError(f"unknown DEC option {unknown[0]!r}; valid: {', '.join(prefix + n for n in names)}")
+    values = {k[len(prefix):]: v for k, v in options.items()}
+    blocks = values.pop("blocks", None)
+    mode = values.pop("mode", DEFAULT_MODE)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return DECOptions(blocks, mode, DECConfig(**values))
+
+
+def pop_dec_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Pop the ``dec_*`` keyword arguments from ``kwargs`` (modified in place) and return them, names unchecked (for
+    `parse_dec_options` with ``prefix="dec_"``)."""
+    return {k: kwargs.pop(k) for k in [k for k in kwargs if k.startswith(DEC_PREFIX)]}
+
+
+def split_dec_kwargs(kwargs: Dict[str, Any], keep_prefix: bool = False) -> Dict[str, Any]:
+    """Pop the ``dec_*`` keyword arguments of ``create_model`` from ``kwargs``, checked by `parse_dec_options`, and
+    return them without the prefix (``{"grid": 8}`` for ``dec_grid=8``), or as given with ``keep_prefix``."""
+    options = pop_dec_kwargs(kwargs)
+    parse_dec_options(options, prefix=DEC_PREFIX)
+    return options if keep_prefix else {k[len(DEC_PREFIX):]: v for k, v in options.items()}
+
+
+def default_dec_options(model: nn.Module) -> Dict[str, Any]:
+    """The options a ``*_dec`` model of ``model``'s class and depth gets for the ``dec_*`` options left out, in the
+    format of `dec_options`: what a checkpoint that records none of them was trained with."""
+    model = getattr(model, "dec_model", model)
+    num_units = len(model.dec_units())
+    blocks = [b for b in type(model).default_dec_blocks if b == INPUT or b < num_units]
+    return _as_kwargs(blocks, DEFAULT_MODE, DECConfig())
 
 
 def dec_options(model: nn.Module) -> Dict[str, Any]:
@@ -140,29 +184,19 @@ def dec_options(model: nn.Module) -> Dict[str, Any]:
     model = getattr(model, "dec_model", model)  # a features_only wrapper (timm_dec.models._features)
     if not isinstance(model, DECModelMixin):
         return {}
-    cfg = model.dec_cfg
-    options: Dict[str, Any] = {"dec_blocks": list(cfg.blocks), "dec_mode": cfg.mode}
-    for field in dataclasses.fields(cfg.options):
-        options[f"dec_{field.name}"] = jsonable(getattr(cfg.options, field.name), f"DEC option {field.name}")
+    return _as_kwargs(model.dec_cfg.blocks, model.dec_cfg.mode, model.dec_cfg.options)
+
+
+def _as_kwargs(blocks: Sequence[Union[str, int]], mode: str, config: DECConfig) -> Dict[str, Any]:
+    options: Dict[str, Any] = {"dec_blocks": list(blocks), "dec_mode": mode}
+    for name in DECConfig.option_names():
+        options[DEC_PREFIX + name] = jsonable(getattr(config, name), f"DEC option {name}")
     return options
 
 
-def _make_config(
-        model: nn.Module,
-        blocks: Optional[Union[int, str, Sequence[Union[int, str]]]],
-        grid: int,
-        mode: str,
-        dec_options: Dict[str, Any],
-) -> AdaptConfig:
-    """Validate the options of `adapt` against ``model`` and freeze them."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    fields = {f.name for f in dataclasses.fields(DECConfig)} - {"grid"}
-    unknown = sorted(set(dec_options) - fields)
-    if unknown:
-        raise TypeError(f"unknown DEC option(s) {unknown}; valid: blocks, grid, mode, {', '.join(sorted(fields))}")
-    dec_cfg = DECConfig(grid=grid, **dec_options)  # checks the values
-
+def _make_config(model: nn.Module, options: DECOptions) -> AdaptConfig:
+    """Check the DEC positions of ``options`` against ``model`` and freeze the model's DEC options."""
+    blocks, mode, dec_cfg = options
     num_units = len(model.dec_units())
     unit = model.dec_unit_name
     if blocks is None:
@@ -243,8 +277,8 @@ class DECModelMixin:
 
     A family class sets ``dec_unit_name`` and implements ``dec_units`` and ``dec_in_chans``; its forward paths call
     `dec_canonicalize_image` on the image, `dec_block` for each unit and `dec_uncanonicalize` on each spatial output.
-    Constructing a family class directly takes the ``dec_*`` keyword arguments of `split_dec_kwargs` besides the timm
-    class's own.
+    Constructing a family class directly takes the ``dec_*`` keyword arguments of `parse_dec_options` besides the
+    timm class's own (`create_dec_model` passes them parsed, as ``dec_parsed``).
     """
     dec_unit_name: str = "block"
     default_dec_blocks: Tuple[Union[str, int], ...] = (INPUT,)
@@ -253,14 +287,12 @@ class DECModelMixin:
     dec: nn.ModuleDict
     dec_cfg: AdaptConfig
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        options = split_dec_kwargs(kwargs)
+    def __init__(self, *args: Any, dec_parsed: Optional[DECOptions] = None, **kwargs: Any) -> None:
+        # create_dec_model passes its parsed options as dec_parsed; a direct construction passes dec_* keywords
+        options = dec_parsed if dec_parsed is not None else parse_dec_options(pop_dec_kwargs(kwargs), DEC_PREFIX)
         super().__init__(*args, **kwargs)
         type(self).dec_check_adaptable(self)
-        blocks = options.pop("blocks", None)
-        grid = options.pop("grid", 4)
-        mode = options.pop("mode", "equivariant")
-        _attach(self, _make_config(self, blocks, grid, mode, options))
+        _attach(self, _make_config(self, options))
 
     @classmethod
     def dec_check_adaptable(cls, model: nn.Module) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
 
 from .._compat import DefaultCfg, capture_build_arguments
-from ._base import INPUT, DECModelMixin, dec_class_for, dec_options as built_dec_options, split_dec_kwargs
+from ._base import DEC_PREFIX, INPUT, DECModelMixin, dec_class_for, dec_options, parse_dec_options, pop_dec_kwargs
 from ._features import DECFeaturesMixin, dec_feature_class
 
 __all__ = [
@@ -255,7 +255,7 @@ def _check_built_dec_options(model: nn.Module, recorded: Mapping[str, Any], sour
     with another value than the default)."""
     dec_model = next((getattr(m, "dec_model", m) for m in model.modules()
                       if isinstance(m, (DECModelMixin, DECFeaturesMixin))), None)
-    built = built_dec_options(dec_model) if dec_model is not None else {}
+    built = dec_options(dec_model) if dec_model is not None else {}
     for key, value in recorded.items():
         if key in built and not same_dec_option(built[key], value):
             raise TypeError(
@@ -282,7 +282,7 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     if pretrained:
         source, recorded = _recorded_model_args(kwargs)
         check_recorded_dec_options(kwargs, recorded, source)
-    dec_options = split_dec_kwargs(kwargs, keep_prefix=True)
+    dec_parsed = parse_dec_options(pop_dec_kwargs(kwargs), DEC_PREFIX)  # checked once, here
     arguments = _capture_base_build(base_name, pretrained, kwargs)
     dec_cls = dec_class_for(arguments.pop("model_cls"))
     arguments.pop("variant")
@@ -296,7 +296,7 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     base_feature_cls = model_kwargs.pop("feature_cls", None) or feature_cfg.get("feature_cls")
     feature_cfg["feature_cls"] = dec_feature_class(base_feature_cls)
     arguments["feature_cfg"] = feature_cfg
-    model = build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, **dec_options)
+    model = build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, dec_parsed=dec_parsed)
     if pretrained:
         # features_only prunes the blocks past the last feature, DEC included (their weights were checked)
         skip = ("dec_blocks",) if kwargs.get("features_only") else ()
