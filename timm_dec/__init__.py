@@ -1,8 +1,8 @@
 """timm_dec: locally scale-consistent timm models with the Deep Equilibrium Canonicalizer (DEC).
 
-``import timm_dec`` registers the ``<base>_dec`` models in timm's registry (`timm_dec.models.vit_dec`,
-`timm_dec.models.swin_dec`, `timm_dec.models.beit_dec`); `adapt` gives an existing timm model DEC canonicalisers in
-place.
+``import timm_dec`` registers the ``<base>_dec`` models in timm's registry: one module per timm model class in
+`timm_dec.models` (``vit_dec``, ``beit_dec``, ``eva_dec``, ``relpos_dec``, ``swin_dec``, ``swinv2_dec``; the list is
+`timm_dec.models.DEC_MODULES`); `adapt` gives an existing timm model DEC canonicalisers in place.
 """
 __version__ = "0.1.0"
 

@@ -1,5 +1,9 @@
 """`adapt`: give an existing timm model DEC canonicalisers, in place.
 
+A DEC reads and warps what its unit sees, in that unit's layout: the (B, C, H, W) image (``nchw``; the input DEC),
+(B, P + H*W, C) tokens (``tokens``; ViT, DeiT, BEiT, Eva, relpos ViT blocks; the P prefix tokens pass through),
+(B, H, W, C) maps (``nhwc``; Swin v1 and V2 stages) or (B, C, H, W) maps (``nchw``; Swin V2 cr stages).
+
 The instance's class is switched to its family's DEC subclass (`timm_dec.models._base.dec_class_for`) and the DEC
 modules are attached; the machinery itself (`DECModelMixin`, the options, the family registry) lives in
 `timm_dec.models._base`, whose names this module re-exports for existing callers.

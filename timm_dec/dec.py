@@ -344,7 +344,7 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)``; on the CPU through PyTorch's native im2col kernel, which computes each sample on its own.
 
     oneDNN picks convolution algorithms by batch size, which rounds differently (~1e-7) and the solve magnifies that;
-    the native kernel keeps a sample's result independent of its batch (DESIGN.md) without touching the process-wide
+    the native kernel keeps a sample's result independent of its batch (README, "Design") without touching the process-wide
     oneDNN switch, so concurrent threads are unaffected.
     """
     if x.device.type != "cpu":
@@ -446,7 +446,7 @@ class DEC(nn.Module):
         ``pool_size`` for the latent H; the (B, C, h, w) image area-resized to at most ``image_size`` for the image H.
 
         Args:
-            x: the feature map in ``layout`` (see `logits`); its channels must be ``in_chans``.
+            x: the feature map in ``layout`` (see `equilibrium`); its channels must be ``in_chans``.
         """
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -548,7 +548,7 @@ class DEC(nn.Module):
 
         return adjoint
 
-    def logits(
+    def equilibrium(
             self,
             x: torch.Tensor,
             *,
@@ -615,13 +615,13 @@ class DEC(nn.Module):
             grid_size: Optional[Union[int, Sequence[int]]] = None,
             num_prefix_tokens: int = 0,
     ) -> torch.Tensor:
-        """Knots of the equilibrium monotone scaling of ``x`` (arguments as in `logits`).
+        """Knots of the equilibrium monotone scaling of ``x`` (arguments as in `equilibrium`).
 
         Returns:
             (B, 2, G+1, G+1) fold-free knots (identity for a sample whose solve went non-finite), in the parameters'
             dtype.
         """
-        return self.knots(self.logits(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens))
+        return self.knots(self.equilibrium(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens))
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -345,8 +345,8 @@ class DECModelMixin:
         Args:
             index: the block (Swin: stage) index, the key of its DEC in ``self.dec``.
             block: the block or stage module.
-            x: its input: (B, P + H*W, C) tokens or a (B, H, W, C) map.
-            layout: ``"tokens"`` or ``"nhwc"``.
+            x: its input: (B, P + H*W, C) tokens, a (B, H, W, C) map (Swin v1, V2) or a (B, C, H, W) map (Swin V2 cr).
+            layout: ``"tokens"``, ``"nhwc"`` or ``"nchw"``.
             grid_size: (H, W) of the token map (tokens layout).
             num_prefix_tokens: P class / distillation / register tokens, which pass through unwarped.
             checkpointing: recompute the block (and its warps, not the DEC solve) in the backward pass.
@@ -356,7 +356,8 @@ class DECModelMixin:
             **block_kwargs: passed to the block (``shared_rel_pos_bias``, ``attn_mask``, ...).
 
         Returns:
-            The block output, un-canonicalised in the equivariant mode: (B, P + H*W, C) or (B, H', W', C').
+            The block output, un-canonicalised in the equivariant mode: (B, P + H*W, C), (B, H', W', C') or
+            (B, C', H', W').
 
         Raises:
             ValueError: the unit's DEC reads the image (``dec_input="image"``) and ``image`` is None.
