@@ -7,13 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from reference_solver import reference_anderson
 from torch.profiler import ProfilerActivity, profile
 
 from timm_dec.dec import DEC, DECConfig, SolveRecord, solver_stats
 from timm_dec.ops import check_knots, identity_knots, identity_logits, knots_from_logits
 from timm_dec.solver import SOLVERS, anderson, fixed_point, get_solver, relative_residual
-
-from reference_solver import reference_anderson
 
 SMALL = dict(grid=3, widths=(8, 16), proj_chans=4)
 
@@ -411,7 +410,8 @@ class TestOptionsAndCopies:
         x = torch.randn(3, 6, 8, 8)
         base = perturbed(small_dec(tol=1e-6, max_iter=200, update="absolute"), std=0.05).eval()
         other = perturbed(small_dec(tol=1e-6, max_iter=200, update="absolute", solver="fixed_point"), std=0.05).eval()
-        torch.testing.assert_close(other.equilibrium(x, layout="nchw"), base.equilibrium(x, layout="nchw"), atol=1e-5, rtol=0)
+        torch.testing.assert_close(other.equilibrium(x, layout="nchw"), base.equilibrium(x, layout="nchw"),
+                                   atol=1e-5, rtol=0)
         pooled = perturbed(small_dec(pool_size=4), std=0.05).eval()
         assert pooled.reduce_input(x, "nchw").shape == (3, 4, 4, 4)
 

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
 from PIL import Image
+from safetensors.torch import load_file
 
 from timm_dec import cli
-from timm_dec.data import rescale_object
 from timm_dec.apps.demo import PRESETS, paper_lr, resolve_config
-from timm_dec.apps.plots import warp_lines
 from timm_dec.apps.demo import add_arguments as demo_arguments
-from timm_dec.data import ImageFolderVariants
 from timm_dec.apps.evaluate import format_per_scale_table, format_table, parse_bins, parse_scales
+from timm_dec.apps.plots import warp_lines
+from timm_dec.data import ImageFolderVariants, rescale_object
 from timm_dec.ops import identity_knots
 
 METHODS = ("base", "aug", "invl", "canon", "dec")

@@ -171,4 +171,5 @@ def test_layers_import_only_downwards():
 
 def test_the_layer_check_sees_function_local_imports():
     tree = ast.parse("def f():\n    from .. import hub\n")
-    assert [n for node in _all_imports(tree) for n in _imported("timm_dec.apps.evaluate", node)] == ["timm_dec", "timm_dec.hub"]
+    imported = [n for node in _all_imports(tree) for n in _imported("timm_dec.apps.evaluate", node)]
+    assert imported == ["timm_dec", "timm_dec.hub"]

@@ -10,24 +10,27 @@ import types
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
-from torch import nn
+from timm.models import build_model_with_cfg, model_entrypoint
 
 # timm.models._features: ``feature_take_indices`` resolves ``forward_intermediates(indices=...)`` exactly as timm's
 # own models do, and the DEC feature wrappers subclass ``FeatureGetterNet`` / ``FeatureListNet`` so that their
 # state-dict keys are the base wrapper's. timm re-exports ``FeatureListNet`` from ``timm.models`` but not the other
 # two; public replacement: a ``timm.models`` export of both.
 from timm.models._features import FeatureGetterNet, FeatureListNet, feature_take_indices
+
 # timm.models._hub: ``hf_split`` splits ``repo@revision`` as timm's ``hf-hub:`` loader does, so a saved folder is
 # fetched from the revision timm would read. Public replacement: none in timm; huggingface_hub has no such split.
 from timm.models._hub import hf_split
+
 # timm.models._manipulate.checkpoint (re-exported as ``timm.models.checkpoint``): activation checkpointing with the
 # arguments timm's own blocks use (use_reentrant=False), so a DEC model checkpoints as its base does.
 from timm.models._manipulate import checkpoint
+
 # timm.models._pretrained.DefaultCfg (re-exported as ``timm.models.DefaultCfg``): the container of an architecture's
 # pretrained cfgs that ``register_model`` reads from a module's ``default_cfgs``, to mirror a base's cfgs under its
 # ``<base>_dec`` name. Public replacement: ``generate_default_cfgs`` on a dict of cfgs (it re-parses the tags).
 from timm.models._pretrained import DefaultCfg
-from timm.models import build_model_with_cfg, model_entrypoint
+from torch import nn
 
 __all__ = [
     "FeatureGetterNet", "FeatureListNet", "feature_take_indices", "hf_split", "checkpoint", "DefaultCfg",

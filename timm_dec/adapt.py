@@ -15,8 +15,19 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from .models._base import (  # noqa: F401  (re-exported: the adapt API before the models/_base.py split)
-    DEFAULT_MODE, INPUT, MODES, AdaptConfig, DECModelMixin, _attach, _make_config, dec_class_for, dec_options,
-    parse_dec_options, register_dec_family, split_dec_kwargs, supported_families,
+    DEFAULT_MODE,
+    INPUT,
+    MODES,
+    AdaptConfig,
+    DECModelMixin,
+    _attach,
+    _make_config,
+    dec_class_for,
+    dec_options,
+    parse_dec_options,
+    register_dec_family,
+    split_dec_kwargs,
+    supported_families,
 )
 
 __all__ = [

@@ -27,10 +27,14 @@ from torch import nn
 from . import __version__
 from ._compat import timm_model_args
 from ._format import plain
-from .models._base import DECModelMixin, default_dec_options, dec_options
 from .models import (
-    CHECKPOINT_METADATA_KEY, base_model_name, load_dec_state_dict, read_checkpoint_record, same_dec_option,
+    CHECKPOINT_METADATA_KEY,
+    base_model_name,
+    load_dec_state_dict,
+    read_checkpoint_record,
+    same_dec_option,
 )
+from .models._base import DECModelMixin, dec_options, default_dec_options
 from .models._registry import dec_blocks_in
 
 __all__ = [

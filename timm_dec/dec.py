@@ -179,7 +179,8 @@ class DECConfig:
         try:
             get_act_layer(self.act_layer)
         except KeyError:
-            raise ValueError(f"unknown dec act_layer {self.act_layer!r}; use a name timm's get_act_layer knows") from None
+            raise ValueError(
+                f"unknown dec act_layer {self.act_layer!r}; use a name timm's get_act_layer knows") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -344,8 +345,8 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)``; on the CPU through PyTorch's native im2col kernel, which computes each sample on its own.
 
     oneDNN picks convolution algorithms by batch size, which rounds differently (~1e-7) and the solve magnifies that;
-    the native kernel keeps a sample's result independent of its batch (README, "Design") without touching the process-wide
-    oneDNN switch, so concurrent threads are unaffected.
+    the native kernel keeps a sample's result independent of its batch (README, "Design") without touching the
+    process-wide oneDNN switch, so concurrent threads are unaffected.
     """
     if x.device.type != "cpu":
         return conv(x)
@@ -455,7 +456,8 @@ class DEC(nn.Module):
         height, width = spatial_size(x, layout, grid_size, num_prefix_tokens)
         chans = x.shape[1] if layout == "nchw" else x.shape[-1]
         if chans != self.in_chans:
-            raise ValueError(f"DEC {self.name!r} expects {self.in_chans} channels, got {chans} ({layout} {tuple(x.shape)})")
+            raise ValueError(
+                f"DEC {self.name!r} expects {self.in_chans} channels, got {chans} ({layout} {tuple(x.shape)})")
         if height * width < 2:
             raise ValueError(f"DEC needs a feature map with at least 2 positions, got {height} x {width}")
         if layout == "tokens":

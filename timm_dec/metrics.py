@@ -526,7 +526,8 @@ def paired_bootstrap(
     a = _check_tensor("values_a", values_a, 1, floating=False).double()
     b = _check_tensor("values_b", values_b, 1, floating=False).double()
     if a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"need two equally long score vectors of >= 2 items, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"need two equally long score vectors of >= 2 items, got {tuple(a.shape)} and {tuple(b.shape)}")
     if not 0 < confidence < 1 or resamples < 1:
         raise ValueError(f"confidence must be in (0, 1) and resamples >= 1, got {confidence}, {resamples}")
     diff = a - b

@@ -77,7 +77,8 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total: int, warmup_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total: int,
+                           warmup_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up then cosine decay to zero, per step."""
     warmup = int(round(warmup_frac * total))
 

@@ -48,20 +48,20 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from tqdm.auto import tqdm
 
+from .._format import json_default
 from ..baselines import InputCanonicalizer, InvarianceLoss
 from ..checkpoint import save_checkpoint
 from ..data import LocallyScaledDigits, RandomMonotoneScale
-from ..models._base import INPUT
 from ..dec import BACKWARD_MODES, UPDATE_FORMS
+from ..metrics import evaluate_scale_consistency
+from ..models import load_dec_state_dict
+from ..models._base import INPUT
+from ..ops import monotone_warp, random_knots
 from ._common import normalize_transform, parse_bins, parse_scales, resolve_device, warmup_cosine_schedule
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model
-from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
-from .._format import json_default
-from ..metrics import evaluate_scale_consistency
-from ..models import load_dec_state_dict
-from ..ops import monotone_warp, random_knots
+from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 
 __all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train"]
 
@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: ~12 min on 2 CPU cores; paper: the paper's setting for a GPU; smoke: seconds")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
-                        default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
+                        default=METHODS,
+                        help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None,

@@ -11,10 +11,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..models._base import INPUT
-from ..data import LocallyScaledDigits
 from .._format import format_per_scale_table, format_scale, format_table
+from ..data import LocallyScaledDigits
 from ..metrics import paired_bootstrap
+from ..models._base import INPUT
 from ..ops.folds import local_magnification
 from .plots import plot_per_scale, plot_prob_correct, plot_warp_grids
 from .presets import dec_kwargs

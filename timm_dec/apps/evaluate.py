@@ -45,13 +45,13 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from torch.utils.data import Dataset
 
+from .._format import format_per_scale_table, format_scale, format_table, json_default
 from ..baselines import InputCanonicalizer
 from ..data import ImageFolderVariants, LocallyScaledDigits
 from ..dec import solver_stats
-from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
-from .._format import format_per_scale_table, format_scale, format_table, json_default
 from ..metrics import evaluate_scale_consistency
 from ._common import normalize_transform, parse_bins, parse_scales, resolve_device
+from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 
 __all__ = [
     "DEFAULT_SCALES", "parse_scales", "parse_bins", "normalize_transform", "digits_dataset", "data_dataset",

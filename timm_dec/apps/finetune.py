@@ -54,12 +54,12 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
 from torch.utils.data import DataLoader, Dataset
 
-from ..models._base import dec_options
-from ..data import ImageFolderSplit, ImageFolderVariants, LocallyScaledDigits
-from ._common import normalize_transform
-from ..hub import push_to_hub, save_pretrained
 from .._format import format_scale, plain
+from ..data import ImageFolderSplit, ImageFolderVariants, LocallyScaledDigits
+from ..hub import push_to_hub, save_pretrained
 from ..metrics import evaluate_scale_consistency
+from ..models._base import dec_options
+from ._common import normalize_transform
 
 __all__ = ["TABLE_A1", "build_parser", "add_arguments", "main", "run", "weights_digest"]
 

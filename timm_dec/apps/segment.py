@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models._base import DECModelMixin
+from .._format import json_default
 from ..baselines import InputCanonicalizer
 from ..data import LocallyScaledDigits
-from ._common import warmup_cosine_schedule
-from .._format import json_default
 from ..metrics import equi_error_from_outputs, paired_bootstrap
 from ..models import load_dec_state_dict
+from ..models._base import DECModelMixin
 from ..ops import identity_knots, monotone_warp, random_knots
+from ._common import warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "add_arguments", "run", "miou_per_image"]
 

@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping,
 
 import safetensors
 import torch
-from torch import nn
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
+from torch import nn
 
 from .._compat import DefaultCfg, capture_build_arguments
 from ._base import DEC_PREFIX, INPUT, DECModelMixin, dec_class_for, dec_options, parse_dec_options, pop_dec_kwargs

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 from timm.models.beit import Beit
+from torch import nn
 
 from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names

@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
+from torch import nn
 
 from .._compat import feature_take_indices
 from ._base import DECModelMixin, register_dec_family
