@@ -36,6 +36,7 @@ __all__ = [
     "register_dec_models", "supported_base_names", "base_model_name",
 ]
 
+# the family modules (one per timm model class); `timm_dec.models` imports each, which registers its models
 DEC_MODULES = ("vit_dec", "swin_dec", "beit_dec", "eva_dec", "relpos_dec", "swinv2_dec")
 # timm modules whose entrypoints build the supported classes; their helpers are re-bound when capturing
 _TIMM_FAMILY_MODULES = (
