@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test lint bench setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/timm-dec demo
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q tests
 
 bench: setup

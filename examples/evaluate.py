@@ -29,8 +29,8 @@ from torchvision.transforms import Normalize
 
 import timm_dec  # noqa: F401  (registers the *_dec models)
 from timm_dec.adapt import dec_options
+from timm_dec.apps.evaluate import build_eval_model, check_class_count, parse_scales, resolve_digits
 from timm_dec.data import LocallyScaledDigits
-from timm_dec.evaluate import build_eval_model, check_class_count, parse_scales, resolve_digits
 from timm_dec.metrics import evaluate_scale_consistency
 from timm_dec.models import base_model_name
 

@@ -7,7 +7,8 @@
 The folder (default ``runs/publish/<name>``) holds ``config.json`` (with the DEC options as ``dec_*`` model args),
 ``model.safetensors`` and ``README.md`` rendered from the package's card template
 (``timm_dec/templates/model_card.md``). The script loads it back with ``timm.create_model("local-dir:...",
-pretrained=True)`` and checks that the logits are the same before any push. ``--push ORG/NAME`` uploads it in one commit (token: ``huggingface-cli login`` or ``$HF_TOKEN``); afterwards
+pretrained=True)`` and checks that the logits are the same before any push. ``--push ORG/NAME``
+uploads it in one commit (token: ``huggingface-cli login`` or ``$HF_TOKEN``); afterwards
 anyone gets the model with ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` after ``import timm_dec``.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ from PIL import Image
 
 import timm_dec  # noqa: F401
 from timm_dec import cli, hub
-from timm_dec.evaluate import build_eval_model, evaluate_model, resolve_digits
+from timm_dec.apps.evaluate import build_eval_model, evaluate_model, resolve_digits
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, dec_widths=(8, 16),
             dec_proj_chans=8)
@@ -202,7 +202,7 @@ def test_local_dir_implies_its_weights(model: torch.nn.Module, saved: Path, tmp_
     assert {"num_digits": 1, "canvas": 32, "digit_size": 16, "scale_range": [0.4, 2.0]}.items() <= r["digits"].items()
     args = argparse.Namespace(num_digits=None, canvas=None, digit_size=None, scale_range=None, data_seed=0,
                               num_samples=4, data="digits", mnist_root=None)
-    from timm_dec.evaluate import data_dataset, normalize_transform
+    from timm_dec.apps.evaluate import data_dataset, normalize_transform
     ds = data_dataset(args, 3, resolve_digits(args, recorded, 10, 32))
     ds.transform = normalize_transform(timm.data.resolve_data_config({}, model=model), 3)
     direct = evaluate_model(model, ds, [1.0], batch_size=2, progress=False)

@@ -11,7 +11,8 @@ in eager).
 Graph breaks: ``fullgraph=True`` raises on the first one, so a test that compiles with it proves there are none (the
 same thing ``torch._dynamo.explain`` reports). The default backend is ``eager`` for the family sweep (Dynamo's capture
 is what breaks graphs; ~5-15 s a family on the 2-core CI machine) and ``aot_eager`` for the Swin forward and the
-ViT training step (AOTAutograd's tracing and decompositions too; the ViT forward is in test_timm_contract). ``TIMM_DEC_TEST_COMPILE_BACKEND=aot_eager`` (or
+ViT training step (AOTAutograd's tracing and decompositions too; the ViT forward is in test_timm_contract).
+``TIMM_DEC_TEST_COMPILE_BACKEND=aot_eager`` (or
 ``inductor``) runs the whole sweep with that backend.
 """
 from __future__ import annotations
@@ -22,11 +23,12 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from test_timm_contract import FAMILIES, images, perturb_dec
+from test_timm_contract import create as create_model
 
 import timm_dec  # noqa: F401  (registers the *_dec models)
 from timm_dec import solver_stats
 from timm_dec.bench.overhead import set_dec_options
-from test_timm_contract import FAMILIES, create as create_model, images, perturb_dec
 
 SWEEP_BACKEND = os.environ.get("TIMM_DEC_TEST_COMPILE_BACKEND", "eager")
 AOT_BACKEND = os.environ.get("TIMM_DEC_TEST_COMPILE_BACKEND", "aot_eager")

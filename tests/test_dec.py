@@ -7,13 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from reference_solver import reference_anderson
 from torch.profiler import ProfilerActivity, profile
 
 from timm_dec.dec import DEC, DECConfig, SolveRecord, solver_stats
 from timm_dec.ops import check_knots, identity_knots, identity_logits, knots_from_logits
 from timm_dec.solver import SOLVERS, anderson, fixed_point, get_solver, relative_residual
-
-from reference_solver import reference_anderson
 
 SMALL = dict(grid=3, widths=(8, 16), proj_chans=4)
 
@@ -149,7 +148,7 @@ class TestIdentityAtInit:
         x = torch.randn(3, 6, 7, 5, requires_grad=training)
         with solver_stats() as stats:
             knots = dec(x, layout="nchw")
-            logits = dec.logits(x, layout="nchw")
+            logits = dec.equilibrium(x, layout="nchw")
         assert torch.equal(logits, torch.zeros(3, 2, 4, 3))  # exactly the identity logits
         torch.testing.assert_close(knots, identity_knots(3, 3), atol=1e-7, rtol=0)
         assert stats.summary()["dec"]["max_iterations"] == 1
@@ -176,10 +175,10 @@ class TestBatchIndependence:
         dec = perturbed(small_dec(in_chans=8, pool_size=6), std=0.1).train(training)
         x = torch.randn(8, 1 + 81, 8)
         with solver_stats() as stats:
-            batch = dec.logits(x, layout="tokens", num_prefix_tokens=1)
+            batch = dec.equilibrium(x, layout="tokens", num_prefix_tokens=1)
         assert batch.abs().max() > 0.05 and stats.total_fallbacks == 0
         for b in range(8):
-            alone = dec.logits(x[b:b + 1], layout="tokens", num_prefix_tokens=1)
+            alone = dec.equilibrium(x[b:b + 1], layout="tokens", num_prefix_tokens=1)
             assert (alone[0] - batch[b]).abs().max().item() <= 1e-5
 
 
@@ -204,8 +203,8 @@ class TestGradients:
         # eval mode too: a saliency map or a gradient attack of a model in eval() must see the knots' gradient
         dec, x, _ = float64_setup()
         dec.train(training)
-        assert dec.logits(x, layout="nchw").abs().max() > 0.1
-        assert torch.autograd.gradcheck(lambda x: dec.logits(x, layout="nchw"), (x,), atol=1e-6, rtol=1e-4,
+        assert dec.equilibrium(x, layout="nchw").abs().max() > 0.1
+        assert torch.autograd.gradcheck(lambda x: dec.equilibrium(x, layout="nchw"), (x,), atol=1e-6, rtol=1e-4,
                                         fast_mode=True)
 
     @pytest.mark.parametrize("training", [True, False])
@@ -230,7 +229,7 @@ class TestGradients:
 
     def test_implicit_matches_unrolled_to_convergence(self):
         dec, x, weight = float64_setup()
-        (dec.logits(x, layout="nchw") * weight).sum().backward()
+        (dec.equilibrium(x, layout="nchw") * weight).sum().backward()
         implicit, implicit_x = param_grads(dec), x.grad.clone()
         dec.zero_grad()
         x.grad = None
@@ -246,18 +245,18 @@ class TestGradients:
     @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
     def test_adjoint_solver_choice(self, solver):
         dec, x, weight = float64_setup(backward_solver=solver)
-        (dec.logits(x, layout="nchw") * weight).sum().backward()
+        (dec.equilibrium(x, layout="nchw") * weight).sum().backward()
         got = param_grads(dec)
         dec_ref, x_ref, _ = float64_setup()
-        (dec_ref.logits(x_ref, layout="nchw") * weight).sum().backward()
+        (dec_ref.equilibrium(x_ref, layout="nchw") * weight).sum().backward()
         torch.testing.assert_close(got, param_grads(dec_ref), atol=1e-9, rtol=1e-7)
 
     def test_phantom_close_in_direction(self):
         dec, x, weight = float64_setup()
-        (dec.logits(x, layout="nchw") * weight).sum().backward()
+        (dec.equilibrium(x, layout="nchw") * weight).sum().backward()
         implicit = param_grads(dec)
         phantom, xp, _ = float64_setup(backward="phantom", phantom_steps=3)
-        (phantom.logits(xp, layout="nchw") * weight).sum().backward()
+        (phantom.equilibrium(xp, layout="nchw") * weight).sum().backward()
         cos = nn.functional.cosine_similarity(param_grads(phantom), implicit, dim=0)
         assert cos > 0.95
         # ...but not the same: three steps truncate the Neumann series of the implicit gradient.
@@ -431,7 +430,8 @@ class TestOptionsAndCopies:
         x = torch.randn(3, 6, 8, 8)
         base = perturbed(small_dec(tol=1e-6, max_iter=200, update="absolute"), std=0.05).eval()
         other = perturbed(small_dec(tol=1e-6, max_iter=200, update="absolute", solver="fixed_point"), std=0.05).eval()
-        torch.testing.assert_close(other.logits(x, layout="nchw"), base.logits(x, layout="nchw"), atol=1e-5, rtol=0)
+        torch.testing.assert_close(other.equilibrium(x, layout="nchw"), base.equilibrium(x, layout="nchw"),
+                                   atol=1e-5, rtol=0)
         pooled = perturbed(small_dec(pool_size=4), std=0.05).eval()
         assert pooled.reduce_input(x, "nchw").shape == (3, 4, 4, 4)
 

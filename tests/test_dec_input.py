@@ -17,15 +17,14 @@ from typing import Any
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
+from test_adapt import FAMILIES as ALL_FAMILIES
+from test_adapt import SMALL_DEC, TINY, make_base, make_input, perturb_dec
 from torch import nn
 
 import timm_dec
 from timm_dec.adapt import dec_options
 from timm_dec.models import load_dec_state_dict
 from timm_dec.ops import identity_knots, monotone_warp
-
-from test_adapt import FAMILIES as ALL_FAMILIES, SMALL_DEC, TINY, make_base, make_input, perturb_dec
 
 # one model of every family class: ViT, distilled DeiT, BEiT, Swin, Eva, relpos ViT, Swin V2, Swin V2 cr
 FAMILIES = ["vit", "deit_distilled", "beit", "swin", "eva02", "relpos_cls", "swinv2", "swinv2_cr"]
@@ -131,7 +130,8 @@ def test_features_only_maps_are_unwarped_to_the_input_geometry(family):
             if mode == "invariant":
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
                 continue
-            torch.testing.assert_close(got, monotone_warp(ref, knots, inverse=True, layout=layout), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, monotone_warp(ref, knots, inverse=True, layout=layout),
+                                       rtol=1e-5, atol=1e-5)
             assert (got - ref).abs().max().item() > 1e-3  # really un-warped
 
 

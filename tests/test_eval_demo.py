@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
 from PIL import Image
+from safetensors.torch import load_file
 
 from timm_dec import cli
-from timm_dec.data import rescale_object
-from timm_dec.demo import PRESETS, paper_lr, resolve_config
-from timm_dec.plots import warp_lines
-from timm_dec.demo import add_arguments as demo_arguments
-from timm_dec.data import ImageFolderVariants
-from timm_dec.evaluate import format_per_scale_table, format_table, parse_bins, parse_scales
+from timm_dec.apps.demo import PRESETS, paper_lr, resolve_config
+from timm_dec.apps.demo import add_arguments as demo_arguments
+from timm_dec.apps.evaluate import format_per_scale_table, format_table, parse_bins, parse_scales
+from timm_dec.apps.plots import warp_lines
+from timm_dec.data import ImageFolderVariants, rescale_object
 from timm_dec.ops import identity_knots
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
@@ -91,7 +90,7 @@ class TestDemo:
         demo_arguments(parser)
         args = parser.parse_args(["--preset", "smoke", "--out", str(tmp_path), "--no-progress",
                                   "--write-start", str(tmp_path / "start")])
-        from timm_dec.demo import run
+        from timm_dec.apps.demo import run
         assert run(args) == 0
         assert "numbers mean nothing" in capsys.readouterr().out
         record = json.loads((tmp_path / "start" / "smoke_start.json").read_text())
@@ -189,7 +188,7 @@ class TestDemo:
             resolve_config(parser.parse_args(["--plain-steps", "0", "--aug-steps", "0", "--finetune-steps", "0"]))
 
     def test_shipped_start_must_match_the_configuration(self):
-        from timm_dec.demo import load_start
+        from timm_dec.apps.demo import load_start
         cfg = resolve_config(argparse.Namespace(**{**vars(_demo_args([])), "num_digits": 3}))
         with pytest.raises(ValueError, match="num_digits.*--from-scratch"):
             load_start(cfg, "default")

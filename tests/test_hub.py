@@ -220,7 +220,8 @@ def test_card_prose_describes_the_models_own_dec() -> None:
         dec_phantom_steps=2, **kwargs))
     assert "its patch embedding (the input image is canonicalised) and blocks 0, 1" in other
     assert "residual update, `knots = knots + H(S^-1(F; knots))`" in other
-    assert "phantom gradients (2 unrolled steps from the equilibrium)" in other and "implicit differentiation" not in other
+    assert "phantom gradients (2 unrolled steps from the equilibrium)" in other
+    assert "implicit differentiation" not in other
 
 
 def test_card_without_metrics_says_so(model: torch.nn.Module) -> None:

@@ -1,8 +1,8 @@
-"""The package's shape: no import cycle among the timm_dec modules, no ``import timm_dec`` inside the package, no
-module over 700 lines and no function over 80 lines (tests aside).
+"""The package's shape: the layers (library, data, I/O, benchmarks, applications) import only downwards, no import
+cycle among the timm_dec modules, no ``import timm_dec`` inside the package, no module over 700 lines and no function
+over 80 lines (tests aside).
 
-Import cycles are checked on module-level imports (function-local imports, each there to defer a heavy or optional
-import, run only when called, after every module-level import has finished).
+Every import counts, function-local ones too: deferring an import hides an edge from a reader, not from the layering.
 """
 from __future__ import annotations
 
@@ -53,24 +53,16 @@ def _imported(importer: str, node: ast.AST) -> Iterator[str]:
             yield target
 
 
-def _module_level_imports(tree: ast.Module) -> Iterator[ast.AST]:
-    """Import statements that run when the module is imported (also inside module-level if/try blocks)."""
-    stack: List[ast.AST] = list(tree.body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            yield node
-        elif isinstance(node, (ast.If, ast.Try, ast.With)):
-            stack.extend(ast.iter_child_nodes(node))
-        elif isinstance(node, ast.ExceptHandler):
-            stack.extend(node.body)
+def _all_imports(tree: ast.Module) -> Iterator[ast.AST]:
+    """Every import statement of a module: module-level ones and those inside functions and classes."""
+    return (node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
 def import_graph() -> Dict[str, Set[str]]:
     graph: Dict[str, Set[str]] = {}
     for name, path in MODULES.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        graph[name] = {t for node in _module_level_imports(tree) for t in _imported(name, node)}
+        graph[name] = {t for node in _all_imports(tree) for t in _imported(name, node)}
         # a submodule's import first imports its parent packages, which is no edge of this module's own
         graph[name] -= {p for p in graph[name] if name.startswith(p + ".")}
     return graph
@@ -139,3 +131,45 @@ def test_function_size(name: str):
             for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"{MODULES[name]}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+# The layers, lowest first (README "Design", /work/shared/DESIGN.md "Layout"): a module may import its own layer and
+# those below it. `_compat` and `_format` are leaves that every layer may use.
+LAYERS = (
+    ("library", ("timm_dec._compat", "timm_dec._format", "timm_dec.ops", "timm_dec.solver", "timm_dec.dec",
+                 "timm_dec.models", "timm_dec.adapt", "timm_dec")),
+    ("data", ("timm_dec.data", "timm_dec.metrics", "timm_dec.baselines")),
+    ("io", ("timm_dec.checkpoint", "timm_dec.hub")),
+    ("bench", ("timm_dec.bench",)),
+    ("apps", ("timm_dec.apps", "timm_dec.finetune", "timm_dec.cli")),
+)
+
+
+def layer_of(module: str) -> int:
+    """The index in `LAYERS` of the layer that holds ``module`` (the longest matching prefix)."""
+    best, level = -1, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, level = len(prefix), index
+    assert level >= 0, f"{module} is in no layer of tests/test_layout.py LAYERS: add it"
+    return level
+
+
+def test_every_module_is_in_a_layer():
+    for name in MODULES:
+        layer_of(name)
+
+
+def test_layers_import_only_downwards():
+    """The library never imports data, I/O, benchmarks or apps; I/O never the apps; and so on (every import)."""
+    upward = [f"{name} ({LAYERS[layer_of(name)][0]}) -> {target} ({LAYERS[layer_of(target)][0]})"
+              for name, targets in sorted(import_graph().items()) for target in sorted(targets)
+              if layer_of(target) > layer_of(name)]
+    assert not upward, "imports from a lower layer into a higher one:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_sees_function_local_imports():
+    tree = ast.parse("def f():\n    from .. import hub\n")
+    imported = [n for node in _all_imports(tree) for n in _imported("timm_dec.apps.evaluate", node)]
+    assert imported == ["timm_dec", "timm_dec.hub"]

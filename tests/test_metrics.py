@@ -7,8 +7,15 @@ import torch.nn as nn
 
 from timm_dec.data import LocallyScaledDigits, random_knots
 from timm_dec.metrics import (
-    accuracy, equi_error, equi_error_from_outputs, evaluate_equivariance, evaluate_scale_consistency, inv_error,
-    inv_error_from_probs, per_scale_accuracy, prob_correct,
+    accuracy,
+    equi_error,
+    equi_error_from_outputs,
+    evaluate_equivariance,
+    evaluate_scale_consistency,
+    inv_error,
+    inv_error_from_probs,
+    per_scale_accuracy,
+    prob_correct,
 )
 
 LOG3 = math.log(3.0)

@@ -50,10 +50,15 @@ TINY = {
     "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2,
                                              head_init_scale=1.0), 28),
     "dinov3_reg": (
-        "vit_small_patch16_dinov3", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0, head_init_scale=1.0), 32),
-    "relpos_cls": ("vit_relpos_medium_patch16_cls_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
-    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-    "swinv2_cr": ("swinv2_cr_tiny_224", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
+        "vit_small_patch16_dinov3",
+            dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0,
+                 head_init_scale=1.0), 32),
+    "relpos_cls": ("vit_relpos_medium_patch16_cls_224",
+        dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
+    "swinv2": ("swinv2_tiny_window8_256",
+        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
+    "swinv2_cr": ("swinv2_cr_tiny_224",
+        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
 }
 SMALL_DEC = dict(dec_widths=(8, 8), dec_proj_chans=4, dec_pool_size=8)
 

@@ -7,10 +7,10 @@ import safetensors.torch
 import timm
 import torch
 
+from timm_dec.apps.segment import PRESETS, DigitSegmenter, SegDigits, _dec_model, miou_per_image
 from timm_dec.cli import main
-from timm_dec.ops import monotone_warp
 from timm_dec.data import random_knots
-from timm_dec.segment import PRESETS, DigitSegmenter, SegDigits, _dec_model, miou_per_image
+from timm_dec.ops import monotone_warp
 
 
 def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(tmp_path, capsys):

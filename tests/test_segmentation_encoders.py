@@ -22,7 +22,6 @@ from timm_dec.adapt import dec_options
 from timm_dec.data import random_knots
 from timm_dec.ops import identity_knots, monotone_warp
 
-
 SMALL_DEC = dict(dec_widths=(8, 8), dec_proj_chans=4, dec_pool_size=8)
 SWIN_ARCH = dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2))
 TOKEN_ARCH = dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2)

@@ -21,8 +21,16 @@ from hypothesis import strategies as st
 
 from timm_dec import bench
 from timm_dec.ops import (
-    LAYOUTS, apply_inverse_map, apply_map, check_knots, dense_coords, identity_knots, identity_logits,
-    knots_from_logits, monotone_warp, pixel_coords,
+    LAYOUTS,
+    apply_inverse_map,
+    apply_map,
+    check_knots,
+    dense_coords,
+    identity_knots,
+    identity_logits,
+    knots_from_logits,
+    monotone_warp,
+    pixel_coords,
 )
 
 # Central tolerance table (atol, rtol) per dtype, for results that differ only by float rounding.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -26,10 +25,16 @@ import torch
 from torch import nn
 
 from . import __version__
-from .adapt import DECModelMixin, dec_options
+from ._compat import timm_model_args
+from ._format import plain
 from .models import (
-    CHECKPOINT_METADATA_KEY, base_model_name, load_dec_state_dict, read_checkpoint_record, same_dec_option,
+    CHECKPOINT_METADATA_KEY,
+    base_model_name,
+    load_dec_state_dict,
+    read_checkpoint_record,
+    same_dec_option,
 )
+from .models._base import DECModelMixin, dec_options, default_dec_options
 from .models._registry import dec_blocks_in
 
 __all__ = [
@@ -164,23 +169,12 @@ class TrainingCheckpoint:
     complete_options: bool = True
 
 
-def _plain(value: Any) -> Any:
-    """JSON data for the checkpoint metadata: tuples become lists, other objects their repr."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
-        return value
-    return repr(value)
-
-
 def _timm_model_inside(model: nn.Module) -> nn.Module:
     """``model`` itself when timm built it, else the first timm model inside it (a wrapper such as Canon may
     forward ``pretrained_cfg`` but is not what ``create_model`` built)."""
     for module in model.modules():
         timm_class = type(module).__module__.startswith(("timm.", "timm_dec.models"))
-        if ("_model_args" in vars(module) or timm_class) and getattr(module, "pretrained_cfg", None):
+        if (timm_model_args(module) is not None or timm_class) and getattr(module, "pretrained_cfg", None):
             return module
     raise TypeError(f"{type(model).__name__} holds no timm model (no pretrained_cfg): create it with "
                     f"timm.create_model")
@@ -190,16 +184,16 @@ def checkpoint_record(model: nn.Module, data: Optional[Mapping[str, Any]] = None
     """What `save_checkpoint` records about ``model``: architecture, ``create_model`` kwargs with every DEC option,
     the wrapper class (Canon) if any, and the data settings."""
     inner = _timm_model_inside(model)
-    args = {k: v for k, v in dict(getattr(inner, "_model_args", {}) or {}).items()
+    args = {k: v for k, v in (timm_model_args(inner) or {}).items()
             if k not in ("pretrained_model_args", "device", "dtype", "pretrained_cfg_overlay", "pretrained_cfg")}
     args.update(dec_options(inner))
     args.setdefault("num_classes", inner.num_classes)
-    record: dict[str, Any] = {"architecture": inner.pretrained_cfg["architecture"], "model_args": _plain(args),
+    record: dict[str, Any] = {"architecture": inner.pretrained_cfg["architecture"], "model_args": plain(args),
                               "timm_dec_version": __version__}
     if inner is not model:
         record["wrapper"] = type(model).__name__
     if data:
-        record["data"] = _plain(dict(data))
+        record["data"] = plain(dict(data))
     return record
 
 
@@ -374,9 +368,8 @@ def model_from_checkpoint(
                 f"{key}={options[key]!r}")
     unnamed = [k for k in requested if k.startswith("dec_") and k not in recorded]
     if unnamed and ckpt.architecture and _same_arch(arch, ckpt.architecture):
-        # the checkpoint was trained with the options it records and the defaults for the others
-        trained = dec_options(timm.create_model(
-            arch, pretrained=False, **{**recorded, **{k: v for k, v in requested.items() if not k.startswith("dec_")}}))
+        # the checkpoint was trained with the options it records and the defaults (DECConfig's) for the others
+        trained = default_dec_options(model)
         for key in unnamed:
             if key in trained and not same_dec_option(trained[key], options[key]):
                 raise ValueError(

@@ -1,4 +1,4 @@
-"""The timm-dec command: demo | eval | bench | push.
+"""The timm-dec command: demo | eval | segment | bench | push.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``. A user
 error (a bad file, a missing folder, options that contradict a checkpoint, no CUDA, no network, ...) ends with one
@@ -20,10 +20,11 @@ from . import __version__
 __all__ = ["SUBCOMMANDS", "CheckedParseKwargs", "build_parser", "error_line", "main"]
 
 SUBCOMMANDS = {
-    "demo": ("timm_dec.demo", "train base, Aug, InvL, Canon and DEC on locally scaled digits and compare them"),
-    "segment": ("timm_dec.segment", "semantic segmentation of locally scaled digit scenes: Base, Aug, AugL, Canon, "
+    "demo": ("timm_dec.apps.demo", "train base, Aug, InvL, Canon and DEC on locally scaled digits and compare them"),
+    "segment": ("timm_dec.apps.segment", "semantic segmentation of locally scaled digit scenes: Base, Aug, AugL, "
+                                         "Canon, "
                                     "DEC; mIoU, EquE, paired intervals"),
-    "eval": ("timm_dec.evaluate", "accuracy, InvE and per-scale accuracy of any timm model"),
+    "eval": ("timm_dec.apps.evaluate", "accuracy, InvE and per-scale accuracy of any timm model"),
     "bench": ("timm_dec.bench", "benchmarks: 'warp' (the warp op), 'overhead' (base vs *_dec models) or 'gpu' "
                                 "(the one-shot GPU check)"),
     "push": ("timm_dec.hub", "save a checkpoint as a Hub folder with a model card and push it"),

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import get_act_layer
 
+from ._compat import native_conv2d
 from .ops import identity_logits, knots_from_logits, monotone_warp
 from .ops.folds import fold_free_knots
 from .ops.layout import LAYOUTS, spatial_size
@@ -128,6 +129,11 @@ class DECConfig:
     logit_bound: float = 1.5
     min_jacobian: float = 0.05
 
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The option names, in field order: ``dec_<name>`` for ``create_model``, ``<name>`` for `timm_dec.adapt`."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
     def __post_init__(self) -> None:
         for field in ("widths", "image_widths"):
             widths = getattr(self, field)
@@ -173,7 +179,8 @@ class DECConfig:
         try:
             get_act_layer(self.act_layer)
         except KeyError:
-            raise ValueError(f"unknown dec act_layer {self.act_layer!r}; use a name timm's get_act_layer knows") from None
+            raise ValueError(
+                f"unknown dec act_layer {self.act_layer!r}; use a name timm's get_act_layer knows") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,12 +345,12 @@ def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)``; on the CPU through PyTorch's native im2col kernel, which computes each sample on its own.
 
     oneDNN picks convolution algorithms by batch size, which rounds differently (~1e-7) and the solve magnifies that;
-    the native kernel keeps a sample's result independent of its batch (DESIGN.md) without touching the process-wide
-    oneDNN switch, so concurrent threads are unaffected.
+    the native kernel keeps a sample's result independent of its batch (README, "Design") without touching the
+    process-wide oneDNN switch, so concurrent threads are unaffected.
     """
     if x.device.type != "cpu":
         return conv(x)
-    return torch._C._nn.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
+    return native_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
 
 
 def _max_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -406,7 +413,7 @@ class DEC(nn.Module):
             cfg = DECConfig()
         elif not isinstance(cfg, DECConfig):
             raise TypeError(f"cfg must be a DECConfig, got {type(cfg).__name__}")
-        fields = {f.name for f in dataclasses.fields(DECConfig)}
+        fields = set(DECConfig.option_names())
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise TypeError(f"unknown DEC option(s) {unknown}; the options are {sorted(fields)}")
@@ -456,7 +463,7 @@ class DEC(nn.Module):
         ``pool_size`` for the latent H; the (B, C, h, w) image area-resized to at most ``image_size`` for the image H.
 
         Args:
-            x: the feature map in ``layout`` (see `logits`); its channels must be ``in_chans``.
+            x: the feature map in ``layout`` (see `equilibrium`); its channels must be ``in_chans``.
         """
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -465,7 +472,8 @@ class DEC(nn.Module):
         height, width = spatial_size(x, layout, grid_size, num_prefix_tokens)
         chans = x.shape[1] if layout == "nchw" else x.shape[-1]
         if chans != self.in_chans:
-            raise ValueError(f"DEC {self.name!r} expects {self.in_chans} channels, got {chans} ({layout} {tuple(x.shape)})")
+            raise ValueError(
+                f"DEC {self.name!r} expects {self.in_chans} channels, got {chans} ({layout} {tuple(x.shape)})")
         if height * width < 2:
             raise ValueError(f"DEC needs a feature map with at least 2 positions, got {height} x {width}")
         if layout == "tokens":
@@ -487,7 +495,7 @@ class DEC(nn.Module):
         if x.device.type != "cpu":
             return F.conv2d(x, self.proj.weight[:, :, None, None], self.proj.bias)
         # a per-sample GEMM (a Linear folds the batch into one GEMM whose blocking, and rounding, depend on B)
-        return torch._C._nn.thnn_conv2d(
+        return native_conv2d(
             x.contiguous(), self.proj.weight[:, :, None, None], (1, 1), self.proj.bias, (1, 1), (0, 0))
 
     def knots(self, z: torch.Tensor) -> torch.Tensor:
@@ -558,7 +566,7 @@ class DEC(nn.Module):
 
         return adjoint
 
-    def logits(
+    def equilibrium(
             self,
             x: torch.Tensor,
             *,
@@ -625,13 +633,13 @@ class DEC(nn.Module):
             grid_size: Optional[Union[int, Sequence[int]]] = None,
             num_prefix_tokens: int = 0,
     ) -> torch.Tensor:
-        """Knots of the equilibrium monotone scaling of ``x`` (arguments as in `logits`).
+        """Knots of the equilibrium monotone scaling of ``x`` (arguments as in `equilibrium`).
 
         Returns:
             (B, 2, G+1, G+1) fold-free knots (identity for a sample whose solve went non-finite), in the parameters'
             dtype.
         """
-        return self.knots(self.logits(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens))
+        return self.knots(self.equilibrium(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens))
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -36,14 +36,24 @@ from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
-from .adapt import INPUT, DECModelMixin, dec_options, jsonable
+from ._compat import hf_split
+from ._format import format_scale, jsonable
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
-    CHECKPOINT_METADATA_KEY, CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME, TrainingCheckpoint, _read_json,
-    check_pretrained, checkpoint_record, load_training_checkpoint, model_from_checkpoint,
-    read_training_checkpoint, save_checkpoint,
+    CHECKPOINT_METADATA_KEY,
+    CONFIG_NAME,
+    TRAINING_STATE_NAME,
+    WEIGHTS_NAME,
+    TrainingCheckpoint,
+    _read_json,
+    check_pretrained,
+    checkpoint_record,
+    load_training_checkpoint,
+    model_from_checkpoint,
+    read_training_checkpoint,
+    save_checkpoint,
 )
-from .metrics import format_scale
 from .models import base_model_name, same_dec_option
+from .models._base import INPUT, DECModelMixin, dec_options
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
@@ -61,7 +71,8 @@ PathLike = Union[str, os.PathLike]
 
 
 def _dec_cfg(model: nn.Module) -> Any:
-    """The frozen DEC config of an adapted model (`timm_dec.adapt.AdaptConfig`), or None for a model without DEC."""
+    """The frozen DEC config of an adapted model (`timm_dec.models._base.AdaptConfig`), or None for a model without
+    DEC."""
     if isinstance(model, DECModelMixin):
         return model.dec_cfg
     return None
@@ -496,7 +507,6 @@ def _pretrained_folder(source: str, cache_dir: Optional[PathLike]) -> tuple[Path
         return Path(source[len("local-dir:"):] if source.startswith("local-dir:") else source), False
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-    from timm.models._hub import hf_split
 
     repo, revision = hf_split(source[len("hf-hub:"):])
     offline = constants.HF_HUB_OFFLINE or not hub_reachable()

@@ -22,8 +22,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import random_knots
-from .ops import LAYOUTS, check_knots, monotone_warp
+from ._format import format_scale, json_default  # noqa: F401  (re-exported: the metrics' formatting)
+from .ops import LAYOUTS, check_knots, monotone_warp, random_knots
 
 __all__ = [
     "inv_error_from_probs", "inv_error", "equi_error_from_outputs", "equi_error", "accuracy", "per_scale_accuracy",
@@ -497,25 +497,6 @@ def evaluate_equivariance(
     return total / count
 
 
-def format_scale(scale: Union[float, Sequence[float]]) -> str:
-    """A scale as tables, cards and logs print it: ``0.7``, or ``(0.7,1.3)`` for per-part scales."""
-    if isinstance(scale, (list, tuple)):
-        return "(" + ",".join(f"{float(v):g}" for v in scale) + ")"
-    return f"{float(scale):g}"
-
-
-def json_default(obj: Any) -> Any:
-    """``json.dumps(..., default=json_default)`` for metric and benchmark results: tensors and numpy scalars and
-    arrays become numbers and lists."""
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (np.integer, np.floating, np.ndarray)):
-        return obj.tolist()
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
-
-
 def paired_bootstrap(
         values_a: torch.Tensor,
         values_b: torch.Tensor,
@@ -545,7 +526,8 @@ def paired_bootstrap(
     a = _check_tensor("values_a", values_a, 1, floating=False).double()
     b = _check_tensor("values_b", values_b, 1, floating=False).double()
     if a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"need two equally long score vectors of >= 2 items, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"need two equally long score vectors of >= 2 items, got {tuple(a.shape)} and {tuple(b.shape)}")
     if not 0 < confidence < 1 or resamples < 1:
         raise ValueError(f"confidence must be in (0, 1) and resamples >= 1, got {confidence}, {resamples}")
     diff = a - b

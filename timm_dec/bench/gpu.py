@@ -24,12 +24,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..ops import LAYOUTS, knots_from_logits, monotone_warp, monotone_warp_ref
+from ..ops import LAYOUTS, knots_from_logits, monotone_warp_ref
 from .overhead import MODES, bench_overhead
 from .timing import environment
 from .warp import WARP_SHAPES, bench_warp, format_warp_table
 
-__all__ = ["bench_gpu", "triton_kernel_check", "format_gpu_summary", "gpu_targets", "GPU_MODELS", "DRY_RUN_MODELS", "DEFAULT_BUDGET_S", "KERNEL_RTOL"]
+__all__ = ["bench_gpu", "triton_kernel_check", "format_gpu_summary", "gpu_targets", "GPU_MODELS", "DRY_RUN_MODELS",
+           "DEFAULT_BUDGET_S", "KERNEL_RTOL"]
 
 GPU_MODELS = ("vit_small_patch16_224", "swin_tiny_patch4_window7_224", "beit_base_patch16_224")
 DRY_RUN_MODELS = ("vit_tiny_patch16_224",)
@@ -109,7 +110,8 @@ def triton_kernel_check(device: str | torch.device = "cuda", random_draws: int =
                     k.retain_grad()
                     out = fn(a, k)
                     out.backward(up)
-                    outs.append({"forward": out.detach(), "grad_x": a.grad, "grad_knots": k.grad, "grad_logits": lg.grad})
+                    outs.append({"forward": out.detach(), "grad_x": a.grad, "grad_knots": k.grad,
+                                 "grad_logits": lg.grad})
                 cases += 1
                 # the last knot's gradient in the forward direction where F.interpolate misses the border by an ulp
                 last = None if inverse or (_border_exact(g, h) and _border_exact(g, w)) else -1
@@ -194,7 +196,8 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
     overhead = []
     for name in models:  # one section per model, so that the budget is checked between models
         ns = argparse.Namespace(**{**vars(args), "models": [name], "modes": modes,
-                                   "batch_size": 2 if dry else args.batch_size, "img_size": 64 if dry else args.img_size,
+                                   "batch_size": 2 if dry else args.batch_size,
+                                   "img_size": 64 if dry else args.img_size,
                                    "repeats": 1 if dry else args.repeats, "warmup": 0 if dry else args.warmup,
                                    # a dry run checks code paths, not Inductor's C++ compiler (minutes on a small CPU):
                                    # Dynamo's capture only (tests/test_compile.py checks the compiled graphs)

@@ -426,8 +426,9 @@ def format_overhead_table(result: dict[str, Any]) -> str:
     lines.append("x = dec / base (time: median of the per-round ratios; memory: parameters + the step's peak; x step: "
                  "the step's peak alone); "
                  "iters: mean solver iterations per DEC call, eval / train; DEC% fwd: share of the eval forward inside "
-                 "the DEC modules (eager only); adj% trn: share of a profiled training step in the implicit backward ('-': "
-                 "phantom backward, no adjoint solve); NAME@compile / NAME@cudagraph: compiled / CUDA-graph modes; "
+                 "the DEC modules (eager only); adj% trn: share of a profiled training step in the implicit backward "
+                 "('-': phantom backward, no adjoint solve); NAME@compile / NAME@cudagraph: compiled / CUDA-graph "
+                 "modes; "
                  "NAME+worst: every solve runs to its iteration limit")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ..metrics import json_default
+from .._format import json_default
 
 __all__ = ["paired_times", "time_interleaved", "environment", "write_json", "peak_cpu_memory"]
 

@@ -18,9 +18,9 @@ from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from timm.models._features import FeatureGetterNet, FeatureListNet
 
-from ..adapt import AdaptConfig, DECModelMixin
+from .._compat import FeatureGetterNet, FeatureListNet
+from ._base import AdaptConfig, DECModelMixin
 
 __all__ = ["DECFeaturesMixin", "DECFeatureGetterNet", "DECFeatureListNet", "dec_feature_class"]
 

@@ -2,21 +2,20 @@
 
 Each ``<base>_dec`` entrypoint runs the base entrypoint of timm to learn how timm builds that base -- model class,
 architecture arguments, checkpoint filter, strictness, feature config -- then calls timm's
-``build_model_with_cfg`` with the matching DEC class (`timm_dec.adapt.dec_class_for`), the ``<base>_dec``
+``build_model_with_cfg`` with the matching DEC class (`timm_dec.models._base.dec_class_for`), the ``<base>_dec``
 pretrained cfg (a copy of the base's, so the weights are the base's) and `dec_checkpoint_filter`. So pretrained
 loading (``hf_hub_id``, ``pretrained_cfg_overlay=dict(file=...)``), ``features_only`` and every create_model keyword
 work as for the base. ``dec_*`` keywords (``dec_blocks``, ``dec_grid``, ``dec_mode``, ``dec_<DECConfig field>``)
 configure the DEC modules.
 
 The base entrypoint runs in a private copy of its timm module's globals in which ``build_model_with_cfg`` records
-its arguments and stops (`_capture_base_build`): nothing is built twice and timm's modules are never modified.
+its arguments and stops (`timm_dec._compat.capture_build_arguments`): nothing is built twice and timm's modules are
+never modified.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
-import types
 from collections import deque
 from functools import partial
 from pathlib import Path
@@ -24,12 +23,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, MutableMapping,
 
 import safetensors
 import torch
-from torch import nn
-import timm.models
 from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_models, register_model
-from timm.models._pretrained import DefaultCfg
+from torch import nn
 
-from ..adapt import INPUT, DECModelMixin, dec_class_for, dec_options as built_dec_options, split_dec_kwargs
+from .._compat import DefaultCfg, capture_build_arguments
+from ._base import DEC_PREFIX, INPUT, DECModelMixin, dec_class_for, dec_options, parse_dec_options, pop_dec_kwargs
 from ._features import DECFeaturesMixin, dec_feature_class
 
 __all__ = [
@@ -38,6 +36,7 @@ __all__ = [
     "register_dec_models", "supported_base_names", "base_model_name",
 ]
 
+# the family modules (one per timm model class); `timm_dec.models` imports each, which registers its models
 DEC_MODULES = ("vit_dec", "swin_dec", "beit_dec", "eva_dec", "relpos_dec", "swinv2_dec")
 # timm modules whose entrypoints build the supported classes; their helpers are re-bound when capturing
 _TIMM_FAMILY_MODULES = (
@@ -45,60 +44,17 @@ _TIMM_FAMILY_MODULES = (
     "timm.models.beit", "timm.models.swin_transformer", "timm.models.eva", "timm.models.vision_transformer_relpos",
     "timm.models.swin_transformer_v2", "timm.models.swin_transformer_v2_cr",
 )
-_BUILDER_SIGNATURE = inspect.signature(build_model_with_cfg)
 _BASE_OF: Dict[str, str] = {}  # <name>_dec -> base name
 # the key of the safetensors metadata under which `timm_dec.checkpoint.save_checkpoint` records how to rebuild a model
 CHECKPOINT_METADATA_KEY = "timm_dec"
 
 
-class _Captured(Exception):
-    """Raised by the recording builder to stop the base entrypoint once its build arguments are known."""
-
-    def __init__(self, arguments: Dict[str, Any]) -> None:
-        super().__init__("build arguments captured")
-        self.arguments = arguments
-
-
-def _recording_builder(*args: Any, **kwargs: Any) -> nn.Module:
-    bound = _BUILDER_SIGNATURE.bind(*args, **kwargs)
-    raise _Captured(dict(bound.arguments))
-
-
-def _shadow_globals(module_name: str, shadows: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """A copy of a timm family module's globals with ``build_model_with_cfg`` recording instead of building.
-
-    Functions of the family modules found in it (the entrypoints, ``_create_*`` helpers, also when imported from
-    another family module, as the hybrid ViTs do) are re-bound to the shadow globals of their own module.
-    """
-    if module_name in shadows:
-        return shadows[module_name]
-    module = __import__(module_name, fromlist=["_"])
-    shadow: Dict[str, Any] = dict(vars(module))
-    shadows[module_name] = shadow
-    shadow["build_model_with_cfg"] = _recording_builder
-    for name, obj in list(shadow.items()):
-        if isinstance(obj, types.FunctionType) and obj.__module__ in _TIMM_FAMILY_MODULES:
-            target = shadow if obj.__module__ == module_name else _shadow_globals(obj.__module__, shadows)
-            rebound = types.FunctionType(obj.__code__, target, obj.__name__, obj.__defaults__, obj.__closure__)
-            rebound.__kwdefaults__ = obj.__kwdefaults__
-            shadow[name] = rebound
-    return shadow
-
-
 def _capture_base_build(base_name: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The arguments timm's entrypoint for ``base_name`` passes to ``build_model_with_cfg``, without building."""
-    entrypoint = timm.models.model_entrypoint(base_name)
-    if entrypoint.__module__ not in _TIMM_FAMILY_MODULES:
-        raise TypeError(f"{base_name} is defined in {entrypoint.__module__}, which timm_dec does not support")
+    """The arguments timm's entrypoint for ``base_name`` passes to ``build_model_with_cfg``, without building
+    (`timm_dec._compat.capture_build_arguments`)."""
     if kwargs.get("use_naflex"):
         raise TypeError(f"timm_dec does not support NaFlexVit (use_naflex=True for {base_name})")
-    shadow = _shadow_globals(entrypoint.__module__, {})
-    try:
-        model = shadow[base_name](pretrained=pretrained, **kwargs)
-    except _Captured as captured:
-        return captured.arguments
-    raise TypeError(f"{base_name} was built as {type(model).__name__} outside build_model_with_cfg, which timm_dec "
-                    f"does not support")
+    return capture_build_arguments(base_name, pretrained, kwargs, _TIMM_FAMILY_MODULES)
 
 
 def dec_checkpoint_filter(
@@ -300,7 +256,7 @@ def _check_built_dec_options(model: nn.Module, recorded: Mapping[str, Any], sour
     with another value than the default)."""
     dec_model = next((getattr(m, "dec_model", m) for m in model.modules()
                       if isinstance(m, (DECModelMixin, DECFeaturesMixin))), None)
-    built = built_dec_options(dec_model) if dec_model is not None else {}
+    built = dec_options(dec_model) if dec_model is not None else {}
     for key, value in recorded.items():
         if key in built and not same_dec_option(built[key], value):
             raise TypeError(
@@ -327,7 +283,7 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     if pretrained:
         source, recorded = _recorded_model_args(kwargs)
         check_recorded_dec_options(kwargs, recorded, source)
-    dec_options = split_dec_kwargs(kwargs, keep_prefix=True)
+    dec_parsed = parse_dec_options(pop_dec_kwargs(kwargs), DEC_PREFIX)  # checked once, here
     arguments = _capture_base_build(base_name, pretrained, kwargs)
     dec_cls = dec_class_for(arguments.pop("model_cls"))
     arguments.pop("variant")
@@ -341,7 +297,7 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
     base_feature_cls = model_kwargs.pop("feature_cls", None) or feature_cfg.get("feature_cls")
     feature_cfg["feature_cls"] = dec_feature_class(base_feature_cls)
     arguments["feature_cfg"] = feature_cfg
-    model = build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, **dec_options)
+    model = build_model_with_cfg(dec_cls, dec_name, pretrained, **arguments, **model_kwargs, dec_parsed=dec_parsed)
     if pretrained:
         # features_only prunes the blocks past the last feature, DEC included (their weights were checked)
         skip = ("dec_blocks",) if kwargs.get("features_only") else ()

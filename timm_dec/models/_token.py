@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from timm.models._features import feature_take_indices
 
-from ..adapt import DECModelMixin
+from .._compat import feature_take_indices
+from ._base import DECModelMixin
 
 __all__ = ["TokenDECMixin"]
 

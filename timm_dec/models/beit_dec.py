@@ -3,17 +3,17 @@
 Each adapted block runs through `DECModelMixin.dec_block` on the (B, 1 + H*W, C) tokens (the class token passes
 through unwarped) and keeps receiving ``shared_rel_pos_bias``. Importing this module registers ``<base>_dec`` for
 every ``beit*`` model of timm's ``beit`` module and the aliases ``beit_{base,large}_dec``. (timm's ``beit3_*`` are
-``VisionTransformer`` models: `timm_dec.vit_dec` registers them.)
+``VisionTransformer`` models: `timm_dec.models.vit_dec` registers them.)
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 from timm.models.beit import Beit
+from torch import nn
 
-from ..adapt import register_dec_family
+from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
 from ._token import TokenDECMixin
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 from timm.models.eva import Eva
+from torch import nn
 
-from ..adapt import register_dec_family
+from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
 from ._token import TokenDECMixin
 
@@ -38,10 +38,10 @@ __all__ = ["EvaDEC"]
 class EvaDEC(TokenDECMixin, Eva):
     """A timm ``Eva`` whose blocks in ``dec_cfg.blocks`` are canonicalised by a DEC.
 
-    Takes the ``Eva`` arguments plus the ``dec_*`` options (`timm_dec.adapt.split_dec_kwargs`). Default DEC positions:
-    ``("input",)``. Each block keeps its RoPE on the fixed token grid (see the module docstring); mixed-mode RoPE gives
-    every block its own embedding, as in the base. Patch dropout is not supported (it breaks the token grid the
-    warp needs).
+    Takes the ``Eva`` arguments plus the ``dec_*`` options (`timm_dec.models._base.parse_dec_options`). Default DEC
+    positions: ``("input",)``. Each block keeps its RoPE on the fixed token grid (see the module docstring);
+    mixed-mode RoPE gives every block its own embedding, as in the base. Patch dropout is not supported (it breaks
+    the token grid the warp needs).
     """
 
     @classmethod

@@ -20,10 +20,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+from torch import nn
 
-from ..adapt import register_dec_family
+from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
 from ._token import TokenDECMixin
 

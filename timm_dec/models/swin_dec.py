@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
-from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import SwinTransformer
+from torch import nn
 
-from ..adapt import DECModelMixin, register_dec_family
+from .._compat import feature_take_indices
+from ._base import DECModelMixin, register_dec_family
 from ._registry import register_dec_models, supported_base_names
 
 __all__ = ["SwinStagesDECMixin", "SwinTransformerDEC"]

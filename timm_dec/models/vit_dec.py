@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 from timm.layers import PatchDropout
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from ..adapt import register_dec_family
+from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
 from ._token import TokenDECMixin
 
@@ -29,7 +29,7 @@ __all__ = ["VisionTransformerDEC", "VisionTransformerDistilledDEC"]
 class VisionTransformerDEC(TokenDECMixin, VisionTransformer):
     """A timm ``VisionTransformer`` with DECs at ``dec_cfg.blocks`` (the input image and/or blocks).
 
-    Takes the ``VisionTransformer`` arguments plus the ``dec_*`` options (`timm_dec.adapt.split_dec_kwargs`).
+    Takes the ``VisionTransformer`` arguments plus the ``dec_*`` options (`timm_dec.models._base.parse_dec_options`).
     Default DEC positions: ``("input",)``. Patch dropout is not supported (it breaks the token grid the warp needs).
     """
 

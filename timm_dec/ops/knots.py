@@ -1,6 +1,6 @@
 """Monotone scaling parameters and the warp map l they define.
 
-Conventions (DESIGN.md): coordinates are normalised to [0, 1] with align_corners=True, a point is (x, y).
+Conventions (README, "Design"): coordinates are normalised to [0, 1] with align_corners=True, a point is (x, y).
 A G x G DEC grid has knot tables of shape (B, 2, G+1, G+1):
 
 * ``knots[:, 0, m, n]`` is the value of the row function l^{y_m} at x_n (row m, knot n),

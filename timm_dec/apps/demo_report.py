@@ -11,25 +11,15 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from .adapt import INPUT
-from .data import LocallyScaledDigits
-from .evaluate import format_per_scale_table, format_table
-from .metrics import format_scale, paired_bootstrap
-from .ops.folds import local_magnification
+from .._format import format_per_scale_table, format_scale, format_table
+from ..data import LocallyScaledDigits
+from ..metrics import paired_bootstrap
+from ..models._base import INPUT
+from ..ops.folds import local_magnification
 from .plots import plot_per_scale, plot_prob_correct, plot_warp_grids
+from .presets import dec_kwargs
 
-__all__ = ["dec_kwargs", "eval_command", "paired_rows", "first_dec_knots", "dec_evidence", "tables", "plots"]
-
-
-def dec_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The ``create_model`` DEC kwargs of a demo configuration."""
-    out = dict(dec_grid=cfg["dec_grid"], dec_mode=cfg["dec_mode"], dec_widths=tuple(cfg["dec_widths"]),
-               dec_image_widths=tuple(cfg["dec_image_widths"]), dec_image_size=cfg["dec_image_size"],
-               dec_max_iter=cfg["dec_max_iter"], dec_tol=cfg["dec_tol"], dec_update=cfg["dec_update"],
-               dec_backward=cfg["dec_backward"])
-    if cfg["dec_blocks"] is not None:
-        out["dec_blocks"] = tuple(cfg["dec_blocks"])
-    return out
+__all__ = ["eval_command", "paired_rows", "first_dec_knots", "dec_evidence", "tables", "plots"]
 
 
 def eval_command(cfg: dict[str, Any], method: str, checkpoint: Path) -> str:

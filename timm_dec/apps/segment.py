@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapt import DECModelMixin
-from .baselines import InputCanonicalizer
-from .data import LocallyScaledDigits, random_knots
-from .demo import _schedule
-from .metrics import equi_error_from_outputs, json_default, paired_bootstrap
-from .models import load_dec_state_dict
-from .ops import identity_knots, monotone_warp
+from .._format import json_default
+from ..baselines import InputCanonicalizer
+from ..data import LocallyScaledDigits
+from ..metrics import equi_error_from_outputs, paired_bootstrap
+from ..models import load_dec_state_dict
+from ..models._base import DECModelMixin
+from ..ops import identity_knots, monotone_warp, random_knots
+from ._common import warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "add_arguments", "run", "miou_per_image"]
 
@@ -201,7 +202,7 @@ def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[st
     """
     model.train()
     opt = _optimizer(model, lr, cfg, only_dec, cfg["dec_lr_mult"])
-    sched = _schedule(opt, steps, cfg["warmup_frac"])
+    sched = warmup_cosine_schedule(opt, steps, cfg["warmup_frac"])
     weight = torch.ones(NUM_CLASSES)
     weight[0] = cfg["bg_weight"]
     gen = torch.Generator().manual_seed(seed)

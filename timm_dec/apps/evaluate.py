@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -47,11 +45,13 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from torch.utils.data import Dataset
 
-from .baselines import InputCanonicalizer
-from .data import ImageFolderVariants, LocallyScaledDigits
-from .dec import solver_stats
+from .._format import format_per_scale_table, format_scale, format_table, json_default
+from ..baselines import InputCanonicalizer
+from ..data import ImageFolderVariants, LocallyScaledDigits
+from ..dec import solver_stats
+from ..metrics import evaluate_scale_consistency
+from ._common import normalize_transform, parse_bins, parse_scales, resolve_device
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
-from .metrics import evaluate_scale_consistency, format_scale, json_default
 
 __all__ = [
     "DEFAULT_SCALES", "parse_scales", "parse_bins", "normalize_transform", "digits_dataset", "data_dataset",
@@ -64,56 +64,6 @@ DEFAULT_SCALES = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 DEFAULT_NUM_DIGITS = 3
 DEFAULT_CANVAS = 224
 DEFAULT_SCALE_RANGE = (0.4, 2.0)
-
-
-def parse_scales(text: str) -> list[float]:
-    """``"0.7,0.8,1.0"`` -> [0.7, 0.8, 1.0]; every scale a finite number > 0."""
-    try:
-        scales = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"scales must be comma-separated numbers, e.g. 0.7,0.85,1.0, got {text!r}") from None
-    if not scales:
-        raise ValueError(f"no scales in {text!r}")
-    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
-    if bad:
-        raise ValueError(f"scales must be finite and > 0, got {bad}")
-    return scales
-
-
-def parse_bins(text: str) -> list[tuple[float, float]]:
-    """``"0.4-1.0,1.0-2.0"`` -> [(0.4, 1.0), (1.0, 2.0)]; each bin 0 < low <= high."""
-    bins = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        pieces = part.split("-")
-        try:
-            low, high = (float(v) for v in pieces)
-        except ValueError:
-            raise ValueError(f"a scale bin is LOW-HIGH, e.g. 0.4-1.0; got {part!r} in {text!r}") from None
-        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
-            raise ValueError(f"a scale bin needs 0 < LOW <= HIGH, got {part!r}")
-        bins.append((low, high))
-    if not bins:
-        raise ValueError(f"no scale bins in {text!r}")
-    return bins
-
-
-def normalize_transform(data_cfg: Mapping[str, Any], chans: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(C, H, W) or (B, C, H, W) images in [0, 1] -> normalised with the data config's ``mean`` and ``std``.
-
-    A 1-channel model with a 3-channel config uses the channel means.
-    """
-    mean = torch.tensor(data_cfg["mean"], dtype=torch.float32)
-    std = torch.tensor(data_cfg["std"], dtype=torch.float32)
-    if mean.numel() != chans:
-        mean, std = mean.mean().expand(chans), std.mean().expand(chans)
-    mean, std = mean.view(-1, 1, 1).clone(), std.view(-1, 1, 1).clone()
-
-    def normalize(x: torch.Tensor) -> torch.Tensor:
-        return (x - mean) / std
-
-    return normalize
 
 
 def digits_dataset(
@@ -135,23 +85,6 @@ def digits_dataset(
         split, num_samples=num_samples, num_digits=num_digits, canvas=canvas, scale_range=scale_range,
         digit_size=digit_size, source=source, root=root, seed=seed, channels=chans,
         transform=None if data_cfg is None else normalize_transform(data_cfg, chans))
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    """``--device``: default cuda when available, else cpu; a CUDA device without CUDA is an error."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
-                             f"built with CUDA {torch.version.cuda}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def default_num_digits(num_classes: int) -> Optional[int]:
@@ -286,7 +219,7 @@ def build_eval_model(
         use_ema: take timm's ``state_dict_ema`` from a ``.pth.tar`` (an error for any other source: it has no EMA
             weights).
     """
-    from . import hub
+    from .. import hub
 
     kwargs = dict(model_kwargs or {})
     def with_canon(m: nn.Module) -> nn.Module:
@@ -382,31 +315,6 @@ def evaluate_model(
                                     mean_residual=stats.mean_residual,
                                     max_residual=max(r.max_residual for r in stats.records))
     return result
-
-
-def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Paper Table 2 layout: one row per method, Acc (%) and InvE (1e-2, i.e. 100 x the raw value)."""
-    width = max(8, *(len(n) for n in results))
-    lines = [f"{'Method':<{width}}  {'Acc (%)':>8}  {'InvE (1e-2)':>11}"]
-    for name, r in results.items():
-        lines.append(f"{name:<{width}}  {100 * r['acc']:>8.2f}  {100 * r['inv_e']:>11.2f}")
-    return "\n".join(lines)
-
-
-def format_per_scale_table(results: Mapping[str, Mapping[str, Any]], key: str = "per_scale_acc") -> str:
-    """Paper Table 3 layout: accuracy (%) per scale (or per bin with ``key="per_bin_acc"``) and their mean +- std."""
-    first = next(iter(results.values()))
-    cols = ([f"[{lo:g},{hi:g}]" for lo, hi in first["scale_bins"]] if key == "per_bin_acc"
-            else [format_scale(s) for s in first["scales"]])
-    width = max(8, *(len(n) for n in results))
-    cw = max(6, *(len(c) for c in cols))
-    lines = [f"{'Scale':<{width}}  " + "  ".join(f"{c:>{cw}}" for c in cols) + f"  {'Overall':>14}"]
-    for name, r in results.items():
-        accs = [100 * a for a in r[key]]
-        spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-        overall = f"{statistics.fmean(accs):.2f} ± {spread:.2f}"
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{a:>{cw}.2f}" for a in accs) + f"  {overall:>14}")
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

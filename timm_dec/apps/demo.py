@@ -33,7 +33,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -50,82 +49,30 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from tqdm.auto import tqdm
 
-from .baselines import InputCanonicalizer, InvarianceLoss
-from .checkpoint import save_checkpoint
-from .data import LocallyScaledDigits, RandomMonotoneScale, random_knots
-from .adapt import INPUT
-from .dec import BACKWARD_MODES, UPDATE_FORMS
-from .demo_report import dec_evidence, dec_kwargs, eval_command, paired_rows, plots, tables
-from .evaluate import evaluate_model, normalize_transform, parse_bins, parse_scales, resolve_device
+from .._format import json_default
+from ..baselines import InputCanonicalizer, InvarianceLoss
+from ..checkpoint import save_checkpoint
+from ..data import LocallyScaledDigits, RandomMonotoneScale
+from ..dec import BACKWARD_MODES, UPDATE_FORMS
+from ..metrics import evaluate_scale_consistency
+from ..models import load_dec_state_dict
+from ..models._base import INPUT
+from ..ops import monotone_warp, random_knots
+from ._common import normalize_transform, parse_bins, parse_scales, resolve_device, warmup_cosine_schedule
+from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
+from .evaluate import evaluate_model
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
-from .metrics import evaluate_scale_consistency, json_default
-from .models import load_dec_state_dict
-from .ops import monotone_warp
+from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 
 __all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train"]
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
 LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
-START_DIR = Path(__file__).parent / "demo_start"
+START_DIR = Path(__file__).resolve().parent.parent / "demo_start"
 # the configuration values that determine the shared start (a shipped start must have been made with these)
 START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "canvas", "digit_size", "scale_range",
               "train_samples", "plain_steps", "aug_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
               "warmup_frac", "aug_strength", "aug_p", "seed")
-
-# The DEC canonicalises the input image (dec_blocks=("input",)) with the library's defaults, the absolute update and
-# implicit gradients (README, "Defaults": the residual update's DEC-only phase blew the loss up, at the input and on
-# the token map). Classification runs in the invariant mode: the head reads the canonical image's features.
-_COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, invl_weight=1.0, canon_warps=64,
-               canon_margin=1.0, canon_rank_weight=1.0, canon_candidates=4, dec_grid=4, dec_mode="invariant",
-               dec_update="absolute", dec_backward="implicit", dec_tol=1e-3, dec_image_widths=(8, 16),
-               dec_image_size=64, equal_time=True)
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(
-        _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
-        model_kwargs=dict(img_size=48, patch_size=6, embed_dim=64, depth=4, num_heads=2, global_pool="avg",
-                          class_token=False, in_chans=1),
-        num_digits=2, label="digits", canvas=48, digit_size=12, scale_range=(0.5, 2.0),
-        train_samples=8000, test_samples=2000, batch_size=64, lr=2e-3, finetune_lr=5e-4,
-        plain_steps=2000, aug_steps=600, finetune_steps=250, dec_warmup_steps=100, dec_lr_mult=10.0,
-        canon_energy_size=16, canon_energy_widths=(8, 16),
-        dec_blocks=("input",), dec_widths=(16, 32), dec_max_iter=16,
-        scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_bins=((0.5, 1.0), (1.0, 2.0)),
-        prob_scales=tuple(round(0.5 + 0.1 * i, 2) for i in range(16)), prob_images=4, grid_images=6,
-        stretch_images=500, eval_batch=250,
-    ),
-    "paper": dict(
-        _COMMON, model="vit_base_patch16_224", pretrained=True, start="scratch", model_kwargs={},
-        num_digits=3, label="number", canvas=224, digit_size=None, scale_range=(0.4, 2.0),
-        train_samples=6000, test_samples=50000, batch_size=64, lr=None, finetune_lr=None,
-        plain_steps=4700, aug_steps=4700, finetune_steps=3750, dec_warmup_steps=500, dec_lr_mult=10.0,
-        canon_energy_size=32, canon_energy_widths=(32, 64),
-        dec_blocks=None, dec_widths=(64, 128), dec_max_iter=16,
-        # Table 3's third bin is [2, 3]; three 28 px digits fit side by side on 224 px only up to scale 2.66.
-        scales=(0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3), scale_bins=((0.4, 1.0), (1.0, 2.0), (2.0, 2.6)),
-        prob_scales=tuple(round(0.7 + 0.05 * i, 2) for i in range(13)), prob_images=6, grid_images=6,
-        stretch_images=1000, eval_batch=128,
-    ),
-    "smoke": dict(
-        _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="scratch", canon_warps=4,
-        model_kwargs=dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2),
-        num_digits=2, label="digits", canvas=32, digit_size=8, scale_range=(0.5, 2.0),
-        train_samples=16, test_samples=6, batch_size=8, lr=1e-3, finetune_lr=1e-3,
-        plain_steps=2, aug_steps=1, finetune_steps=2, dec_warmup_steps=1, dec_lr_mult=1.0,
-        canon_energy_size=8, canon_energy_widths=(4, 4), dec_grid=2,
-        dec_blocks=("input",), dec_widths=(4, 4), dec_image_widths=(4, 4), dec_max_iter=4,
-        scales=(0.8, 1.0, 1.2), scale_bins=((0.5, 1.0), (1.0, 2.0)),
-        prob_scales=(0.8, 1.0, 1.2), prob_images=2, grid_images=2, stretch_images=4, eval_batch=8,
-    ),
-}
-# Paper A1, locally scaled MNIST: 1e-4 for ResNet, ViT, DeiT, BEiT; 2e-5 for DINOv2; 8e-4 for Swin.
-_PAPER_LR = (("dinov2", 2e-5), ("swin", 8e-4), ("", 1e-4))
-_FINETUNE_LR_RATIO = 0.5
-
-
-def paper_lr(model: str) -> float:
-    """The paper's learning rate (A1, locally scaled MNIST) for a timm model name."""
-    return next(lr for key, lr in _PAPER_LR if key in model)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # configuration
@@ -154,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: ~12 min on 2 CPU cores; paper: the paper's setting for a GPU; smoke: seconds")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
-                        default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
+                        default=METHODS,
+                        help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None,
@@ -226,7 +174,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if cfg["lr"] is None:
         cfg["lr"] = paper_lr(cfg["model"])
     if cfg["finetune_lr"] is None:
-        cfg["finetune_lr"] = cfg["lr"] * _FINETUNE_LR_RATIO
+        cfg["finetune_lr"] = cfg["lr"] * FINETUNE_LR_RATIO
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     unknown = [m for m in args.methods if m not in METHODS]
@@ -266,18 +214,6 @@ def _render(dataset: Any, disable: bool) -> tuple[torch.Tensor, torch.Tensor]:
         images.append(image)
         labels.append(label)
     return torch.stack(images), torch.tensor(labels)
-
-
-def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to zero, per step."""
-    warmup = int(round(warmup_frac * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: Sequence[str],
@@ -332,7 +268,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: S
     optimizer = torch.optim.AdamW(_param_groups(model, stage.lr, weight_decay, stage.new_prefixes, stage.new_lr_mult,
                                                 stage.only_new), lr=stage.lr)
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = _schedule(optimizer, stage.steps, warmup_frac)
+    scheduler = warmup_cosine_schedule(optimizer, stage.steps, warmup_frac)
     order = torch.Generator().manual_seed(stage.seed)
     losses: list[float] = []
     start = time.perf_counter()

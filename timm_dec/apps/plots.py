@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .ops import apply_map
+from ..ops import apply_map
 
 __all__ = ["plot_per_scale", "plot_prob_correct", "warp_lines", "plot_warp_grids"]
 
