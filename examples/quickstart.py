@@ -5,7 +5,8 @@
     python examples/quickstart.py --model local-dir:runs/finetune-tiny/final --steps 0   # a fine-tuned model
 
 Everything runs offline: the digits come from scikit-learn's bundled handwritten digits. The output folder gets
-``warp.png`` (the learned monotone scaling of the first adapted block drawn over test images, as the paper's Fig. A2)
+``warp.png`` (the learned monotone scaling of the first DEC, the input image's, drawn over test images, as the paper's
+Fig. A2)
 and the model itself as a Hub folder (``timm.create_model("local-dir:<output>/model", pretrained=True)``).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import timm
 import torch
@@ -94,8 +95,8 @@ def predict(model: torch.nn.Module, data: LocallyScaledDigits, count: int = 6) -
     return images
 
 
-def learned_knots(model: torch.nn.Module, images: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """(block, knots (B, 2, G+1, G+1)) of the first adapted block, read with a forward hook on its DEC."""
+def learned_knots(model: torch.nn.Module, images: torch.Tensor) -> tuple[Union[str, int], torch.Tensor]:
+    """(position, knots (B, 2, G+1, G+1)) of the first DEC ("input" or a block), read with a forward hook on it."""
     block = model.dec_cfg.blocks[0]
     captured = []
     handle = model.dec[str(block)].register_forward_hook(lambda mod, inp, out: captured.append(out.detach()))
@@ -108,7 +109,7 @@ def learned_knots(model: torch.nn.Module, images: torch.Tensor) -> tuple[int, to
 
 
 def draw_warp(images: torch.Tensor, knots: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-              path: Path, block: int) -> None:
+              path: Path, block: Union[str, int]) -> None:
     """Each image with the grid lines of l: the canonicalised map at p reads the features at l(p)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -128,7 +129,8 @@ def draw_warp(images: torch.Tensor, knots: torch.Tensor, mean: Sequence[float], 
         for line in warped[i]:
             ax.plot(line[:, 0] * size, line[:, 1] * size, lw=0.7, color="tab:orange")
         ax.set_axis_off()
-    fig.suptitle(f"learned monotone scaling before block {block} (grid lines of l)")
+    where = "the input image" if block == "input" else f"block {block}"
+    fig.suptitle(f"learned monotone scaling of {where} (grid lines of l)")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -150,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     images = predict(model, test_data)
     block, knots = learned_knots(model, images)
     identity = torch.linspace(0, 1, knots.shape[-1])
-    print(f"block {block}: mean |knots - identity| = {(knots - identity).abs().mean().item():.4f} "
+    print(f"DEC {block}: mean |knots - identity| = {(knots - identity).abs().mean().item():.4f} "
           f"(0 is the identity warp, where every DEC starts)")
 
     out = Path(args.output)

@@ -215,8 +215,8 @@ class TestGradients:
                     logit_bound=8.0, input="image", image_size=None)
         dec = perturbed(DEC(2, **opts).double(), std=0.3).train(training)
         x = torch.randn(2, 2, 9, 10, dtype=torch.float64, requires_grad=True)
-        assert dec.logits(x, layout="nchw").abs().max() > 0.05
-        assert torch.autograd.gradcheck(lambda x: dec.logits(x, layout="nchw"), (x,), atol=1e-6, rtol=1e-4,
+        assert dec.equilibrium(x, layout="nchw").abs().max() > 0.05
+        assert torch.autograd.gradcheck(lambda x: dec.equilibrium(x, layout="nchw"), (x,), atol=1e-6, rtol=1e-4,
                                         fast_mode=True)
 
     def test_max_pool_without_grad_is_the_pooling_op(self):

@@ -44,9 +44,9 @@ def test_quickstart_trains_predicts_and_draws_the_warp(in_tmp: Path, capsys: pyt
     assert "step    3" in out and "top-3" in out and "DEC solves:" in out and "mean |knots - identity|" in out
     assert (in_tmp / "qs" / "warp.png").stat().st_size > 1000
     model = timm.create_model(f"local-dir:{in_tmp / 'qs' / 'model'}", pretrained=True)
-    assert model.dec_cfg.blocks == (0, 1) and model.num_classes == 10
+    assert model.dec_cfg.blocks == ("input",) and model.num_classes == 10
     # three AdamW steps moved the DEC off its zero-initialised head, so the drawn warp is a learned one
-    assert model.dec["0"].head.weight.abs().max() > 0
+    assert model.dec["input"].head.weight.abs().max() > 0
 
 
 def test_evaluate_writes_metrics_for_the_model_and_without_its_dec(in_tmp: Path,
@@ -134,7 +134,7 @@ def test_train_with_timm_commands(in_tmp: Path) -> None:
     for module in args.device_modules:            # train.py: right after parsing, before create_model
         importlib.import_module(module)
     model = timm.create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
-    assert model.dec_cfg.blocks == (0, 1) and model.dec_cfg.options.widths == (16, 32)
+    assert model.dec_cfg.blocks == ("input",) and model.dec_cfg.options.image_widths == (8, 16)
     data_config = timm.data.resolve_data_config(vars(args), model=model)
     assert tuple(data_config["input_size"]) == tuple(args.input_size)
     dataset = create_dataset("", root=args.data_dir, split="train", is_training=True, class_map=args.class_map)
