@@ -11,6 +11,7 @@ import pytest
 import timm
 import timm.optim
 import torch
+from _tiny import SMALL_DEC, tiny_table
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -18,37 +19,9 @@ import timm_dec
 from timm_dec.ops import identity_knots, monotone_warp
 
 # family -> (base name, tiny kwargs, image size)
-TINY = {
-    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2), 32),
-    "deit_distilled": (
-        "deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32),
-    "dinov2_reg": (
-        "vit_small_patch14_reg4_dinov2", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2), 28),
-    "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32),
-    "beitv2_shared_bias": (
-        "beitv2_base_patch16_224",
-        dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, use_rel_pos_bias=False,
-             use_shared_rel_pos_bias=True), 32),
-    "swin": (
-        "swin_tiny_patch4_window7_224",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2,
-                                             head_init_scale=1.0), 28),
-    "dinov3_reg": (
-        "vit_small_patch16_dinov3",
-            dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0,
-                 head_init_scale=1.0), 32),
-    "relpos_cls": ("vit_relpos_medium_patch16_cls_224",
-        dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
-    "swinv2": ("swinv2_tiny_window8_256",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-    "swinv2_cr": ("swinv2_cr_tiny_224",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-    "srelpos": ("vit_srelpos_small_patch16_224",
-        dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
-}
+TINY = tiny_table("vit", "deit_distilled", "dinov2_reg", "beit", "beitv2_shared_bias", "swin", "eva02", "dinov3_reg",
+                  "relpos_cls", "swinv2", "swinv2_cr", "srelpos")
 FAMILIES = list(TINY)
-SMALL_DEC = dict(widths=(8, 8), proj_chans=4, pool_size=8, image_widths=(4, 8))  # a cheap H for the tests
 
 
 def make_base(family: str, **kwargs) -> nn.Module:

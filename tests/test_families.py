@@ -21,24 +21,14 @@ from typing import Any
 import pytest
 import timm
 import torch
+from _tiny import SMALL_DEC, tiny_table
 from torch import nn
 
 import timm_dec
 from timm_dec.ops import identity_knots, knots_from_logits, monotone_warp
 
-SMALL_DEC = dict(widths=(8, 8), proj_chans=4, pool_size=8)
 # family -> (timm base name, tiny architecture kwargs, image size); layer scale 1 so that the blocks matter
-TINY: dict[str, tuple[str, dict[str, Any], int]] = {
-    "dinov3_reg": (
-        "vit_small_patch16_dinov3",
-        dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0, head_init_scale=1.0), 32),
-    "eva02": (
-        "eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2,
-                                       head_init_scale=1.0), 28),
-    "rope_mixed": (
-        "vit_small_patch16_rope_mixed_224",
-        dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0, head_init_scale=1.0), 32),
-}
+TINY = tiny_table("dinov3_reg", "eva02", "rope_mixed")
 
 
 def make_base(family: str, **kwargs: Any) -> nn.Module:

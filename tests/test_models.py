@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from _tiny import SMALL_DEC_KWARGS, tiny_table
 from safetensors.torch import save_file
 from timm.data import resolve_data_config
 
@@ -40,27 +41,8 @@ ALIASES = {
     "swinv2_tiny_dec": "swinv2_tiny_window8_256", "swinv2_small_dec": "swinv2_small_window8_256",
     "swinv2_base_dec": "swinv2_base_window8_256",
 }
-TINY = {
-    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32),
-    "deit3": ("deit3_small_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32),
-    "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32),
-    "swin": (
-        "swin_tiny_patch4_window7_224",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2,
-                                             head_init_scale=1.0), 28),
-    "dinov3_reg": (
-        "vit_small_patch16_dinov3",
-            dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0,
-                 head_init_scale=1.0), 32),
-    "relpos_cls": ("vit_relpos_medium_patch16_cls_224",
-        dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
-    "swinv2": ("swinv2_tiny_window8_256",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-    "swinv2_cr": ("swinv2_cr_tiny_224",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-}
-SMALL_DEC = dict(dec_widths=(8, 8), dec_proj_chans=4, dec_pool_size=8)
+TINY = tiny_table("vit", "deit3", "beit", "swin", "eva02", "dinov3_reg", "relpos_cls", "swinv2", "swinv2_cr")
+SMALL_DEC = SMALL_DEC_KWARGS
 
 
 def expected_bases() -> list[str]:
@@ -212,7 +194,7 @@ def test_full_dec_checkpoint_loads_strictly(tmp_path):
     # and a strict load of a base-only checkpoint through checkpoint_path names the missing DEC keys
     base_path = tmp_path / "base.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("dec.")}, str(base_path))
-    with pytest.raises(RuntimeError, match="Missing key.*dec\.input\."):
+    with pytest.raises(RuntimeError, match=r"Missing key.*dec\.input\."):
         tiny("swin", True, checkpoint_path=str(base_path))
 
 

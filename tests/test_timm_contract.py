@@ -27,6 +27,7 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _tiny import tiny_table
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.data import create_loader, resolve_data_config
@@ -39,29 +40,8 @@ from torch import nn
 from timm_dec import solver_stats
 
 # family -> (timm base name, tiny architecture kwargs, image size)
-TINY: dict[str, tuple[str, dict[str, Any], int]] = {
-    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32),
-    "deit_distilled": (
-        "deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32),
-    "dinov2_reg": (
-        "vit_small_patch14_reg4_dinov2", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2), 28),
-    "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2), 32),
-    "swin": (
-        "swin_tiny_patch4_window7_224",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=7, depth=2, embed_dim=32, num_heads=2,
-                                             head_init_scale=1.0), 28),
-    "dinov3_reg": (
-        "vit_small_patch16_dinov3",
-            dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0,
-                 head_init_scale=1.0), 32),
-    "relpos_cls": ("vit_relpos_medium_patch16_cls_224",
-        dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, init_values=1.0), 32),
-    "swinv2": ("swinv2_tiny_window8_256",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-    "swinv2_cr": ("swinv2_cr_tiny_224",
-        dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 64),
-}
+TINY = tiny_table("vit", "deit_distilled", "dinov2_reg", "beit", "swin", "eva02", "dinov3_reg", "relpos_cls",
+                  "swinv2", "swinv2_cr")
 FAMILIES = list(TINY)
 # a cheap H; two adapted units per family, so that layer decay has two DEC groups to place
 DEC_KWARGS = dict(dec_blocks=(0, 1), dec_widths=(8, 8), dec_proj_chans=4, dec_pool_size=8)

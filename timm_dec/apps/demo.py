@@ -24,7 +24,7 @@ method the accuracy, InvE, per-scale and per-bin tables, the checkpoint and the 
 re-evaluates it, the paired comparisons with Aug, the DEC's solver statistics and scale-stretch correlation, the
 wall time); ``tables.txt``; ``per_scale_accuracy.png``; ``prob_correct.png`` (Fig. 8); ``warp_grids.png`` (Fig.
 A2); ``checkpoints/<method>.safetensors`` (each loads with ``timm.create_model(name, **model_kwargs)`` +
-``load_state_dict(strict=True)``). Presets: ``default`` (CPU, about 12 minutes on 2 cores), ``paper`` (the paper's
+``load_state_dict(strict=True)``). Presets: ``default`` (CPU, about 8 minutes on 2 idle cores), ``paper`` (the paper's
 setting for a GPU: 224 px, 3 digits, pretrained ViT), ``smoke`` (seconds, for tests; its numbers mean nothing).
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _positions(text: str) -> tuple[Union[str, int], ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec demo`` options; those left out come from ``--preset``."""
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
-                        help="default: ~12 min on 2 CPU cores; paper: the paper's setting for a GPU; smoke: seconds")
+                        help="default: ~8 min on 2 idle cores; paper: the paper's setting for a GPU; smoke: seconds")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
                         default=METHODS,
