@@ -18,18 +18,67 @@ from .._compat import feature_take_indices
 from ._base import DECModelMixin, register_dec_family
 from ._registry import register_dec_models, supported_base_names
 
-__all__ = ["SwinStagesDECMixin", "SwinTransformerDEC"]
+__all__ = ["StagesDECMixin", "SwinStagesDECMixin", "SwinTransformerDEC"]
 
 
-class SwinStagesDECMixin(DECModelMixin):
-    """The DEC drive of a Swin with (B, H, W, C) stages (timm's ``SwinTransformer`` and ``SwinTransformerV2``): their
-    patch embedding, ``layers`` and final ``norm`` are the same, so one ``forward_features`` and one
-    ``forward_intermediates`` serve both. Default DEC positions: ``("input",)``. ``forward_intermediates`` also accepts
-    ``output_fmt='NHWC'``, so ``features_only`` (`timm_dec.models._features.DECFeatureListNet`) keeps the base's NHWC
-    maps.
+class StagesDECMixin(DECModelMixin):
+    """The DEC drive of the hierarchical models, whose units are stages: one loop for timm's ``SwinTransformer``,
+    ``SwinTransformerV2`` ((B, H, W, C) stages in ``layers``, a final ``norm``) and ``SwinTransformerV2Cr`` ((B, C,
+    H, W) stages in ``stages``, no final norm), with per-class hooks: ``dec_units``, ``dec_stage_layout`` and
+    `_dec_final_norm`. Default DEC positions: ``("input",)``.
     """
     dec_unit_name = "stage"
     dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
+    dec_stage_layout = "nhwc"
+
+    def _dec_final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm after the last stage (hook; the identity where the model has none)."""
+        return x
+
+    def _dec_stages(
+            self,
+            x: torch.Tensor,
+            take_indices: Sequence[int] = (),
+            norm: bool = False,
+            stop_early_at: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], Optional[torch.Tensor]]:
+        """Run the stages on the canonical image.
+
+        Returns:
+            The last stage's output (final-normed if the last stage ran), in the canonical geometry; the outputs of
+            the stages in ``take_indices`` (the last one normed if ``norm``), un-warped, in the stages' layout; and
+            the input DEC's knots (None without one), which `dec_uncanonicalize` takes.
+        """
+        x, knots = self.dec_canonicalize_image(x)
+        image = x
+        x = self.patch_embed(x)
+        units = self.dec_units()
+        last = len(units) - 1
+        intermediates = []
+        i = -1
+        for i, stage in enumerate(units if stop_early_at is None else units[:stop_early_at + 1]):
+            # a stage checkpoints its own blocks when grad checkpointing is on
+            x = self.dec_block(i, stage, x, layout=self.dec_stage_layout, image=image)
+            if i in take_indices:
+                y = self._dec_final_norm(x) if norm and i == last else x
+                intermediates.append(self.dec_uncanonicalize(y, knots, self.dec_stage_layout))
+        if i == last:
+            x = self._dec_final_norm(x)  # sized for (and only applied to) the last stage
+        return x, intermediates, knots
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, the stages (adapted ones through their DEC) and the final norm, un-warped to the input's
+        geometry in the equivariant mode: (B, H', W', C') for Swin v1/V2, (B, C', H', W') for V2 cr."""
+        x, _, knots = self._dec_stages(x)
+        return self.dec_uncanonicalize(x, knots, self.dec_stage_layout)
+
+
+class SwinStagesDECMixin(StagesDECMixin):
+    """The DEC drive of a Swin with (B, H, W, C) stages (timm's ``SwinTransformer`` and ``SwinTransformerV2``): their
+    patch embedding, ``layers`` and final ``norm`` are the same. ``forward_intermediates`` also accepts
+    ``output_fmt='NHWC'``, so ``features_only`` (`timm_dec.models._features.DECFeatureListNet`) keeps the base's NHWC
+    maps.
+    """
 
     def dec_units(self) -> Sequence[nn.Module]:
         return self.layers
@@ -37,19 +86,8 @@ class SwinStagesDECMixin(DECModelMixin):
     def dec_in_chans(self, index: int) -> int:
         return self.layers[index].dim
 
-    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        # a stage checkpoints its own blocks when grad checkpointing is on
-        return self.dec_block(index, stage, x, layout="nhwc", image=image)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, the stages (adapted ones through their DEC) and the final norm: (B, H', W', C'),
-        un-warped to the input's geometry in the equivariant mode."""
-        x, knots = self.dec_canonicalize_image(x)
-        image = x
-        x = self.patch_embed(x)
-        for i, stage in enumerate(self.layers):
-            x = self._dec_run_stage(i, stage, x, image)
-        return self.dec_uncanonicalize(self.norm(x), knots, "nhwc")
+    def _dec_final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
 
     def forward_intermediates(
             self,
@@ -67,27 +105,12 @@ class SwinStagesDECMixin(DECModelMixin):
         ``features_only`` returns).
         """
         assert output_fmt in ('NCHW', 'NHWC'), 'Output shape must be NCHW or NHWC.'
-        intermediates = []
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-
-        x, knots = self.dec_canonicalize_image(x)
-        image = x
-        x = self.patch_embed(x)
-        num_stages = len(self.layers)
-        stages = self.layers if not stop_early else self.layers[:max_index + 1]
-        i = 0
-        for i, stage in enumerate(stages):
-            x = self._dec_run_stage(i, stage, x, image)
-            if i in take_indices:
-                x_inter = self.dec_uncanonicalize(self.norm(x) if norm and i == num_stages - 1 else x, knots, "nhwc")
-                if output_fmt == 'NCHW':
-                    x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
-                intermediates.append(x_inter)
-
+        x, intermediates, knots = self._dec_stages(x, take_indices, norm, max_index if stop_early else None)
+        if output_fmt == 'NCHW':
+            intermediates = [y.permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if intermediates_only:
             return intermediates
-        if i == num_stages - 1:
-            x = self.norm(x)  # sized for (and only applied to) the last stage
         return self.dec_uncanonicalize(x, knots, "nhwc"), intermediates
 
 

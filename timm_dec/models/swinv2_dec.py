@@ -25,9 +25,9 @@ from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 from torch import nn
 
 from .._compat import feature_take_indices
-from ._base import DECModelMixin, register_dec_family
+from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
-from .swin_dec import SwinStagesDECMixin
+from .swin_dec import StagesDECMixin, SwinStagesDECMixin
 
 __all__ = ["SwinTransformerV2DEC", "SwinTransformerV2CrDEC"]
 
@@ -40,14 +40,13 @@ class SwinTransformerV2DEC(SwinStagesDECMixin, SwinTransformerV2):
     """
 
 
-class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
+class SwinTransformerV2CrDEC(StagesDECMixin, SwinTransformerV2Cr):
     """A timm ``SwinTransformerV2Cr`` whose stages in ``dec_cfg.blocks`` are canonicalised by a DEC.
 
-    Its stages take and return (B, C, H, W) maps: the DEC reads and warps them in the ``nchw`` layout. Default DEC
-    positions: ``("input",)``.
+    Its stages take and return (B, C, H, W) maps: the DEC reads and warps them in the ``nchw`` layout; they run
+    through `timm_dec.models.swin_dec.StagesDECMixin`. Default DEC positions: ``("input",)``.
     """
-    dec_unit_name = "stage"
-    dec_group_suffix = (0,)  # DEC k joins stage k's first group, with its patch merging
+    dec_stage_layout = "nchw"
 
     def dec_units(self) -> Sequence[nn.Module]:
         return self.stages
@@ -57,20 +56,6 @@ class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
         if stage.downscale:
             return stage.downsample.reduction.in_features // 4
         return stage.blocks[0].norm1.normalized_shape[0]
-
-    def _dec_run_stage(self, index: int, stage: nn.Module, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        # a stage checkpoints its own blocks when grad checkpointing is on
-        return self.dec_block(index, stage, x, layout="nchw", image=image)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch embedding and the stages (adapted ones through their DEC): (B, C', H', W'), un-warped to the input's
-        geometry in the equivariant mode."""
-        x, knots = self.dec_canonicalize_image(x)
-        image = x
-        x = self.patch_embed(x)
-        for i, stage in enumerate(self.stages):
-            x = self._dec_run_stage(i, stage, x, image)
-        return self.dec_uncanonicalize(x, knots, "nchw")
 
     def forward_intermediates(
             self,
@@ -84,18 +69,8 @@ class SwinTransformerV2CrDEC(DECModelMixin, SwinTransformerV2Cr):
         """timm's ``SwinTransformerV2Cr.forward_intermediates`` on the canonical image, the adapted stages run through
         their DEC, the spatial outputs un-warped in the equivariant mode."""
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-
-        x, knots = self.dec_canonicalize_image(x)
-        image = x
-        x = self.patch_embed(x)
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = self._dec_run_stage(i, stage, x, image)
-            if i in take_indices:
-                intermediates.append(self.dec_uncanonicalize(x, knots, "nchw"))
-
+        x, intermediates, knots = self._dec_stages(x, take_indices, norm, max_index if stop_early else None)
         if intermediates_only:
             return intermediates
         return self.dec_uncanonicalize(x, knots, "nchw"), intermediates
