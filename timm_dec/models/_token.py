@@ -17,7 +17,7 @@ from torch import nn
 from .._compat import feature_take_indices
 from ._base import DECModelMixin
 
-__all__ = ["TokenDECMixin"]
+__all__ = ["TokenDECMixin", "MaskedTokenDECMixin"]
 
 Intermediates = Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]
 
@@ -117,3 +117,56 @@ class TokenDECMixin(DECModelMixin):
         if intermediates_only:
             return intermediates
         return self._dec_final(x, knots, (h, w)), intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D), un-warped to
+        the input's geometry in the equivariant mode."""
+        return self._dec_features(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``forward_intermediates`` (``Beit``, ``VisionTransformerRelPos``) on the canonical image, the
+        adapted blocks run through their DEC, the spatial outputs un-warped in the equivariant mode."""
+        return self._dec_intermediates(
+            x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only)
+
+
+class MaskedTokenDECMixin(TokenDECMixin):
+    """`TokenDECMixin` for the families whose forwards take ``attn_mask`` and ``is_causal`` (``Eva``; ViT adds
+    ``output_dict`` to ``forward_intermediates``)."""
+
+    def forward_features(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D), un-warped to
+        the input's geometry in the equivariant mode."""
+        return self._dec_features(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ``Eva.forward_intermediates`` on the canonical image, the adapted blocks run through their DEC, the
+        spatial outputs un-warped in the equivariant mode."""
+        return self._dec_intermediates(
+            x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
+            attn_mask=attn_mask, is_causal=is_causal)

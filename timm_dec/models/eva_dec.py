@@ -22,7 +22,7 @@ Importing this module registers ``<base>_dec`` for every model of timm's ``eva``
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from timm.models.eva import Eva
@@ -30,12 +30,12 @@ from torch import nn
 
 from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
-from ._token import TokenDECMixin
+from ._token import MaskedTokenDECMixin
 
 __all__ = ["EvaDEC"]
 
 
-class EvaDEC(TokenDECMixin, Eva):
+class EvaDEC(MaskedTokenDECMixin, Eva):
     """A timm ``Eva`` whose blocks in ``dec_cfg.blocks`` are canonicalised by a DEC.
 
     Takes the ``Eva`` arguments plus the ``dec_*`` options (`timm_dec.models._base.parse_dec_options`). Default DEC
@@ -72,34 +72,6 @@ class EvaDEC(TokenDECMixin, Eva):
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
             checkpointing=self.grad_checkpointing, image=image, **dict(shared, rope=rope))
-
-    def forward_features(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D), un-warped to
-        the input's geometry in the equivariant mode."""
-        return self._dec_features(x, attn_mask=attn_mask, is_causal=is_causal)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``Eva.forward_intermediates`` on the canonical image, the adapted blocks run through their DEC,
-        the spatial outputs un-warped in the equivariant mode."""
-        return self._dec_intermediates(
-            x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
-            attn_mask=attn_mask, is_causal=is_causal)
 
 
 register_dec_family(Eva, EvaDEC, "EVA, EVA02, RoPE ViTs, Perception Encoder, DINOv3, LingBot, Sapiens2")

@@ -17,7 +17,7 @@ Importing this module registers ``<base>_dec`` for every model of timm's ``visio
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from timm.models.vision_transformer_relpos import VisionTransformerRelPos
@@ -49,26 +49,6 @@ class VisionTransformerRelPosDEC(TokenDECMixin, VisionTransformerRelPos):
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
             checkpointing=self.grad_checkpointing, image=image, shared_rel_pos=shared)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D), un-warped to
-        the input's geometry in the equivariant mode."""
-        return self._dec_features(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's ``VisionTransformerRelPos.forward_intermediates`` on the canonical image, the adapted blocks run
-        through their DEC, the spatial outputs un-warped in the equivariant mode."""
-        return self._dec_intermediates(
-            x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only)
 
 
 register_dec_family(VisionTransformerRelPos, VisionTransformerRelPosDEC, "relative-position ViT (relpos, srelpos)")

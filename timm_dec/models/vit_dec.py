@@ -21,12 +21,12 @@ from torch import nn
 
 from ._base import register_dec_family
 from ._registry import register_dec_models, supported_base_names
-from ._token import TokenDECMixin
+from ._token import MaskedTokenDECMixin
 
 __all__ = ["VisionTransformerDEC", "VisionTransformerDistilledDEC"]
 
 
-class VisionTransformerDEC(TokenDECMixin, VisionTransformer):
+class VisionTransformerDEC(MaskedTokenDECMixin, VisionTransformer):
     """A timm ``VisionTransformer`` with DECs at ``dec_cfg.blocks`` (the input image and/or blocks).
 
     Takes the ``VisionTransformer`` arguments plus the ``dec_*`` options (`timm_dec.models._base.parse_dec_options`).
@@ -60,16 +60,6 @@ class VisionTransformerDEC(TokenDECMixin, VisionTransformer):
         return self.dec_block(
             index, block, x, layout="tokens", grid_size=grid, num_prefix_tokens=self.num_prefix_tokens,
             checkpointing=self.grad_checkpointing and not shared, image=image, **shared)
-
-    def forward_features(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
-    ) -> torch.Tensor:
-        """Embeddings, the blocks (adapted ones through their DEC) and the final norm: (B, P + h*w, D), un-warped to
-        the input's geometry in the equivariant mode."""
-        return self._dec_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_intermediates(
             self,
