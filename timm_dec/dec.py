@@ -70,8 +70,9 @@ class DECConfig:
     F' = S(F; g) it returns the same warp), but from H = 0 its equilibrium drifts by ``max_iter`` times H's output
     before H has learned anything: on the demo its DEC-only phase blew the loss up, at the input (1.10 -> 1.99 in
     100 steps, then 11.65 points below Aug) and on the token map (0.92 -> 6.3). It stays an option
-    (``update="residual"``), trained with phantom gradients: its Jacobian I + dH/dz is the identity where dH/dz is 0 (at initialisation), so the
-    implicit adjoint g = J^T g + v has no solution there, and asking for the implicit backward with it is an error.
+    (``update="residual"``), trained with phantom gradients: its Jacobian I + dH/dz is the identity where dH/dz is 0
+    (at initialisation), so the implicit adjoint g = J^T g + v has no solution there, and asking for the implicit
+    backward with it is an error.
 
     Attributes:
         grid: G, cells per side of the monotone-scaling grid.
