@@ -32,6 +32,7 @@ from timm.data import create_dataset
 from torch.utils.data import Dataset, get_worker_info
 
 from .ops import monotone_warp, random_knots
+from .ops.random import _check_float, _check_int  # the argument checks of the random warps, shared
 
 __all__ = [
     "random_knots", "RandomMonotoneScale", "LocallyScaledDigits", "DigitSample", "rescale_object", "SOURCES",
@@ -51,23 +52,6 @@ _DIGITS_TEST_FRACTION = 0.2
 _MNIST_TEST_ID_OFFSET = 60000
 
 Scale = Union[float, Sequence[float]]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_float(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
-    return value
 
 
 def _seed_from(*keys: int) -> int:

@@ -20,12 +20,12 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _check_strength(value: Any) -> float:
+def _check_float(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"strength must be a number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"strength must be a finite number >= 0.0, got {value}")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
     return value
 
 
@@ -61,7 +61,7 @@ def random_knots(
     """
     batch = _check_int("batch", batch, 0)
     grid = _check_int("grid", grid, 1)
-    strength = _check_strength(strength)
+    strength = _check_float("strength", strength)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
     draw_device = generator.device if generator is not None else torch.device("cpu")
