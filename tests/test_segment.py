@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import safetensors.torch
 import timm
@@ -16,10 +17,11 @@ from timm_dec.ops import monotone_warp
 def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(tmp_path, capsys):
     assert main(["segment", "--preset", "smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    for row in ("Base", "Aug", "AugL", "Canon", "DEC", "Aug+time", "paired bootstrap", "EquE hard"):
+    for row in ("Base", "Aug", "AugL", "Canon", "DEC", "Aug+time", "bootstrap intervals", "EquE hard", "mIoU S",
+                "DEC - Aug+time"):
         assert row in text, row
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["paired"]) == {"base", "augl", "canon", "dec", "aug_time"}
+    assert set(summary["paired"]) == {"base", "augl", "canon", "dec", "aug_time", "dec_vs_aug_time"}
     assert summary["paired"]["dec"]["miou"]["low"] <= summary["paired"]["dec"]["miou"]["diff"]
     assert (tmp_path / "masks.png").stat().st_size > 0
     for method, path in summary["checkpoints"].items():
@@ -36,6 +38,29 @@ def test_masks_label_the_digit_pixels_and_follow_the_per_digit_scales():
     assert torch.equal(mask > 0, image[0] > -0.5)  # brighter than 0.25 in [0, 1] <=> labelled
     small, large = (data.render(0, (s, s))[1] for s in (0.6, 1.6))
     assert (large > 0).sum() > 3 * (small > 0).sum()
+
+
+def test_equivariance_errors_vanish_for_a_pointwise_model_and_not_for_a_shifted_one():
+    """A per-pixel model commutes with every warp (up to interpolation): soft and hard EquE near 0, and its mIoU on
+    warped scenes against their warped masks is its mIoU. The same model shifted by 5 px does not commute."""
+    from timm_dec.apps.segment import evaluate
+
+    cfg = dict(PRESETS["smoke"], equ_images=32, scale_images=2, eval_batch=32, equ_strength=0.5)
+    data = SegDigits("test", 32, cfg)
+
+    class Pointwise(torch.nn.Module):
+        def __init__(self, shift: int = 0) -> None:
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, x):
+            x = x + 0.5  # the masks label pixels brighter than 0.25, -0.5 once normalised
+            logits = torch.cat([-4 * x, 4 * x.expand(-1, 10, -1, -1) - torch.arange(10.0).view(1, 10, 1, 1)], 1)
+            return torch.roll(logits, self.shift, dims=-1)
+
+    same, shifted = evaluate(Pointwise(), data, cfg), evaluate(Pointwise(5), data, cfg)
+    assert same["eque_hard"] < 0.25 * shifted["eque_hard"] and same["eque_soft"] < 0.25 * shifted["eque_soft"]
+    assert abs(same["miou_warped"] - same["miou"]) < 3  # 0.9 measured; masks warped the other way: 6.9
 
 
 def test_miou_per_image():
@@ -62,3 +87,42 @@ def test_the_dec_segmenter_unwarps_its_mask_to_the_input_geometry():
     with torch.no_grad():
         expected = monotone_warp(start(monotone_warp(x, phi)), phi, inverse=True)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_write_start_then_a_run_from_it(tmp_path, monkeypatch, capsys):
+    """``--write-start`` writes the plain and Aug starts with their hashes; a run loads them (checked) and starts every
+    method from them: Aug's checkpoint, with no fine-tuning steps, is the Aug start."""
+    from timm_dec.apps import segment
+
+    folder = tmp_path / "start"
+    assert main(["segment", "--preset", "smoke", "--threads", "1", "--write-start", str(folder)]) == 0
+    record = json.loads((folder / "smoke_start.json").read_text())
+    assert set(record["files"]) == {"plain", "aug"}
+    assert record["config"]["plain_steps"] == PRESETS["smoke"]["plain_steps"]
+    monkeypatch.setattr(segment, "START_DIR", folder)
+    monkeypatch.setitem(PRESETS["smoke"], "start", "shipped")
+    out = tmp_path / "run"
+    assert main(["segment", "--preset", "smoke", "--threads", "1", "--methods", "base,aug", "--finetune-steps", "0",
+                 "--out", str(out)]) == 0
+    assert "the shipped one" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start"]["made_with"].startswith("timm-dec segment --preset smoke --write-start")
+    for method, name in (("aug", "aug"), ("base", "plain")):
+        saved = safetensors.torch.load_file(summary["checkpoints"][method])
+        shipped = safetensors.torch.load_file(str(folder / f"smoke_{name}.safetensors"))
+        assert saved.keys() == shipped.keys() and all(torch.equal(saved[k], shipped[k]) for k in saved)
+    assert main(["segment", "--preset", "smoke", "--plain-steps", "3", "--out", str(out)]) == 2
+    assert re.search(r"made with other values of plain_steps.*--from-scratch", capsys.readouterr().err)
+    (folder / "smoke_aug.safetensors").write_bytes(b"not the start")
+    assert main(["segment", "--preset", "smoke", "--out", str(out)]) == 2
+    assert "does not match the SHA-256" in capsys.readouterr().err
+
+
+def test_the_shipped_start_loads_for_the_default_preset():
+    from timm_dec.apps.segment import load_start, segmenter
+
+    cfg = PRESETS["default"]
+    starts, record = load_start(cfg, "default")
+    for state in starts.values():
+        segmenter(cfg).load_state_dict(state)  # strict
+    assert record["config"]["plain_steps"] == cfg["plain_steps"]

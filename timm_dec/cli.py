@@ -22,8 +22,7 @@ __all__ = ["SUBCOMMANDS", "CheckedParseKwargs", "build_parser", "error_line", "m
 SUBCOMMANDS = {
     "demo": ("timm_dec.apps.demo", "train base, Aug, InvL, Canon and DEC on locally scaled digits and compare them"),
     "segment": ("timm_dec.apps.segment", "semantic segmentation of locally scaled digit scenes: Base, Aug, AugL, "
-                                         "Canon, "
-                                    "DEC; mIoU, EquE, paired intervals"),
+                                         "Canon, DEC; mIoU, EquE, paired intervals"),
     "eval": ("timm_dec.apps.evaluate", "accuracy, InvE and per-scale accuracy of any timm model"),
     "bench": ("timm_dec.bench", "benchmarks: 'warp' (the warp op), 'overhead' (base vs *_dec models) or 'gpu' "
                                 "(the one-shot GPU check)"),

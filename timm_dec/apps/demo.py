@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -40,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
@@ -58,6 +56,7 @@ from ..metrics import evaluate_scale_consistency
 from ..models import load_dec_state_dict
 from ..models._base import INPUT
 from ..ops import monotone_warp, random_knots
+from . import _start
 from ._common import normalize_transform, parse_bins, parse_scales, resolve_device, warmup_cosine_schedule
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model
@@ -68,7 +67,7 @@ __all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_conf
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
 LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
-START_DIR = Path(__file__).resolve().parent.parent / "demo_start"
+START_DIR = _start.PACKAGE_DIR / "demo_start"
 # the configuration values that determine the shared start (a shipped start must have been made with these)
 START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "canvas", "digit_size", "scale_range",
               "train_samples", "plain_steps", "aug_steps", "batch_size", "lr", "finetune_lr", "weight_decay",
@@ -335,14 +334,6 @@ class _Setup:
                      device=self.device, progress=self.progress)
 
 
-def _start_record(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in START_KEYS}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _train_start(s: _Setup, images: torch.Tensor, labels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     """The shared start: ``plain_steps`` plain; from there ``aug_steps`` with Aug (the start of Aug, InvL, Canon and
     DEC) and ``aug_steps`` more plain (the start of Base, so that Base has had as many steps)."""
@@ -358,38 +349,9 @@ def _train_start(s: _Setup, images: torch.Tensor, labels: torch.Tensor) -> dict[
             for name, m in (("plain", plain), ("aug", model))}
 
 
-def write_start(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], folder: Path, prefix: str) -> Path:
-    """Write a shared start as ``<prefix>_{plain,aug}.safetensors`` and ``<prefix>_start.json`` (config, hashes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"config": _start_record(s.cfg), "files": {},
-                              "made_with": f"timm-dec demo --preset {prefix} --write-start DIR --seed {s.cfg['seed']}"}
-    for name, state in starts.items():
-        path = folder / f"{prefix}_{name}.safetensors"
-        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-        record["files"][name] = {"file": path.name, "sha256": _sha256(path)}
-    meta = folder / f"{prefix}_start.json"
-    meta.write_text(json.dumps(record, indent=2, default=json_default) + "\n", encoding="utf-8")
-    return meta
-
-
 def load_start(cfg: dict[str, Any], preset: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """The shipped shared start of ``preset``, checked against its recorded configuration and hashes."""
-    meta = START_DIR / f"{preset}_start.json"
-    if not meta.is_file():
-        raise ValueError(f"no shipped start for preset {preset!r} ({meta}); run with --from-scratch")
-    record = json.loads(meta.read_text(encoding="utf-8"))
-    differ = [k for k, v in _start_record(cfg).items() if json.loads(json.dumps(v)) != record["config"].get(k)]
-    if differ:
-        raise ValueError(f"the shipped start of preset {preset!r} was made with other values of {', '.join(differ)}; "
-                         f"run with --from-scratch to train the start for this configuration")
-    starts = {}
-    for name, entry in record["files"].items():
-        path = START_DIR / entry["file"]
-        if _sha256(path) != entry["sha256"]:
-            raise ValueError(f"{path} does not match the SHA-256 recorded in {meta.name}; reinstall timm-dec or run "
-                             f"with --from-scratch")
-        starts[name] = safetensors.torch.load_file(str(path))
-    return starts, dict(record, source=str(START_DIR))
+    """The shipped shared start of ``preset`` (``demo_start/<preset>_start.json``), checked against ``cfg``."""
+    return _start.load_start(START_DIR, preset, _start.start_record(cfg, START_KEYS))
 
 
 def _methods(s: _Setup, starts: dict[str, dict[str, torch.Tensor]]) -> dict[str, nn.Module]:
@@ -540,7 +502,9 @@ def run(args: argparse.Namespace) -> int:
     if args.write_start or cfg["start"] == "scratch":
         starts, start_info = _train_start(s, images, labels), {"source": "trained in this run"}
         if args.write_start:
-            meta = write_start(s, starts, Path(args.write_start), args.preset)
+            meta = _start.write_start(Path(args.write_start), args.preset, _start.start_record(cfg, START_KEYS),
+                                      starts, f"timm-dec demo --preset {args.preset} --write-start DIR --seed "
+                                      f"{cfg['seed']}")
             print(f"wrote the shared start: {meta}")
             return 0
     else:

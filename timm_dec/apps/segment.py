@@ -3,8 +3,12 @@
 Scenes of k digits (scikit-learn's handwritten digits, train and test glyphs disjoint; `LocallyScaledDigits`), each
 digit resized by its own scale; every digit pixel is labelled with its class (1..10 for digits 0..9), the rest is
 background (0). A tiny ViT (patch 4: a 12 x 12 token map at 48 px) with a pixel-shuffle + 3x3 conv decoder
-(`DigitSegmenter`) is trained with cross-entropy (background weight ``bg_weight``) from a shared start, then every
-method gets ``finetune_steps`` more backbone steps from it:
+(`DigitSegmenter`) is trained with cross-entropy (background weight ``bg_weight``). The shared start is made as the
+demo makes its own, and as the paper trains every model to the training set before the baselines are fine-tuned
+(A1): ``plain_steps`` plain steps, then ``aug_steps`` with Aug (the start of every method but Base) or plain (Base's
+start). It costs more than the comparison on a CPU, so the default preset ships it: ``timm_dec/segment_start/`` was
+written by ``timm-dec segment --write-start DIR`` (its configuration and SHA-256 in ``default_start.json``);
+``--from-scratch`` trains it in the run instead. Every method then gets ``finetune_steps`` more backbone steps:
 
 - **Base**: plain; **Aug**: random monotone scalings of image and mask (`random_knots`, `monotone_warp`);
 - **AugL**: Aug plus the EquE loss ||S(M(I)) - M(S(I))||^2 on the class probabilities (the paper's baseline);
@@ -40,6 +44,7 @@ from ..metrics import equi_error_from_outputs, paired_bootstrap
 from ..models import load_dec_state_dict
 from ..models._base import DECModelMixin
 from ..ops import identity_knots, monotone_warp, random_knots
+from . import _start
 from ._common import warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "add_arguments", "run", "miou_per_image"]
@@ -55,17 +60,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         _COMMON, model="vit_tiny_patch16_224", canvas=48, digit_size=12,
         model_kwargs=dict(img_size=48, patch_size=4, embed_dim=64, depth=4, num_heads=2, class_token=False,
                           global_pool="avg", in_chans=1, num_classes=0),
-        train_samples=6000, test_samples=1000, batch_size=32, start_steps=450, finetune_steps=250,
+        train_samples=6000, test_samples=1000, batch_size=32, start="shipped", plain_steps=4000, aug_steps=1000,
+        finetune_steps=250,
         dec_warmup_steps=100, dec_kwargs=dict(dec_widths=(16, 32), dec_image_widths=(8, 16), dec_image_size=48),
         scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_images=300, equ_images=500, eval_batch=100, figure_images=3),
     "smoke": dict(
         _COMMON, model="vit_tiny_patch16_224", canvas=32, digit_size=8,
         model_kwargs=dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, class_token=False,
                           global_pool="avg", in_chans=1, num_classes=0),
-        train_samples=16, test_samples=8, batch_size=8, start_steps=2, finetune_steps=2, dec_warmup_steps=1,
+        train_samples=16, test_samples=8, batch_size=8, start="scratch", plain_steps=2, aug_steps=1,
+        finetune_steps=2, dec_warmup_steps=1,
         dec_kwargs=dict(dec_widths=(4, 4), dec_image_widths=(4, 4), dec_image_size=16, dec_grid=2, dec_max_iter=4),
         scales=(0.8, 1.2), scale_images=4, equ_images=4, eval_batch=8, figure_images=2, canon_warps=4),
 }
+_INT_OPTIONS = ("plain_steps", "aug_steps", "finetune_steps", "dec_warmup_steps", "train_samples", "test_samples")
+START_DIR = _start.PACKAGE_DIR / "segment_start"
+# the configuration values that determine the shared start (a shipped start must have been made with these)
+START_KEYS = ("model", "model_kwargs", "num_digits", "canvas", "digit_size", "scale_range", "train_samples",
+              "plain_steps", "aug_steps", "batch_size", "lr", "finetune_lr", "weight_decay", "warmup_frac",
+              "bg_weight", "aug_strength", "aug_p", "seed")
 _DEC_FIXED = dict(dec_blocks=("input",), dec_mode="invariant", dec_update="absolute", dec_backward="implicit",
                   dec_tol=1e-3)  # the segmenter un-warps the full-resolution mask itself (equivariant, eq. 21)
 
@@ -237,7 +250,8 @@ def _predict(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor
 
 @torch.no_grad()
 def evaluate(model: nn.Module, test: SegDigits, cfg: dict[str, Any]) -> dict[str, Any]:
-    """mIoU (per image and over the pixels), soft and hard EquE, mIoU per per-digit scale."""
+    """mIoU (per image and over the pixels), mIoU of warped scenes S(I) against their warped masks, soft and hard
+    EquE, mIoU per per-digit scale."""
     model.eval()
     batch = cfg["eval_batch"]
     pred = _predict(model, test.images, batch).argmax(1)
@@ -251,6 +265,9 @@ def evaluate(model: nn.Module, test: SegDigits, cfg: dict[str, Any]) -> dict[str
     probs_of_warped = torch.cat([model(monotone_warp(images[i:i + batch], knots[i:i + batch], inverse=True))
                                  for i in range(0, n, batch)]).softmax(1)
     warped_probs = monotone_warp(probs, knots, inverse=True)
+    warped_masks = monotone_warp(F.one_hot(test.masks[:n], NUM_CLASSES).permute(0, 3, 1, 2).float(), knots,
+                                 inverse=True).argmax(1)
+    warped_miou = miou_per_image(probs_of_warped.argmax(1), warped_masks)
     soft = equi_error_from_outputs(warped_probs, probs_of_warped, reduction="none")
     hard = (warped_probs.argmax(1) != probs_of_warped.argmax(1)).flatten(1).float().mean(1)
     per_scale = {}
@@ -260,8 +277,9 @@ def evaluate(model: nn.Module, test: SegDigits, cfg: dict[str, Any]) -> dict[str
         x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         per_scale[str(s)] = miou_per_image(_predict(model, x, batch).argmax(1), y).mean().item()
     return dict(miou=per_image.mean().item(), miou_pixels=iou.mean().item(), iou_background=iou[0].item(),
-                iou_digits=iou[1:].mean().item(), eque_soft=soft.mean().item(), eque_hard=100 * hard.mean().item(),
-                per_scale=per_scale, _per_image=per_image, _soft=soft, _hard=hard)
+                iou_digits=iou[1:].mean().item(), miou_warped=warped_miou.mean().item(),
+                eque_soft=soft.mean().item(), eque_hard=100 * hard.mean().item(), per_scale=per_scale,
+                _per_image=per_image, _warped=warped_miou, _soft=soft, _hard=hard)
 
 
 def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: str) -> str:
@@ -276,6 +294,11 @@ def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: 
     return str(path)
 
 
+def segmenter(cfg: dict[str, Any]) -> DigitSegmenter:
+    """A fresh `DigitSegmenter` of the configuration's backbone."""
+    return DigitSegmenter(timm.create_model(cfg["model"], **cfg["model_kwargs"]), cfg["model_kwargs"]["patch_size"])
+
+
 def _dec_model(start: DigitSegmenter, cfg: dict[str, Any]) -> DigitSegmenter:
     """The start with its backbone replaced by the ``*_dec`` twin (the start's weights, the DEC at the identity)."""
     twin = timm.create_model(cfg["model"] + "_dec", **cfg["model_kwargs"], **_DEC_FIXED, **cfg["dec_kwargs"])
@@ -285,29 +308,45 @@ def _dec_model(start: DigitSegmenter, cfg: dict[str, Any]) -> DigitSegmenter:
     return model
 
 
-def _train_methods(start: DigitSegmenter, train_set: SegDigits, cfg: dict[str, Any], methods: Sequence[str],
-                   log: Callable[[str], None]) -> tuple[dict[str, DigitSegmenter], dict[str, Any]]:
+def train_start(train_set: SegDigits, cfg: dict[str, Any],
+                log: Callable[[str], None]) -> dict[str, dict[str, torch.Tensor]]:
+    """The shared start, as the demo makes its own: ``plain_steps`` plain at ``lr``; from there ``aug_steps`` with Aug
+    at ``finetune_lr`` (the start of Aug, AugL, Canon, DEC and Aug+time) and ``aug_steps`` more plain (the start of
+    Base, so that Base has had as many steps)."""
+    model = segmenter(cfg)
+    r = train(model, train_set, cfg["plain_steps"], cfg["lr"], cfg, augment=False, seed=cfg["seed"])
+    log(f"  start: plain  {r['steps']:>5} steps  {r['seconds']:6.1f} s  loss {r['loss']:.3f}")
+    plain = copy.deepcopy(model)
+    for name, m, augment in (("plain+", plain, False), ("Aug", model, True)):
+        r = train(m, train_set, cfg["aug_steps"], cfg["finetune_lr"], cfg, augment=augment, seed=cfg["seed"] + 1)
+        log(f"  start: {name:<6} {r['steps']:>5} steps  {r['seconds']:6.1f} s  loss {r['loss']:.3f}")
+    return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in (("plain", plain),
+                                                                                               ("aug", model))}
+
+
+def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDigits, cfg: dict[str, Any],
+                   methods: Sequence[str], log: Callable[[str], None]) -> tuple[dict[str, DigitSegmenter], dict]:
     """Every method from the shared start, in the order that lets Aug+time read the DEC's wall time."""
     models, runs = {}, {}
-    steps, lr, seed = cfg["finetune_steps"], cfg["finetune_lr"], cfg["seed"] + 1
+    steps, lr, seed = cfg["finetune_steps"], cfg["finetune_lr"], cfg["finetune_seed"]
     for method in [m for m in ("base", "aug", "augl", "canon", "dec", "aug_time") if m in methods]:
+        model = segmenter(cfg)
+        model.load_state_dict(starts["plain" if method == "base" else "aug"])
         if method == "dec":
-            model = _dec_model(start, cfg)
+            model = _dec_model(model, cfg)
             warm = train(model, train_set, cfg["dec_warmup_steps"], lr, cfg, augment=True, only_dec=True, seed=seed)
             joint = train(model, train_set, steps, lr, cfg, augment=True, seed=seed)
             runs[method] = dict(steps=joint["steps"], dec_only_steps=warm["steps"], loss=joint["loss"],
                                 seconds=warm["seconds"] + joint["seconds"])
         elif method == "aug_time":
-            model = copy.deepcopy(start)
             per_step = runs["aug"]["seconds"] / max(1, runs["aug"]["steps"])
             budget = runs["dec"]["seconds"] if "dec" in runs else runs["aug"]["seconds"]
             runs[method] = train(model, train_set, max(steps, round(budget / per_step)), lr, cfg, augment=True,
                                  seed=seed)
         else:
-            model = copy.deepcopy(start)
             if method == "canon":
                 model.canon = InputCanonicalizer(nn.Identity(), num_warps=cfg["canon_warps"], in_chans=1,
-                                                 energy_size=16, energy_widths=(8, 16), seed=cfg["seed"])
+                                                 energy_size=16, energy_widths=(8, 16), seed=seed)
             runs[method] = train(model, train_set, steps, lr, cfg, augment=method != "base",
                                  augl=cfg["augl_weight"] if method == "augl" else 0.0, seed=seed)
         models[method] = model
@@ -316,36 +355,47 @@ def _train_methods(start: DigitSegmenter, train_set: SegDigits, cfg: dict[str, A
     return models, runs
 
 
+def _paired(r: dict[str, Any], ref: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``r`` against ``ref`` on the same test images: paired-bootstrap intervals of every per-image metric."""
+    return dict(miou=paired_bootstrap(r["_per_image"], ref["_per_image"], seed=seed),
+                miou_warped=paired_bootstrap(r["_warped"], ref["_warped"], seed=seed),
+                eque_soft_1e3=paired_bootstrap(1e3 * r["_soft"], 1e3 * ref["_soft"], seed=seed),
+                eque_hard_pct=paired_bootstrap(100 * r["_hard"], 100 * ref["_hard"], seed=seed),
+                eque_ratio=r["eque_soft"] / max(ref["eque_soft"], 1e-12),
+                eque_hard_ratio=r["eque_hard"] / max(ref["eque_hard"], 1e-12))
+
+
+def _interval(d: dict[str, float], digits: int, width: int) -> str:
+    return f"{d['diff']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]".ljust(width)
+
+
 def _tables(results: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The printed tables and the paired comparisons with Aug."""
+    """The printed tables and the paired comparisons: every method against Aug, and the DEC against Aug+time."""
     lines = [f"Segmentation under local scaling ({len(next(iter(results.values()))['_per_image'])} test images; "
-             f"EquE over one random monotone scaling per image, strength {cfg['equ_strength']})",
-             f"{'Method':<10}{'mIoU':>7}{'mIoU px':>9}{'IoU dig':>9}{'IoU bg':>8}{'EquE 1e-3':>11}{'EquE hard %':>13}"]
+             f"mIoU S and EquE over one random monotone scaling S per image, strength {cfg['equ_strength']})",
+             f"{'Method':<10}{'mIoU':>7}{'mIoU px':>9}{'IoU dig':>9}{'IoU bg':>8}{'mIoU S':>8}{'EquE 1e-3':>11}"
+             f"{'EquE hard %':>13}"]
     for m, r in results.items():
         lines.append(f"{LABELS[m]:<10}{r['miou']:7.2f}{r['miou_pixels']:9.2f}{r['iou_digits']:9.2f}"
-                     f"{r['iou_background']:8.2f}{1e3 * r['eque_soft']:11.3f}{r['eque_hard']:13.3f}")
+                     f"{r['iou_background']:8.2f}{r['miou_warped']:8.2f}{1e3 * r['eque_soft']:11.3f}"
+                     f"{r['eque_hard']:13.3f}")
     lines += ["", "mIoU (%) per per-digit scale (every digit at that scale)",
               f"{'Method':<10}" + "".join(f"{s:>8}" for s in cfg["scales"])]
     for m, r in results.items():
         lines.append(f"{LABELS[m]:<10}" + "".join(f"{v:8.2f}" for v in r["per_scale"].values()))
+    pairs = [(m, "aug") for m in results if m != "aug"] if "aug" in results else []
+    if "dec" in results and "aug_time" in results:
+        pairs.append(("dec", "aug_time"))
     paired: dict[str, Any] = {}
-    if "aug" in results:
-        lines += ["", "Against Aug on the same test images (95% paired bootstrap intervals)",
-                  f"{'Method':<10}{'dmIoU':>8}{'interval':>20}{'dEquE 1e-3':>12}{'interval':>20}{'EquE/Aug':>10}"
-                  f"{'dhard %':>9}{'interval':>18}"]
-        aug = results["aug"]
-        for m, r in results.items():
-            if m == "aug":
-                continue
-            d = paired_bootstrap(r["_per_image"], aug["_per_image"], seed=cfg["seed"])
-            e = paired_bootstrap(1e3 * r["_soft"], 1e3 * aug["_soft"], seed=cfg["seed"])
-            h = paired_bootstrap(100 * r["_hard"], 100 * aug["_hard"], seed=cfg["seed"])
-            ratio = r["eque_soft"] / max(aug["eque_soft"], 1e-12)
-            paired[m] = dict(miou=d, eque_soft_1e3=e, eque_hard_pct=h, eque_ratio=ratio,
-                             eque_hard_ratio=r["eque_hard"] / max(aug["eque_hard"], 1e-12))
-            lines.append(f"{LABELS[m]:<10}{d['diff']:+8.2f}  [{d['low']:+7.2f}, {d['high']:+7.2f}]{e['diff']:+12.3f}"
-                         f"  [{e['low']:+7.3f}, {e['high']:+7.3f}]{ratio:10.3f}{h['diff']:+9.3f}"
-                         f"  [{h['low']:+6.3f}, {h['high']:+6.3f}]")
+    if pairs:
+        lines += ["", "Paired differences on the same test images (95% bootstrap intervals)",
+                  f"{'Methods':<20}{'dmIoU':<24}{'dmIoU S':<24}{'dEquE 1e-3':<30}{'EquE ratio':<12}dEquE hard %"]
+    for m, ref in pairs:
+        p = _paired(results[m], results[ref], cfg["seed"])
+        paired[m if ref == "aug" else f"{m}_vs_{ref}"] = p
+        lines.append(f"{LABELS[m] + ' - ' + LABELS[ref]:<20}{_interval(p['miou'], 2, 24)}"
+                     f"{_interval(p['miou_warped'], 2, 24)}{_interval(p['eque_soft_1e3'], 3, 30)}"
+                     f"{p['eque_ratio']:<12.3f}{_interval(p['eque_hard_pct'], 3, 0)}")
     return "\n".join(lines), paired
 
 
@@ -387,15 +437,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
                         default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (aug always runs)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the data, start and training (default 0)")
+    parser.add_argument("--finetune-seed", type=int, default=None,
+                        help="seed of the methods' batches and warps only, so that the shipped start can serve several "
+                             "training seeds (default: --seed + 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
-    for key in ("start_steps", "finetune_steps", "dec_warmup_steps", "train_samples", "test_samples"):
+    parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
+                        help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
+    parser.add_argument("--write-start", default=None, metavar="DIR",
+                        help="only train the shared start and write it to DIR (how the shipped start was made)")
+    for key in _INT_OPTIONS:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: the preset's")
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """The preset with the options given on the command line; `ValueError` for a bad one."""
     cfg = copy.deepcopy(PRESETS[args.preset])
-    for key in ("seed", "start_steps", "finetune_steps", "dec_warmup_steps", "train_samples", "test_samples"):
+    for key in ("seed",) + _INT_OPTIONS:
         value = getattr(args, key, None)
         if value is not None:
             if value < (0 if key.endswith("steps") or key == "seed" else 2):
@@ -406,8 +463,19 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if getattr(args, "start", None) or getattr(args, "write_start", None):
+        cfg["start"] = "scratch"
     cfg["methods"] = [m for m in METHODS if m in set(args.methods) | {"aug"}]
+    seed = getattr(args, "finetune_seed", None)
+    if seed is not None and seed < 0:
+        raise ValueError(f"--finetune-seed must be >= 0, got {seed}")
+    cfg["finetune_seed"] = cfg["seed"] + 2 if seed is None else seed
     return cfg
+
+
+def load_start(cfg: dict[str, Any], preset: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The shipped shared start of ``preset`` (``segment_start/<preset>_start.json``), checked against ``cfg``."""
+    return _start.load_start(START_DIR, preset, _start.start_record(cfg, START_KEYS))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -416,15 +484,24 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out, t0 = Path(args.out), time.perf_counter()
-    print(f"timm-dec segment: preset {args.preset}, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads")
+    print(f"timm-dec segment: preset {args.preset}, seed {cfg['seed']} (fine-tuning seed {cfg['finetune_seed']}), "
+          f"{torch.get_num_threads()} CPU threads")
     torch.manual_seed(cfg["seed"])
     train_set = SegDigits("train", cfg["train_samples"], cfg)
+    if cfg["start"] == "scratch":
+        starts, start_info = train_start(train_set, cfg, print), {"source": "trained in this run"}
+        if args.write_start:
+            meta = _start.write_start(Path(args.write_start), args.preset, _start.start_record(cfg, START_KEYS),
+                                      starts, f"timm-dec segment --preset {args.preset} --write-start DIR --seed "
+                                      f"{cfg['seed']}")
+            print(f"wrote the shared start: {meta}")
+            return 0
+    else:
+        starts, start_info = load_start(cfg, args.preset)
+        print(f"  start: the shipped one ({start_info['made_with']})")
     test_set = SegDigits("test", cfg["test_samples"], cfg)
-    patch = cfg["model_kwargs"]["patch_size"]
-    start = DigitSegmenter(timm.create_model(cfg["model"], **cfg["model_kwargs"]), patch)
-    start_run = train(start, train_set, cfg["start_steps"], cfg["lr"], cfg, augment=False, seed=cfg["seed"])
-    print(f"  start     {start_run['steps']:>4} steps  {start_run['seconds']:6.1f} s  loss {start_run['loss']:.3f}")
-    models, runs = _train_methods(start, train_set, cfg, cfg["methods"], print)
+    torch.manual_seed(cfg["finetune_seed"])  # what the methods add (the DEC's H) starts from it
+    models, runs = _train_methods(starts, train_set, cfg, cfg["methods"], print)
     results = {m: evaluate(model, test_set, cfg) for m, model in models.items()}
     text, paired = _tables(results, cfg)
     print(text)
@@ -434,7 +511,7 @@ def run(args: argparse.Namespace) -> int:
                    for m, model in models.items()}
     figure = _figure(models, test_set, cfg, out / "masks.png")
     wall = time.perf_counter() - t0
-    summary = dict(config=cfg, start=start_run, runs=runs, checkpoints=checkpoints, figure=figure, paired=paired,
+    summary = dict(config=cfg, start=start_info, runs=runs, checkpoints=checkpoints, figure=figure, paired=paired,
                    results={m: {k: v for k, v in r.items() if not k.startswith("_")} for m, r in results.items()},
                    wall_seconds=wall, threads=torch.get_num_threads())
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
