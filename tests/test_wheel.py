@@ -31,6 +31,11 @@ x = torch.randn(2, 3, 32, 32)
 with torch.no_grad():
     assert torch.equal(m(x), back(x))
 assert "timm_dec" in open(f"{folder}/README.md").read()
+from timm_dec.apps import demo, segment  # the shipped starts load (hash-checked) from the installed package data
+from timm_dec.cli import build_parser
+assert "site-packages" in str(segment.START_DIR) and "site-packages" in str(demo.START_DIR)
+assert set(segment.load_start(segment.PRESETS["default"], "default")[0]) == {"plain", "aug"}
+assert set(demo.load_start(demo.resolve_config(build_parser().parse_args(["demo"])), "default")[0]) == {"plain", "aug"}
 print("wheel ok", timm_dec.__file__)
 """
 
@@ -47,7 +52,10 @@ def test_wheel_in_a_fresh_venv(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
                     "-w", str(wheels), str(src)], check=True, cwd=tmp_path)
     wheel = next(wheels.glob("timm_dec-*.whl"))
-    assert "timm_dec/templates/model_card.md" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "timm_dec/templates/model_card.md" in names
+    for start in ("demo_start/default", "segment_start/default"):
+        assert {f"timm_dec/{start}_{f}" for f in ("start.json", "plain.safetensors", "aug.safetensors")} <= set(names)
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)

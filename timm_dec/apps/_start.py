@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import safetensors.torch
 import torch
 
 from .._format import json_default
 
-__all__ = ["PACKAGE_DIR", "start_record", "write_start", "load_start"]
+__all__ = ["PACKAGE_DIR", "start_record", "write_start", "load_start", "shared_start"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -79,3 +79,24 @@ def load_start(folder: Path, prefix: str, record: dict[str, Any],
                              f"timm-dec or run with {scratch_flag}")
         states[name] = safetensors.torch.load_file(str(path))
     return states, dict(stored, source=str(folder))
+
+
+def shared_start(app: str, preset: str, cfg: Mapping[str, Any], keys: Sequence[str], folder: Path,
+                 write_to: Optional[str], train: Callable[[], dict[str, dict[str, torch.Tensor]]]
+                 ) -> Optional[tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]]:
+    """The run's shared start: trained with ``train()`` when ``cfg["start"]`` is ``"scratch"`` or ``write_to`` is
+    given, else the shipped one in ``folder``.
+
+    Returns:
+        (name -> state dict, where it came from), or None once the trained start is written to ``write_to`` (the
+        ``--write-start`` run ends there).
+    """
+    if not write_to and cfg["start"] != "scratch":
+        return load_start(folder, preset, start_record(cfg, keys))
+    states = train()
+    if not write_to:
+        return states, {"source": "trained in this run"}
+    meta = write_start(Path(write_to), preset, start_record(cfg, keys), states,
+                       f"timm-dec {app} --preset {preset} --write-start DIR --seed {cfg['seed']}")
+    print(f"wrote the shared start: {meta}")
+    return None

@@ -499,16 +499,11 @@ def run(args: argparse.Namespace) -> int:
           f"({10 ** cfg['num_digits']} classes, label rule {cfg['label']!r}, {cfg['canvas']} px), {len(train_set)} "
           f"train / {len(s.test_set)} test images, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads")
     images, labels = _render(train_set, not s.progress)
-    if args.write_start or cfg["start"] == "scratch":
-        starts, start_info = _train_start(s, images, labels), {"source": "trained in this run"}
-        if args.write_start:
-            meta = _start.write_start(Path(args.write_start), args.preset, _start.start_record(cfg, START_KEYS),
-                                      starts, f"timm-dec demo --preset {args.preset} --write-start DIR --seed "
-                                      f"{cfg['seed']}")
-            print(f"wrote the shared start: {meta}")
-            return 0
-    else:
-        starts, start_info = load_start(cfg, args.preset)
+    start = _start.shared_start("demo", args.preset, cfg, START_KEYS, START_DIR, args.write_start,
+                                lambda: _train_start(s, images, labels))
+    if start is None:
+        return 0
+    starts, start_info = start
     models = _methods(s, starts)
     timings = _train_methods(s, models, images, labels)
     if cfg["equal_time"] and "dec" in models:

@@ -47,7 +47,8 @@ from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
 from ._common import warmup_cosine_schedule
 
-__all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "add_arguments", "run", "miou_per_image"]
+__all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
+           "add_arguments", "resolve_config", "run", "miou_per_image"]
 
 METHODS = ("base", "aug", "augl", "canon", "dec", "aug_time")
 LABELS = {"base": "Base", "aug": "Aug", "augl": "AugL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
@@ -488,17 +489,13 @@ def run(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()} CPU threads")
     torch.manual_seed(cfg["seed"])
     train_set = SegDigits("train", cfg["train_samples"], cfg)
-    if cfg["start"] == "scratch":
-        starts, start_info = train_start(train_set, cfg, print), {"source": "trained in this run"}
-        if args.write_start:
-            meta = _start.write_start(Path(args.write_start), args.preset, _start.start_record(cfg, START_KEYS),
-                                      starts, f"timm-dec segment --preset {args.preset} --write-start DIR --seed "
-                                      f"{cfg['seed']}")
-            print(f"wrote the shared start: {meta}")
-            return 0
-    else:
-        starts, start_info = load_start(cfg, args.preset)
-        print(f"  start: the shipped one ({start_info['made_with']})")
+    start = _start.shared_start("segment", args.preset, cfg, START_KEYS, START_DIR, args.write_start,
+                                lambda: train_start(train_set, cfg, print))
+    if start is None:
+        return 0
+    starts, start_info = start
+    print("  start: " + (f"the shipped one, made by {start_info['made_with']}" if "made_with" in start_info
+                         else start_info["source"]))
     test_set = SegDigits("test", cfg["test_samples"], cfg)
     torch.manual_seed(cfg["finetune_seed"])  # what the methods add (the DEC's H) starts from it
     models, runs = _train_methods(starts, train_set, cfg, cfg["methods"], print)
