@@ -189,9 +189,14 @@ def _warp_pair(images: torch.Tensor, masks: torch.Tensor, strength: float, p: fl
     knots = random_knots(images.shape[0], strength=strength, generator=gen)
     keep = torch.rand(images.shape[0], generator=gen) >= p
     knots[keep] = identity_knots(int(keep.sum()), 4)
+    return monotone_warp(images, knots, inverse=True, check=False), warp_masks(masks, knots, check=False)
+
+
+def warp_masks(masks: torch.Tensor, knots: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """S applied to class masks, as to their images: (N, H, W) class indices warped through their one-hot maps
+    (bilinear), each pixel the class of largest weight. ``knots``: (N, 2, G+1, G+1)."""
     onehot = F.one_hot(masks, NUM_CLASSES).permute(0, 3, 1, 2).float()
-    return (monotone_warp(images, knots, inverse=True, check=False),
-            monotone_warp(onehot, knots, inverse=True, check=False).argmax(1))
+    return monotone_warp(onehot, knots, inverse=True, check=check).argmax(1)
 
 
 def _optimizer(model: nn.Module, lr: float, cfg: dict[str, Any], only_dec: bool,
@@ -255,20 +260,19 @@ def evaluate(model: nn.Module, test: SegDigits, cfg: dict[str, Any]) -> dict[str
     EquE, mIoU per per-digit scale."""
     model.eval()
     batch = cfg["eval_batch"]
-    pred = _predict(model, test.images, batch).argmax(1)
+    logits = _predict(model, test.images, batch)
+    pred = logits.argmax(1)
     per_image = miou_per_image(pred, test.masks)
     conf = _confusion(pred, test.masks).double()
     iou = 100 * conf.diag() / (conf.sum(0) + conf.sum(1) - conf.diag()).clamp(min=1)
     n = min(cfg["equ_images"], test.images.shape[0])
     images = test.images[:n]
     knots = random_knots(n, strength=cfg["equ_strength"], generator=torch.Generator().manual_seed(cfg["seed"] + 7))
-    probs = _predict(model, images, batch).softmax(1)
+    probs = logits[:n].softmax(1)
     probs_of_warped = torch.cat([model(monotone_warp(images[i:i + batch], knots[i:i + batch], inverse=True))
                                  for i in range(0, n, batch)]).softmax(1)
     warped_probs = monotone_warp(probs, knots, inverse=True)
-    warped_masks = monotone_warp(F.one_hot(test.masks[:n], NUM_CLASSES).permute(0, 3, 1, 2).float(), knots,
-                                 inverse=True).argmax(1)
-    warped_miou = miou_per_image(probs_of_warped.argmax(1), warped_masks)
+    warped_miou = miou_per_image(probs_of_warped.argmax(1), warp_masks(test.masks[:n], knots))
     soft = equi_error_from_outputs(warped_probs, probs_of_warped, reduction="none")
     hard = (warped_probs.argmax(1) != probs_of_warped.argmax(1)).flatten(1).float().mean(1)
     per_scale = {}
@@ -464,8 +468,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if getattr(args, "start", None) or getattr(args, "write_start", None):
-        cfg["start"] = "scratch"
+    if getattr(args, "start", None):  # --from-scratch (--write-start trains its start whatever the preset says)
+        cfg["start"] = args.start
     cfg["methods"] = [m for m in METHODS if m in set(args.methods) | {"aug"}]
     seed = getattr(args, "finetune_seed", None)
     if seed is not None and seed < 0:
