@@ -103,10 +103,10 @@ def canonicalisation_task(seed: int, size: int = 24, chans: int = 4, grid: int =
     return sample, feature_error, gen
 
 
-def train_dec(seed: int, steps: int, head_logits=None):
+def train_dec(seed: int, steps: int, head_logits=None, **dec_options):
     torch.manual_seed(seed)
     sample, feature_error, gen = canonicalisation_task(seed)
-    dec = DEC(4, grid=4, widths=(16, 32), proj_chans=8).train()
+    dec = DEC(4, grid=4, widths=(16, 32), proj_chans=8, **dec_options).train()
     if head_logits is not None:
         dec.head_logits = head_logits
     opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
@@ -128,21 +128,28 @@ def train_dec(seed: int, steps: int, head_logits=None):
     ident = identity_knots(1, 4)
     learned, wanted = (knots - ident)[interior].flatten(), (true - ident)[interior].flatten()
     pearson = torch.corrcoef(torch.stack((learned, wanted)))[0, 1].item()
-    return dict(ratio=before / after, pearson=pearson, stats=stats, grads=grads)
+    return dict(ratio=before / after, pearson=pearson, stats=stats, grads=grads, dec=dec, x_test=x_test)
+
+
+# The well-posed DEC: the damped solve (beta 0.25) with the Jacobian regulariser of the damped map, whose solves reach
+# tol (without it, every solve of the trained DEC ends at max_iter above tol: README "Defaults").
+WELL_POSED = dict(beta=0.25, jac_reg=0.1)
 
 
 @pytest.mark.slow
 def test_dec_learns_the_inverse_warp():
     """Only the DEC trains, to make the block's features of warped inputs match the canonical pattern's.
 
-    Measured (seeds 0-2, 300 steps): feature error down 13.6-19.8x, knot correlation 0.94-0.97. With the column
-    table read untransposed (the old layout) the same run reaches 2.5-4.4x and 0.70-0.75.
+    Measured (seed 0, 300 steps, `WELL_POSED`): feature error down 7.0x, knot correlation 0.96, every test solve
+    within tol in 9.0 iterations. Unregularised and undamped: 4.2x and 0.88, every solve ending above tol; Bai et
+    al.'s undamped regulariser (jac_reg 0.1, beta 1): 1.4x and 0.49 (it removes H's restoring gain).
     """
-    result = train_dec(seed=0, steps=500)
+    result = train_dec(seed=0, steps=300, **WELL_POSED)
     assert result["ratio"] >= 5, result
-    assert result["pearson"] >= 0.8, result
+    assert result["pearson"] >= 0.9, result
     stats = result["stats"]
     assert stats.mean_iterations > 1 and stats.total_fallbacks == 0
+    assert stats.total_not_converged <= 0.05 * stats.total_samples, stats
     for g in result["grads"]:  # at the first step (H = 0) and after 500 steps
         assert torch.isfinite(g).all() and g.abs().sum() > 0
 

@@ -20,7 +20,11 @@ Whenever autograd needs it (grad enabled and the input or a parameter requires g
 the solution re-enters the graph torchdeq-style: one application of f whose incoming gradient is replaced by the
 solution of the adjoint fixed point ``g = J_f(z*)^T g + grad`` (``backward="implicit"``, the default; absolute form
 only), or ``phantom_steps`` applications of f from z* (``backward="phantom"``). No graph runs through the solver
-iterations, so training memory does not grow with ``max_iter``.
+iterations, so training memory does not grow with ``max_iter``. The implicit gradient is exact only at an
+equilibrium: a sample whose forward solve ended above ``tol`` is counted as not converged, and one that ended above
+``NEAR_TOL_FACTOR`` x ``tol`` gets the Jacobian-free gradient of the f(z) it returned instead (`DEC._adjoint`; counted
+as ``jacobian_free``). In training mode, ``jac_reg`` > 0 adds the gradient of a Jacobian regulariser (Bai et al.,
+ICML 2021) of the damped map the solver iterates, so that the solves reach ``tol`` and the implicit gradient applies.
 
 Solver statistics are kept out of the modules: ``with solver_stats() as stats: model(x)`` collects, per DEC name and
 per call, the mean iterations, the largest final residual, the fallbacks, the unconverged and the fold-guarded
@@ -51,6 +55,9 @@ __all__ = [
 ]
 
 BACKWARD_MODES = ("phantom", "implicit")
+# A forward solve that ended within this many times ``tol`` gets the implicit gradient at its best iterate (measured
+# on trained DECs closer to the true gradient than the Jacobian-free one: README "Defaults"); beyond, Jacobian-free.
+NEAR_TOL_FACTOR = 10.0
 UPDATE_FORMS = ("residual", "absolute")
 INPUTS = ("latent", "image")
 
@@ -102,6 +109,13 @@ class DECConfig:
         backward_max_iter: most iterations of the adjoint solve (implicit mode).
         backward_tol: relative residual at which the adjoint solve stops (implicit mode).
         backward_solver: solver of the adjoint fixed point; None uses ``solver``.
+        jac_reg: weight of the Jacobian regulariser (Bai et al., ICML 2021) in training mode: a one-sample
+            Hutchinson estimate of ||J||_F^2 / dim at z*, averaged over the batch, whose gradient the backward adds
+            to the task loss's (the loss value the caller sees is unchanged, so timm's ``train.py`` trains with it
+            as is). J = beta J_f + (1 - beta) I is the Jacobian of the damped map the solver iterates, so the
+            regulariser keeps that map contractive (one equilibrium per input, reached in few iterations) while
+            J_f itself may restore strongly (J_f = 1 - 1/beta at no cost): a canonicaliser needs a restoring H, and
+            Bai et al.'s undamped form (beta = 1) pulls H's gain to zero. 0 turns it off; eval never pays for it.
         logit_bound: the logits of the knots are ``bound * tanh(z / bound)``: a segment is at least
             ``1 / (1 + (G-1) exp(2 bound))`` of its row, at most ``1 / (1 + (G-1) exp(-2 bound))``.
         min_jacobian: the fold guard keeps det J of the warp at least this everywhere (`timm_dec.ops.folds`).
@@ -127,6 +141,7 @@ class DECConfig:
     backward_max_iter: int = 12
     backward_tol: float = 1e-4
     backward_solver: Optional[str] = None
+    jac_reg: float = 0.0
     logit_bound: float = 1.5
     min_jacobian: float = 0.05
 
@@ -154,6 +169,9 @@ class DECConfig:
                 object.__setattr__(self, field, None)
             elif value is not None and (not _is_int(value) or value < low):
                 raise ValueError(f"dec {field} must be None (or 0) or an integer >= {low}, got {value!r}")
+        if isinstance(self.jac_reg, bool) or not isinstance(self.jac_reg, (int, float)) or not (
+                0 <= self.jac_reg < float("inf")):
+            raise ValueError(f"dec jac_reg must be a finite number >= 0, got {self.jac_reg!r}")
         for field in ("tol", "backward_tol", "logit_bound", "beta", "min_jacobian"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -201,6 +219,8 @@ class SolveRecord:
         mean_residual: mean final relative residual of those samples (0 if none).
         fallbacks: samples whose solve went non-finite and fell back to the identity.
         not_converged: finite samples whose residual stayed above ``tol`` (they keep their best iterate).
+        jacobian_free: finite samples whose residual stayed above ``NEAR_TOL_FACTOR`` x ``tol``: with the implicit
+            backward they get the Jacobian-free gradient (`DEC._adjoint`).
         fold_guarded: samples whose warp the fold guard blended toward the identity.
     """
 
@@ -211,11 +231,12 @@ class SolveRecord:
     max_residual: float
     fallbacks: int
     not_converged: int = 0
+    jacobian_free: int = 0
     fold_guarded: int = 0
     mean_residual: float = 0.0
 
 
-_SUMMED = ("fallbacks", "not_converged", "fold_guarded")
+_SUMMED = ("fallbacks", "not_converged", "fold_guarded", "jacobian_free")
 
 
 class SolverStats:
@@ -261,7 +282,7 @@ class SolverStats:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per DEC name: ``calls``, ``samples``, ``mean_iterations`` (sample-weighted), ``max_iterations``,
-        ``max_residual``, ``fallbacks``, ``not_converged`` and ``fold_guarded``."""
+        ``max_residual``, ``fallbacks``, ``not_converged``, ``fold_guarded`` and ``jacobian_free``."""
         out: dict[str, dict[str, float]] = {}
         for r in self.records:
             s = out.setdefault(r.name, dict(calls=0, samples=0, mean_iterations=0.0, max_iterations=0,
@@ -309,8 +330,14 @@ def _recording() -> bool:
     return not torch.compiler.is_compiling() and bool(_COLLECTORS.get())
 
 
-def _record(name: str, info: SolverInfo, guard: torch.Tensor) -> None:
+def _near(info: SolverInfo, tol: float) -> torch.Tensor:
+    """(B,) samples whose forward solve ended within ``NEAR_TOL_FACTOR`` x ``tol`` (False for failed ones)."""
+    return ~info.failed & (info.residual <= NEAR_TOL_FACTOR * tol)
+
+
+def _record(name: str, info: SolverInfo, guard: torch.Tensor, tol: float) -> None:
     finite = ~info.failed
+    near = _near(info, tol)
     any_finite = bool(finite.any())
     max_res = info.residual[finite].max().item() if any_finite else 0.0
     mean_res = info.residual[finite].double().mean().item() if any_finite else 0.0
@@ -319,6 +346,7 @@ def _record(name: str, info: SolverInfo, guard: torch.Tensor) -> None:
         mean_iterations=info.iterations.double().mean().item(), max_iterations=int(info.iterations.max().item()),
         max_residual=float(max_res), fallbacks=int(info.failed.sum().item()),
         not_converged=int((finite & ~info.converged).sum().item()), fold_guarded=int((guard < 1).sum().item()),
+        jacobian_free=int((finite & ~near).sum().item()),
         mean_residual=float(mean_res))
     for stats in _COLLECTORS.get():
         stats.add(record)
@@ -340,6 +368,20 @@ class _ImplicitGrad(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.adjoint(grad), None
+
+
+class _AddLossGradient(torch.autograd.Function):
+    """Identity on ``x`` in forward; in backward, also backpropagates a scalar ``loss`` as if it had been added to the
+    objective (gradient 1), so a regulariser trains with any training loop without changing the loss it sees."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_dtype = loss.dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones((), dtype=ctx.loss_dtype, device=grad.device)
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -545,12 +587,22 @@ class DEC(nn.Module):
         h = self.head_logits(_conv(h, self.head))
         return z + h if self.cfg.update == "residual" else h
 
-    def _adjoint(self, fz: torch.Tensor, z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _adjoint(self, fz: torch.Tensor, z: torch.Tensor, near: torch.Tensor
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
         """Backward of the implicit mode: v -> g solving g = J_f(z*)^T g + v, per sample (J is block diagonal).
+
+        The implicit gradient is the gradient of the equilibrium only where the forward reached it: exact at a
+        fixed point, off by O(residual) near one. A sample whose forward solve ended above ``NEAR_TOL_FACTOR`` x
+        ``tol`` (or whose adjoint solve broke down) gets g = v instead: the Jacobian-free gradient of f at its best
+        iterate (a one-step phantom gradient, the derivative of the f(z) the forward returned with the iterate z held
+        fixed), which is bounded where (I - J)^-T of a point far from equilibrium is not. An adjoint solve that ends
+        above ``backward_tol`` keeps its best iterate, a truncated solution of the adjoint system (measured closer to
+        the true gradient than g = v).
 
         Args:
             fz: (b, 2, G+1, G) f(z*), computed with grad from ``z``.
             z: (b, 2, G+1, G) the leaf z* that ``fz`` was computed from; the vector-Jacobian products reuse that graph.
+            near: (b,) the forward solve ended within ``NEAR_TOL_FACTOR`` x ``tol``.
         """
         c = self.cfg
         solver = get_solver(c.backward_solver or c.solver)
@@ -562,8 +614,8 @@ class DEC(nn.Module):
 
             g, _, info = solver(vjp_step, v.detach(), max_iter=c.backward_max_iter, tol=c.backward_tol,
                                 history=c.history)
-            # A sample whose adjoint solve broke down keeps the plain gradient (Jacobian-free backward).
-            return torch.where(info.failed.view(-1, 1, 1, 1), v, g)
+            implicit = near & ~info.failed
+            return torch.where(implicit.view(-1, 1, 1, 1), g, v)
 
         return adjoint
 
@@ -601,30 +653,51 @@ class DEC(nn.Module):
         p_const = p.detach()
         with torch.no_grad():
             z_star, f_star, info = get_solver(c.solver)(
-                lambda z: self.update(z, p_const), z0, max_iter=c.max_iter, tol=c.tol, history=c.history,
-                beta=c.beta, check_every=c.check_every)
+                self.update, z0, args=(p_const,), max_iter=c.max_iter, tol=c.tol, history=c.history,
+                beta=c.beta, check_every=c.check_every, compact=True)
         failed = info.failed.view(-1, 1, 1, 1)
         if _recording():
-            _record(self.name, info, self.guarded_knots(f_star)[1])
+            _record(self.name, info, self.guarded_knots(f_star)[1], c.tol)
         if not needs_graph:
             return torch.where(failed, z0, f_star)
         z_start = torch.where(failed, z0, z_star)  # a failed sample's iterate is non-finite: keep it out of the graph
         if c.backward == "implicit":
-            out = self._implicit_reentry(z_start, p)
+            out = self._implicit_reentry(z_start, p, _near(info, c.tol))
         else:
-            out = z_start
-            for _ in range(c.phantom_steps):
+            z_leaf = z_start.detach().requires_grad_(self._regularised)
+            out = first = self.update(z_leaf, p)
+            for _ in range(c.phantom_steps - 1):
                 out = self.update(out, p)
+            if self._regularised:
+                out = self._jacobian_penalty(out, first, z_leaf)
         return torch.where(failed, z0, out)
+
+    @property
+    def _regularised(self) -> bool:
+        """Whether this call adds the Jacobian regulariser's gradient (training mode, ``jac_reg`` > 0)."""
+        return self.training and self.cfg.jac_reg > 0
 
     # The adjoint solve calls torch.autograd.grad inside a backward, which Dynamo cannot trace: under torch.compile
     # this one step runs eagerly (one graph break per DEC call in a training step; eval forwards stay one graph).
     @torch.compiler.disable
-    def _implicit_reentry(self, z_start: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def _implicit_reentry(self, z_start: torch.Tensor, p: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
         """One application of f from z* whose incoming gradient is replaced by the adjoint solution (implicit mode)."""
         z_leaf = z_start.detach().requires_grad_()
         fz = self.update(z_leaf, p)
-        return _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf))
+        out = _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf, near))
+        return self._jacobian_penalty(out, fz, z_leaf) if self._regularised else out
+
+    def _jacobian_penalty(self, out: torch.Tensor, fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``out``, whose backward also adds the gradient of ``jac_reg`` * mean over samples of ||v^T J||^2 / dim, with
+        J = beta J_f(z) + (1 - beta) I the Jacobian of the damped map the solver iterates and v standard normal (a
+        one-sample Hutchinson estimate of ||J||_F^2 / dim)."""
+        v = torch.randn_like(fz)
+        (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)
+        beta = self.cfg.beta
+        if beta < 1:
+            vjp = beta * vjp + (1 - beta) * v
+        penalty = vjp.pow(2).flatten(1).mean(dim=1)
+        return _AddLossGradient.apply(out, self.cfg.jac_reg * penalty.mean())
 
     def forward(
             self,

@@ -1,18 +1,21 @@
 """Per-sample fixed-point solvers with a static trip count: Anderson acceleration and plain fixed-point iteration.
 
-Every solver has one signature, ``solver(func, z0, *, max_iter, tol, history, beta, check_every) -> (z, fz, info)``,
-and a small string-keyed registry, `SOLVERS`, picks one. ``func(z)`` evaluates the map on the whole (B, ...) batch;
-it must treat samples independently (the DEC's H does).
+Every solver has one signature,
+``solver(func, z0, *, args, max_iter, tol, history, beta, check_every, compact) -> (z, fz, info)``,
+and a small string-keyed registry, `SOLVERS`, picks one. ``func(z, *args)`` evaluates the map on a (b, ...) batch
+of rows of z, where ``args`` are per-sample (B, ...) tensors the solver slices alongside z: all B rows, or, with
+``compact=True``, the rows still active. It must treat samples independently (the DEC's H does).
 
 Each sample runs its own iteration, with its own Anderson least-squares mixing and its own stopping: once its
-relative residual ``||f(z) - z|| / (||f(z)|| + eps)`` is below ``tol`` it is frozen with ``torch.where`` (the map
-still runs on the full batch, the frozen rows are simply not updated), so a sample's result never depends on its
-batch mates. Shapes never change and nothing in the loop reads a value on the host, so the solve can be compiled
-into one graph and captured in a CUDA graph. The only host read is the optional early exit: every ``check_every``
-iterations the loop stops if no sample is still active (``check_every=None`` always runs ``max_iter`` iterations;
-under ``torch.compile`` the check is skipped, since it would break the graph). A sample whose map returns a
-non-finite value is flagged in ``info.failed``, restarted from ``z0`` (so the map never sees its non-finite iterate
-again) and frozen.
+relative residual ``||f(z) - z|| / (||f(z)|| + eps)`` is below ``tol`` it is frozen with ``torch.where`` (its
+iterate is not updated), so a sample's result never depends on its batch mates. With ``check_every=None`` (and
+always under ``torch.compile``) shapes never change and nothing in the loop reads a value on the host: the map runs
+on the full batch for ``max_iter`` iterations, so the solve can be compiled into one graph and captured in a CUDA
+graph. In eager mode with ``check_every`` set, the loop reads the active set on the host every ``check_every``
+iterations and stops once no sample is active; with ``compact=True`` it evaluates the map, until the next check,
+only on the rows active at the last one (a batch pays for its samples' iterations, not for its slowest sample's). A
+sample whose map returns a non-finite value is flagged in ``info.failed``, restarted from ``z0`` (so the map never
+sees its non-finite iterate again) and frozen.
 
 The solvers build no autograd graph of their own; callers run them under ``torch.no_grad()`` for the forward solve,
 and inside a backward pass for the adjoint solve.
@@ -31,7 +34,7 @@ __all__ = [
 # Denominator guard of the relative residual; the logits the DEC solves for are O(1).
 RESIDUAL_EPS = 1e-6
 
-SolverFunc = Callable[[torch.Tensor], torch.Tensor]
+SolverFunc = Callable[..., torch.Tensor]
 
 
 class SolverInfo(NamedTuple):
@@ -120,12 +123,14 @@ def check_solver_args(max_iter: int, tol: float, history: int, beta: float, chec
 def _solve(
         func: SolverFunc,
         z0: torch.Tensor,
+        args: tuple[torch.Tensor, ...],
         max_iter: int,
         tol: float,
         history: int,
         lam: float,
         beta: float,
         check_every: Optional[int],
+        compact: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, SolverInfo]:
     """Anderson acceleration with memory ``history``; ``history=1`` is plain (damped) fixed-point iteration."""
     if z0.dim() < 1 or z0.shape[0] < 1:
@@ -142,8 +147,18 @@ def _solve(
     failed = torch.zeros(batch, dtype=torch.bool, device=x.device)
     active = torch.ones(batch, dtype=torch.bool, device=x.device)
     compiling = torch.compiler.is_compiling()
+    # Eager solves that check on the host anyway evaluate the map on the rows still active at the last check only
+    # (per-sample maps give the same values); compiled and fixed-trip solves keep the static full batch.
+    checking = check_every is not None and not compiling
+    compact = compact and checking
+    rows: Optional[torch.Tensor] = None  # indices of the rows to evaluate; None: all of them
     for k in range(max_iter):
-        fx = func(x.reshape(batch, *shape)).detach().reshape(x.shape).to(x.dtype)
+        if rows is None:
+            fx = func(x.reshape(batch, *shape), *args).detach().reshape(x.shape).to(x.dtype)
+        else:
+            fx = x.clone()
+            fx[rows] = func(x[rows].reshape(len(rows), *shape), *(a[rows] for a in args)
+                            ).detach().reshape(len(rows), -1).to(x.dtype)
         iterations = iterations + active.long()
         finite = torch.isfinite(fx).all(dim=1) & torch.isfinite(x).all(dim=1)
         res = torch.where(finite, relative_residual(x, fx), torch.full_like(best_res, float("inf")))
@@ -154,8 +169,15 @@ def _solve(
         active = active & finite & (res >= tol)
         if k == max_iter - 1:
             break
-        if check_every is not None and not compiling and (k + 1) % check_every == 0 and not bool(active.any()):
-            break
+        if checking and (k + 1) % check_every == 0:
+            if not compact:
+                if not bool(active.any()):
+                    break
+            else:
+                still = active.nonzero().squeeze(1)
+                if len(still) == 0:
+                    break
+                rows = None if len(still) == batch else still
         x_hist, f_hist = (x_hist + [x])[-history:], (f_hist + [fx])[-history:]
         if len(x_hist) == 1:
             step = fx if beta == 1 else beta * fx + (1 - beta) * x
@@ -172,18 +194,21 @@ def anderson(
         func: SolverFunc,
         z0: torch.Tensor,
         *,
+        args: tuple[torch.Tensor, ...] = (),
         max_iter: int,
         tol: float,
         history: int = 5,
         lam: float = 1e-4,
         beta: float = 1.0,
         check_every: Optional[int] = 1,
+        compact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, SolverInfo]:
     """Per-sample Anderson acceleration (type II) of ``z = func(z)``.
 
     Args:
-        func: the map on a (B, ...) batch, sample by sample.
+        func: the map ``func(z, *args)`` on a batch of rows, sample by sample.
         z0: (B, ...) starting point.
+        args: per-sample (B, ...) tensors the map reads, sliced alongside z.
         max_iter: most evaluations of ``func``.
         tol: a sample is frozen once its relative residual is below this.
         history: memory m of the least-squares mixing.
@@ -191,6 +216,9 @@ def anderson(
         beta: damping of the mixed step, in (0, 1]; 1 is undamped.
         check_every: stop early once every sample is frozen, checked on the host every this many iterations;
             None never checks (a fixed trip count of ``max_iter``: no host sync at all).
+        compact: between checks, evaluate ``func`` on the rows active at the last check only (eager mode with
+            ``check_every`` set); every per-sample tensor the map reads must then come through ``args``. False
+            gives ``func`` the whole batch every time.
 
     Returns:
         ``(z, fz, info)``: (B, ...) the lowest-residual iterate of each sample, (B, ...) the map at it, and
@@ -202,21 +230,23 @@ def anderson(
         >>> z.squeeze(1).round(decimals=4)  # 1 / (1 - a)
         tensor([ 2., 10.])
     """
-    return _solve(func, z0, max_iter, tol, history, lam, beta, check_every)
+    return _solve(func, z0, args, max_iter, tol, history, lam, beta, check_every, compact)
 
 
 def fixed_point(
         func: SolverFunc,
         z0: torch.Tensor,
         *,
+        args: tuple[torch.Tensor, ...] = (),
         max_iter: int,
         tol: float,
         history: int = 1,
         beta: float = 1.0,
         check_every: Optional[int] = 1,
+        compact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, SolverInfo]:
     """Per-sample plain iteration ``z <- beta func(z) + (1 - beta) z``; contract of `anderson` (``history`` ignored)."""
-    return _solve(func, z0, max_iter, tol, 1, 0.0, beta, check_every)
+    return _solve(func, z0, args, max_iter, tol, 1, 0.0, beta, check_every, compact)
 
 
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, SolverInfo]]] = {

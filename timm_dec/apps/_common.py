@@ -1,13 +1,17 @@
 """What the applications share: the ``--scales`` / ``--scale-bins`` parsers, the input normalisation of a timm data
-config, the ``--device`` resolution and the learning-rate schedule."""
+config, the ``--device`` resolution, the learning-rate schedule, and the step-cost calibration of the equal-compute
+control (Aug+time)."""
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-__all__ = ["parse_scales", "parse_bins", "normalize_transform", "resolve_device", "warmup_cosine_schedule"]
+__all__ = ["parse_scales", "parse_bins", "normalize_transform", "resolve_device", "warmup_cosine_schedule",
+           "measure_step_costs", "equal_compute_steps", "NoisyMachineError"]
 
 
 def parse_scales(text: str) -> list[float]:
@@ -88,3 +92,77 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total: int,
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class NoisyMachineError(RuntimeError):
+    """The step costs of an equal-compute control could not be measured consistently (the machine is too busy)."""
+
+
+def measure_step_costs(steps: Mapping[str, Callable[[], Any]], *, rounds: int = 5, calls: int = 5, warmup: int = 2,
+                       max_spread: float = 0.25, attempts: int = 3) -> dict[str, Any]:
+    """Seconds per call of each training step, measured side by side in one window.
+
+    Each step first runs ``warmup`` untimed calls; then ``rounds`` rounds run every step ``calls`` times back to back,
+    in turn, so that background load slows all of them alike. A step's cost is the median over rounds of its mean
+    seconds per call. The spread is, over rounds, (max - min) / median of each step's cost relative to the first
+    step's in the same round; above ``max_spread`` the whole measurement is repeated, at most ``attempts`` times.
+
+    Args:
+        steps: name -> one training step (a closure on copies of the models: calibration must not train the
+            models that are compared).
+
+    Returns:
+        ``seconds`` (name -> median seconds per call), ``rounds`` (name -> per-round seconds per call), ``spread``,
+        ``attempts``.
+
+    Raises:
+        NoisyMachineError: the spread stayed above ``max_spread`` in every attempt.
+    """
+    if not steps:
+        raise ValueError("no steps to measure")
+    if rounds < 1 or calls < 1 or warmup < 0 or attempts < 1 or not max_spread > 0:
+        raise ValueError("rounds, calls and attempts must be >= 1, warmup >= 0 and max_spread > 0")
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
+    spread = math.inf
+    for attempt in range(1, attempts + 1):
+        per_round: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(rounds):
+            for name in names:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    steps[name]()
+                per_round[name].append((time.perf_counter() - start) / calls)
+        spread = 0.0
+        for name in names[1:]:
+            ratios = [t / r for t, r in zip(per_round[name], per_round[names[0]])]
+            spread = max(spread, (max(ratios) - min(ratios)) / statistics.median(ratios))
+        if spread <= max_spread:
+            return dict(seconds={n: statistics.median(v) for n, v in per_round.items()}, rounds=per_round,
+                        spread=spread, attempts=attempt)
+    raise NoisyMachineError(
+        f"the step costs varied by {100 * spread:.0f}% between rounds in each of {attempts} attempts (limit "
+        f"{100 * max_spread:.0f}%): the machine is too busy for an equal-compute control; run again when it is idle, "
+        f"or leave Aug+time out")
+
+
+def equal_compute_steps(costs: Mapping[str, float], work: Mapping[str, int], reference: str, own_steps: int,
+                        max_factor: float = 20.0) -> int:
+    """Steps of ``reference`` that cost what ``work`` costs: sum(work[k] * costs[k]) / costs[reference], rounded,
+    never fewer than ``own_steps`` (the control never trains less than its method) and never more than
+    ``max_factor`` times ``max(own_steps, 1)`` (a bound, whatever the measured costs).
+
+    Args:
+        costs: seconds per step of each kind of step (`measure_step_costs`), all > 0.
+        work: how many steps of each kind the compared method trained.
+        reference: the kind of step the control trains.
+        own_steps: the control's own steps (the reference method's).
+    """
+    bad = {k: v for k, v in costs.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"step costs must be finite and > 0, got {bad}")
+    budget = sum(n * costs[k] for k, n in work.items())
+    steps = round(budget / costs[reference])
+    return int(min(max(steps, own_steps), max_factor * max(own_steps, 1)))

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from .._format import json_default
 from ..baselines import InputCanonicalizer, InvarianceLoss
+from ..bench.equilibrium import gradient_check
 from ..checkpoint import save_checkpoint
 from ..data import LocallyScaledDigits, RandomMonotoneScale
 from ..dec import BACKWARD_MODES, UPDATE_FORMS
@@ -57,13 +58,23 @@ from ..models import load_dec_state_dict
 from ..models._base import INPUT
 from ..ops import monotone_warp, random_knots
 from . import _start
-from ._common import normalize_transform, parse_bins, parse_scales, resolve_device, warmup_cosine_schedule
+from ._common import (
+    NoisyMachineError,
+    equal_compute_steps,
+    measure_step_costs,
+    normalize_transform,
+    parse_bins,
+    parse_scales,
+    resolve_device,
+    warmup_cosine_schedule,
+)
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 
-__all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train"]
+__all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train",
+           "training_step", "calibrate_equal_time"]
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
 LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
@@ -129,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        ("dec-warmup-steps", "DEC-only steps before the DEC's joint steps"),
                        ("batch-size", None), ("canon-warps", None), ("canon-energy-size", None),
                        ("canon-candidates", "Canon: warps per image the classifier scores for the energy's ranking"),
-                       ("dec-grid", None), ("dec-max-iter", None)):
+                       ("dec-grid", None), ("dec-max-iter", None), ("dec-history", "Anderson memory of the solve")):
         g.add_argument(f"--{name}", type=int, default=None, help=text)
     for name, text in (("lr", "plain-stage peak learning rate (paper preset: A1's per model)"),
                        ("finetune-lr", "peak learning rate of the Aug stage and every method"),
@@ -145,6 +156,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated DEC positions: input (the image) and/or block indices, e.g. input,0,1")
     g.add_argument("--dec-mode", choices=("equivariant", "invariant"), default=None)
     g.add_argument("--dec-tol", type=float, default=None, help="the DEC solve's relative residual tolerance")
+    g.add_argument("--dec-beta", type=float, default=None, help="damping of the DEC's solver (DECConfig.beta)")
+    g.add_argument("--dec-jac-reg", type=float, default=None,
+                   help="weight of the DEC's Jacobian regulariser in training (DECConfig.jac_reg; 0: off)")
     g.add_argument("--dec-image-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"),
                    help="channels of the image H (the input DEC's)")
     g.add_argument("--dec-image-size", type=int, default=None,
@@ -159,6 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-bins", type=_bins, default=None, help="Table 3 bins, e.g. 0.5-1.0,1.0-2.0")
     g.add_argument("--prob-scales", type=_floats, default=None, help="scales of the Fig. 8 curves")
     for name, text in (("prob-images", "test images in the Fig. 8 plot"), ("grid-images", "in the Fig. A2 plot"),
+                       ("gradient-images", "test images of the DEC's float64 gradient check (0: none)"),
                        ("stretch-images", "test images for the scale-stretch correlation"), ("eval-batch", None)):
         g.add_argument(f"--{name}", type=int, default=None, help=text)
 
@@ -184,7 +199,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     for key in ("plain_steps", "aug_steps", "finetune_steps", "dec_warmup_steps", "prob_images", "grid_images",
-                "stretch_images"):
+                "stretch_images", "gradient_images"):
         if cfg[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     if cfg["canon_candidates"] < 2 or cfg["canon_margin"] < 0 or cfg["canon_rank_weight"] < 0:
@@ -246,6 +261,50 @@ class Stage:
     seed: int = 0
 
 
+def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, batch_size: int,
+                  weight_decay: float, warmup_frac: float, normalize: Callable[[torch.Tensor], torch.Tensor],
+                  channels: int, device: torch.device) -> Callable[[], float]:
+    """One step of ``stage``'s training of ``model`` (AdamW, warm-up + cosine over ``stage.steps``, gradient norm
+    clipped at 1) per call, on pre-rendered images in a seeded order; each call returns the step's loss.
+
+    Args: as `train`.
+    """
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(_param_groups(model, stage.lr, weight_decay, stage.new_prefixes, stage.new_lr_mult,
+                                                stage.only_new), lr=stage.lr)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    scheduler = warmup_cosine_schedule(optimizer, max(1, stage.steps), warmup_frac)
+    order = torch.Generator().manual_seed(stage.seed)
+    per_epoch = max(1, len(images) // batch_size)
+    state = dict(step=0, perm=torch.empty(0, dtype=torch.long))
+
+    def step() -> float:
+        k = state["step"] % per_epoch
+        if k == 0:
+            state["perm"] = torch.randperm(len(images), generator=order)
+        idx = state["perm"][k * batch_size:(k + 1) * batch_size]
+        state["step"] += 1
+        x, y = images[idx], labels[idx].to(device)
+        if stage.augment is not None:
+            x = stage.augment(x)
+        x = x.expand(-1, channels, -1, -1).to(device)
+        logits = model(normalize(x))
+        loss = F.cross_entropy(logits, y)
+        if stage.invl is not None and stage.invl_scale is not None:
+            loss = loss + stage.invl(logits, model(normalize(stage.invl_scale(x))))
+        if stage.aux_loss is not None:
+            loss = loss + stage.aux_loss(normalize(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        if state["step"] <= stage.steps:
+            scheduler.step()
+        return loss.item()
+
+    return step
+
+
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, batch_size: int,
           weight_decay: float, warmup_frac: float, normalize: Callable[[torch.Tensor], torch.Tensor],
           channels: int, device: torch.device, progress: bool = True) -> dict[str, float]:
@@ -263,38 +322,14 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: S
     """
     if stage.steps == 0:
         return dict(steps=0, seconds=0.0, final_loss=float("nan"))
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, stage.lr, weight_decay, stage.new_prefixes, stage.new_lr_mult,
-                                                stage.only_new), lr=stage.lr)
-    trained = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = warmup_cosine_schedule(optimizer, stage.steps, warmup_frac)
-    order = torch.Generator().manual_seed(stage.seed)
+    step = training_step(model, images, labels, stage, batch_size=batch_size, weight_decay=weight_decay,
+                         warmup_frac=warmup_frac, normalize=normalize, channels=channels, device=device)
     losses: list[float] = []
     start = time.perf_counter()
     bar = _progress(range(stage.steps), stage.name, not progress)
-    per_epoch = max(1, len(images) // batch_size)
-    perm = torch.empty(0, dtype=torch.long)
-    for step in bar:
-        if step % per_epoch == 0:
-            perm = torch.randperm(len(images), generator=order)
-        idx = perm[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
-        x, y = images[idx], labels[idx].to(device)
-        if stage.augment is not None:
-            x = stage.augment(x)
-        x = x.expand(-1, channels, -1, -1).to(device)
-        logits = model(normalize(x))
-        loss = F.cross_entropy(logits, y)
-        if stage.invl is not None and stage.invl_scale is not None:
-            loss = loss + stage.invl(logits, model(normalize(stage.invl_scale(x))))
-        if stage.aux_loss is not None:
-            loss = loss + stage.aux_loss(normalize(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == stage.steps - 1:
+    for i in bar:
+        losses.append(step())
+        if i % 10 == 0 or i == stage.steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     return dict(steps=stage.steps, seconds=time.perf_counter() - start,
                 final_loss=sum(losses[-20:]) / len(losses[-20:]))
@@ -412,19 +447,50 @@ def _train_methods(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor
     return timings
 
 
-def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], timings: dict[str, dict[str, float]],
-                        images: torch.Tensor, labels: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
-    """Aug+time: Aug from the same start, given as many more steps as the DEC's extra training time buys at Aug's
-    measured speed (one schedule over all its steps), so that a gain of the DEC is not only a gain of compute."""
+def _calibration_stages(s: _Setup) -> dict[str, Stage]:
+    """The kinds of training step the equal-compute control compares, as `_train_methods` runs them."""
+    lr, mult = s.cfg["finetune_lr"], s.cfg["dec_lr_mult"]
+    return {"aug": Stage("Aug", 1, lr, augment=copy.deepcopy(s.augment)),
+            "dec_only": Stage("DEC warm-up", 1, lr, augment=copy.deepcopy(s.augment), new_prefixes=("dec.",),
+                              new_lr_mult=mult, only_new=True),
+            "dec": Stage("DEC", 1, lr, augment=copy.deepcopy(s.augment), new_prefixes=("dec.",), new_lr_mult=mult)}
+
+
+def calibrate_equal_time(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor,
+                         labels: torch.Tensor) -> dict[str, Any]:
+    """Aug+time's step count: what the DEC's training costs (its DEC-only and joint steps) in Aug steps.
+
+    The three kinds of step are timed side by side in one window (`measure_step_costs`: interleaved rounds, medians)
+    on copies of the trained Aug and DEC models, so the figures do not depend on what else ran while each method
+    trained; the trained DEC's solves are the training's most expensive, so this errs toward more Aug+time steps.
+    """
     cfg, n = s.cfg, s.cfg["finetune_steps"]
-    per_step = timings["aug"]["seconds"] / max(1, n)
-    extra = max(0, round((timings["dec"]["seconds"] - timings["aug"]["seconds"]) / per_step)) if per_step > 0 else 0
+    steps = {}
+    for kind, stage in _calibration_stages(s).items():
+        model = copy.deepcopy(models["aug" if kind == "aug" else "dec"])
+        steps[kind] = training_step(s.classifier(model), images, labels, stage, batch_size=cfg["batch_size"],
+                                    weight_decay=cfg["weight_decay"], warmup_frac=cfg["warmup_frac"],
+                                    normalize=s.normalize, channels=s.channels, device=s.device)
+    costs = measure_step_costs(steps)
+    work = {"dec_only": cfg["dec_warmup_steps"], "dec": n}
+    total = equal_compute_steps(costs["seconds"], work, "aug", n)
+    sec = costs["seconds"]
+    return dict(step_seconds=sec, spread=costs["spread"], attempts=costs["attempts"], steps=total,
+                extra_steps=total - n, dec_step_ratio=sec["dec"] / sec["aug"],
+                dec_only_step_ratio=sec["dec_only"] / sec["aug"])
+
+
+def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], calibration: dict[str, Any],
+                        images: torch.Tensor, labels: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
+    """Aug+time: Aug from the same start trained for ``calibration["steps"]`` steps (one schedule over all of them),
+    the cost of the DEC's training in Aug steps, so that a gain of the DEC is not only a gain of compute."""
+    cfg = s.cfg
     model = s.create(cfg["model"])
     model.load_state_dict(starts["aug"])
     run = s.fit(s.classifier(model), images, labels,
-                Stage("Aug+time", n + extra, cfg["finetune_lr"], augment=s.augment, seed=cfg["seed"] + 3))
-    return model, dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] + n + extra,
-                       dec_only_steps=0)
+                Stage("Aug+time", calibration["steps"], cfg["finetune_lr"], augment=s.augment, seed=cfg["seed"] + 3))
+    return model, dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] +
+                       calibration["steps"], dec_only_steps=0)
 
 
 def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],
@@ -506,11 +572,27 @@ def run(args: argparse.Namespace) -> int:
     starts, start_info = start
     models = _methods(s, starts)
     timings = _train_methods(s, models, images, labels)
+    calibration: Optional[dict[str, Any]] = None
     if cfg["equal_time"] and "dec" in models:
-        models["aug_time"], timings["aug_time"] = _equal_time_control(s, starts, timings, images, labels)
+        try:
+            calibration = calibrate_equal_time(s, models, images, labels)
+        except NoisyMachineError as e:  # the other methods' results stand; only the control is left out
+            calibration = dict(error=str(e))
+            print(f"Aug+time left out: {e}")
+        else:
+            print(f"Aug+time calibration (interleaved rounds, spread {100 * calibration['spread']:.0f}%): a DEC step "
+                  f"costs {calibration['dec_step_ratio']:.2f} Aug steps, a DEC-only step "
+                  f"{calibration['dec_only_step_ratio']:.2f}: Aug+time trains {calibration['steps']} steps")
+            models["aug_time"], timings["aug_time"] = _equal_time_control(s, starts, calibration, images, labels)
     prob_idx = list(range(min(cfg["prob_images"], len(s.test_set))))
     results, curves = _evaluate(s, models, timings, prob_idx)
     evidence = dec_evidence(models["dec"], s.test_set, cfg, s.device) if "dec" in models else {}
+    if "dec" in models and cfg["gradient_images"] > 0:
+        x = torch.stack([s.test_set[i][0] for i in range(min(cfg["gradient_images"], len(s.test_set)))])
+        start = time.perf_counter()
+        evidence["gradient_check"] = gradient_check(s.classifier(models["dec"]).cpu(), x, seed=cfg["seed"])
+        evidence["gradient_check"]["seconds"] = time.perf_counter() - start
+        models["dec"].to(s.device)
     paired = paired_rows(results, seed=cfg["seed"])
     if "aug_time" in results:
         paired["dec_vs_aug_time"] = paired_rows(results, seed=cfg["seed"], reference="aug_time", methods=["dec"])["dec"]
@@ -519,6 +601,7 @@ def run(args: argparse.Namespace) -> int:
     files = plots(s.out, cfg, results, curves, models.get("dec"), s.test_set, s.normalize, s.device, prob_idx, LABELS)
     wall = time.perf_counter() - wall_start
     summary = _summary(args, s, results, dict(start=start_info, paired_vs_aug=paired, dec_evidence=evidence,
+                                              equal_time_calibration=calibration,
                                               tables=text, plots=files, prob_correct={m: c.tolist() for m, c in
                                                                                       curves.items()}), wall)
     (s.out / "tables.txt").write_text(text + "\n", encoding="utf-8")

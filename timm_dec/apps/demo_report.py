@@ -141,8 +141,8 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
     control = paired.get("dec_vs_aug_time")
     if control:
         steps = results["aug_time"]["backbone_steps"] - results["dec"]["backbone_steps"]
-        out += ["", f"Equal compute: DEC against Aug+time (Aug given the DEC's extra training time, {steps:+d} "
-                    f"steps): dAcc {control['acc_points']:+.2f} [{control['acc_low']:+.2f}, "
+        out += ["", f"Equal compute: DEC against Aug+time (Aug given the DEC's training cost in Aug steps, measured "
+                    f"side by side: {steps:+d} steps): dAcc {control['acc_points']:+.2f} [{control['acc_low']:+.2f}, "
                     f"{control['acc_high']:+.2f}] pts, InvE ratio {control['inv_e_ratio']:.3f}"]
     solver = results.get("dec", {}).get("dec_solver")
     if solver:
@@ -151,7 +151,14 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
                     f"{solver['mean_residual']:.2e} on average, {solver['max_residual']:.2e} at most; "
                     f"{solver['not_converged']} of {solver['samples']} solves above tol, {solver['fallbacks']} "
                     f"fallbacks"]
-    if evidence:
+    check = evidence.get("gradient_check")
+    if check:
+        out += [f"DEC backward against the true gradient (float64, {check['inputs']} test images, a random direction "
+                f"in the DEC's parameters; finite differences of equilibria solved to 1e-11, steps "
+                f"{', '.join(f'{h:g}' for h in check['steps'])} agreeing to {check['fd_agree']:.1e}): "
+                f"{100 * check['error']:.2f}% off as configured ({100 * check['configured']['within_tol']:.0f}% of "
+                f"those solves within tol), {100 * check['error_at_equilibrium']:.2f}% at the equilibrium"]
+    if "pearson_log_scale_log_magnification" in evidence:
         out += [f"DEC warp at each digit ({evidence['digits']} digits): corr(log scale, log magnification) = "
                 f"{evidence['pearson_log_scale_log_magnification']:+.3f}; mean magnification "
                 f"{evidence['mean_magnification_small']:.3f} for scales <= {evidence['small_scale_max']:.2f}, "

@@ -58,7 +58,8 @@ class DigitwiseClassifier(nn.Module):
         k = self.num_digits
         if logits.dim() != 2 or logits.shape[1] != 10 * k:
             raise ValueError(f"DigitwiseClassifier({k} digits) needs (B, {10 * k}) logits, got {tuple(logits.shape)}")
-        per_digit = logits.float().unflatten(1, (k, 10)).log_softmax(-1)  # (B, k, 10)
+        # at least float32 (half-precision logits under autocast), float64 kept (gradient checks)
+        per_digit = logits.to(torch.promote_types(logits.dtype, torch.float32)).unflatten(1, (k, 10)).log_softmax(-1)
         joint = per_digit[:, 0]
         for j in range(1, k):
             joint = (joint[:, :, None] + per_digit[:, j, None, :]).flatten(1)

@@ -10,8 +10,8 @@ __all__ = ["PRESETS", "paper_lr", "dec_kwargs", "FINETUNE_LR_RATIO"]
 # the token map). Classification runs in the invariant mode: the head reads the canonical image's features.
 _COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, invl_weight=1.0, canon_warps=64,
                canon_margin=1.0, canon_rank_weight=1.0, canon_candidates=4, dec_grid=4, dec_mode="invariant",
-               dec_update="absolute", dec_backward="implicit", dec_tol=1e-3, dec_image_widths=(8, 16),
-               dec_image_size=64, equal_time=True)
+               dec_update="absolute", dec_backward="implicit", dec_tol=1e-3, dec_jac_reg=0.0, dec_beta=1.0,
+               dec_history=5, dec_image_widths=(8, 16), dec_image_size=64, equal_time=True, gradient_images=16)
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_digits=2, label="digits", canvas=32, digit_size=8, scale_range=(0.5, 2.0),
         train_samples=16, test_samples=6, batch_size=8, lr=1e-3, finetune_lr=1e-3,
         plain_steps=2, aug_steps=1, finetune_steps=2, dec_warmup_steps=1, dec_lr_mult=1.0,
-        canon_energy_size=8, canon_energy_widths=(4, 4), dec_grid=2,
+        canon_energy_size=8, canon_energy_widths=(4, 4), dec_grid=2, gradient_images=2,
         dec_blocks=("input",), dec_widths=(4, 4), dec_image_widths=(4, 4), dec_max_iter=4,
         scales=(0.8, 1.0, 1.2), scale_bins=((0.5, 1.0), (1.0, 2.0)),
         prob_scales=(0.8, 1.0, 1.2), prob_images=2, grid_images=2, stretch_images=4, eval_batch=8,
@@ -65,7 +65,8 @@ def dec_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     out = dict(dec_grid=cfg["dec_grid"], dec_mode=cfg["dec_mode"], dec_widths=tuple(cfg["dec_widths"]),
                dec_image_widths=tuple(cfg["dec_image_widths"]), dec_image_size=cfg["dec_image_size"],
                dec_max_iter=cfg["dec_max_iter"], dec_tol=cfg["dec_tol"], dec_update=cfg["dec_update"],
-               dec_backward=cfg["dec_backward"])
+               dec_backward=cfg["dec_backward"], dec_jac_reg=cfg["dec_jac_reg"], dec_beta=cfg["dec_beta"],
+               dec_history=cfg["dec_history"])
     if cfg["dec_blocks"] is not None:
         out["dec_blocks"] = tuple(cfg["dec_blocks"])
     return out

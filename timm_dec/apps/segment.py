@@ -45,7 +45,7 @@ from ..models import load_dec_state_dict
 from ..models._base import DECModelMixin
 from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
-from ._common import warmup_cosine_schedule
+from ._common import NoisyMachineError, equal_compute_steps, measure_step_costs, warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image"]
@@ -212,21 +212,18 @@ def _optimizer(model: nn.Module, lr: float, cfg: dict[str, Any], only_dec: bool,
                               for (new, flat), ps in groups.items()])
 
 
-def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
-          augl: float = 0.0, only_dec: bool = False, seed: int = 0, budget_s: Optional[float] = None) -> dict:
-    """Train ``model`` for ``steps`` steps (or until ``budget_s`` seconds, then ``steps`` is a cap).
-
-    Returns:
-        ``steps`` run, ``seconds``, the last 20 steps' mean ``loss``.
-    """
+def training_step(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
+                  augl: float = 0.0, only_dec: bool = False, seed: int = 0) -> Callable[[], float]:
+    """One step of training ``model`` (AdamW, warm-up + cosine over ``steps``) per call; each call returns the loss."""
     model.train()
     opt = _optimizer(model, lr, cfg, only_dec, cfg["dec_lr_mult"])
-    sched = warmup_cosine_schedule(opt, steps, cfg["warmup_frac"])
+    sched = warmup_cosine_schedule(opt, max(1, steps), cfg["warmup_frac"])
     weight = torch.ones(NUM_CLASSES)
     weight[0] = cfg["bg_weight"]
     gen = torch.Generator().manual_seed(seed)
-    losses, start, step = [], time.perf_counter(), 0
-    for step in range(1, steps + 1):
+    done = [0]
+
+    def step() -> float:
         idx = torch.randint(0, data.images.shape[0], (cfg["batch_size"],), generator=gen)
         x, y = data.images[idx], data.masks[idx]
         if augment:
@@ -241,12 +238,44 @@ def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[st
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
-        losses.append(loss.item())
+        done[0] += 1
+        if done[0] <= steps:
+            sched.step()
+        return loss.item()
+
+    return step
+
+
+def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
+          augl: float = 0.0, only_dec: bool = False, seed: int = 0, budget_s: Optional[float] = None) -> dict:
+    """Train ``model`` for ``steps`` steps (or until ``budget_s`` seconds, then ``steps`` is a cap).
+
+    Returns:
+        ``steps`` run, ``seconds``, the last 20 steps' mean ``loss``.
+    """
+    step_fn = training_step(model, data, steps, lr, cfg, augment=augment, augl=augl, only_dec=only_dec, seed=seed)
+    losses, start, step = [], time.perf_counter(), 0
+    for step in range(1, steps + 1):
+        losses.append(step_fn())
         if budget_s is not None and time.perf_counter() - start >= budget_s:
             break
     model.eval()
     return dict(steps=step, seconds=time.perf_counter() - start, loss=sum(losses[-20:]) / max(1, len(losses[-20:])))
+
+
+def calibrate_equal_time(models: dict[str, nn.Module], train_set: SegDigits, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Aug+time's step count: the DEC's training (DEC-only and joint steps) in Aug steps, the three kinds of step
+    timed side by side in one window on copies of the trained models (`measure_step_costs`)."""
+    lr, n = cfg["finetune_lr"], cfg["finetune_steps"]
+    steps = {kind: training_step(copy.deepcopy(models["aug" if kind == "aug" else "dec"]), train_set, 1, lr, cfg,
+                                 augment=True, only_dec=kind == "dec_only", seed=cfg["finetune_seed"])
+             for kind in ("aug", "dec_only", "dec")}
+    costs = measure_step_costs(steps)
+    sec = costs["seconds"]
+    total = equal_compute_steps(sec, {"dec_only": cfg["dec_warmup_steps"], "dec": n}, "aug", n)
+    return dict(step_seconds=sec, spread=costs["spread"], attempts=costs["attempts"], steps=total,
+                extra_steps=total - n, dec_step_ratio=sec["dec"] / sec["aug"],
+                dec_only_step_ratio=sec["dec_only"] / sec["aug"])
 
 
 @torch.no_grad()
@@ -331,7 +360,7 @@ def train_start(train_set: SegDigits, cfg: dict[str, Any],
 
 def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDigits, cfg: dict[str, Any],
                    methods: Sequence[str], log: Callable[[str], None]) -> tuple[dict[str, DigitSegmenter], dict]:
-    """Every method from the shared start, in the order that lets Aug+time read the DEC's wall time."""
+    """Every method from the shared start, in the order that lets Aug+time measure the trained DEC's step cost."""
     models, runs = {}, {}
     steps, lr, seed = cfg["finetune_steps"], cfg["finetune_lr"], cfg["finetune_seed"]
     for method in [m for m in ("base", "aug", "augl", "canon", "dec", "aug_time") if m in methods]:
@@ -343,11 +372,19 @@ def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDig
             joint = train(model, train_set, steps, lr, cfg, augment=True, seed=seed)
             runs[method] = dict(steps=joint["steps"], dec_only_steps=warm["steps"], loss=joint["loss"],
                                 seconds=warm["seconds"] + joint["seconds"])
+        elif method == "aug_time" and "dec" not in models:  # nothing to match: Aug's own steps
+            runs[method] = train(model, train_set, steps, lr, cfg, augment=True, seed=seed)
         elif method == "aug_time":
-            per_step = runs["aug"]["seconds"] / max(1, runs["aug"]["steps"])
-            budget = runs["dec"]["seconds"] if "dec" in runs else runs["aug"]["seconds"]
-            runs[method] = train(model, train_set, max(steps, round(budget / per_step)), lr, cfg, augment=True,
-                                 seed=seed)
+            try:
+                calibration = calibrate_equal_time(models, train_set, cfg)
+            except NoisyMachineError as e:  # the other methods' results stand; only the control is left out
+                log(f"  Aug+time left out: {e}")
+                continue
+            log(f"  Aug+time calibration (interleaved rounds, spread {100 * calibration['spread']:.0f}%): a DEC step "
+                f"costs {calibration['dec_step_ratio']:.2f} Aug steps, a DEC-only step "
+                f"{calibration['dec_only_step_ratio']:.2f}: {calibration['steps']} steps")
+            runs[method] = dict(train(model, train_set, calibration["steps"], lr, cfg, augment=True, seed=seed),
+                                calibration=calibration)
         else:
             if method == "canon":
                 model.canon = InputCanonicalizer(nn.Identity(), num_warps=cfg["canon_warps"], in_chans=1,

@@ -20,11 +20,12 @@ built with ``dec_check_every=None``; forward figures only). In the compiled and 
 measured (module hooks do not run inside a graph) and the solver figures come from the eager model.
 
 A fresh DEC is exactly the identity and its solve stops after one evaluation of H, which would flatter it. So every
-DEC's zero-initialised last layer gets N(0, ``DEC_HEAD_STD``^2) weights (`perturb_dec_heads`): the solve then iterates
-as a trained DEC's does. Two solves (``--solves``): ``converging`` keeps the default tolerance, so each solve stops
-where these heads' fixed point is reached (the absolute update's random heads converge, as a trained DEC's do);
-``worst`` sets an unreachable tolerance, so every solve runs its ``max_iter`` iterations and the implicit backward's
-adjoint solve its ``backward_max_iter``: the upper bound of the cost (the ``iters`` column says which).
+DEC's zero-initialised last layer gets random N(0, std^2) weights (`perturb_dec_heads`): the solve then iterates.
+Two solves (``--solves``, `SOLVES`): ``converging`` has heads with std 0.01, whose solves reach the default
+tolerance in several iterations, as a well-posed trained DEC's do (the ``tol%`` column reports the share that did:
+it is the evidence that the case converges); ``worst`` has heads with std 0.05 and an unreachable tolerance, so
+every solve runs its ``max_iter`` iterations and the implicit backward's adjoint solve its ``backward_max_iter``: the
+upper bound of the cost.
 
 Timing runs base and DEC round-robin (warm-up rounds, then ``--repeats`` timed rounds, as
 `timm_dec.bench.timing.paired_times` does), so background load slows both alike; a time ratio is the median over rounds
@@ -61,8 +62,10 @@ __all__ = [
 OVERHEAD_MODELS = (
     "vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224", "beit_base_patch16_224")
 MODES = ("eager", "compile", "cudagraph")
-# converging: the default tolerance; worst: an unreachable one, so every solve (and adjoint solve) runs to its limit
-SOLVES = {"converging": {}, "worst": {"tol": 1e-12, "backward_tol": 1e-12}}
+# converging: heads whose solves reach the default tolerance (the share is reported); worst: larger heads and an
+# unreachable tolerance, so every solve (and adjoint solve) runs to its limit
+SOLVES = {"converging": {"head_std": 0.01, "dec_options": {}},
+          "worst": {"head_std": 0.05, "dec_options": {"tol": 1e-12, "backward_tol": 1e-12}}}
 
 DEC_HEAD_STD = 0.05
 # targets (`timm-dec bench overhead --check`): dec / base forward, training step and training memory
@@ -235,6 +238,8 @@ def _solver_figures(dec: nn.Module, x: torch.Tensor, train_step: Callable[[], No
         train_step()
     return {
         "eval_mean_iterations": eval_stats.mean_iterations,
+        "eval_within_tol": 1 - eval_stats.total_not_converged / max(1, eval_stats.total_samples),
+        "train_within_tol": 1 - train_stats.total_not_converged / max(1, train_stats.total_samples),
         "eval_max_iterations": max(r.max_iterations for r in eval_stats.records),
         "train_mean_iterations": train_stats.mean_iterations,
         "fallbacks": eval_stats.total_fallbacks + train_stats.total_fallbacks,
@@ -404,10 +409,12 @@ def format_overhead_table(result: dict[str, Any]) -> str:
         f"*_dec overhead on {env['device']} ({env.get('device_name', env['machine'])}, {env['torch_threads']} threads, "
         f"torch {env['torch']}), batch {result['batch_size']}, {result['img_size'] or 'own'} px, "
         f"median of {result['repeats']}, "
-        f"DEC heads ~ N(0, {result['dec_head_std']}^2), load average {result['load_average_before'][0]:.1f} -> "
+        f"DEC heads ~ N(0, std^2) with std {result['dec_head_std']}, "
+        f"load average {result['load_average_before'][0]:.1f} -> "
         f"{result['load_average_after'][0]:.1f}",
         f"{'model':<30} {'px':>4} {'fwd ms base/dec':>17} {'x':>6} {'train ms base/dec':>19} {'x':>6} "
-        f"{'mem MB base/dec':>17} {'x':>6} {'x step':>7} {'iters e/t':>10} {'DEC% fwd':>9} {'adj% trn':>9}",
+        f"{'mem MB base/dec':>17} {'x':>6} {'x step':>7} {'iters e/t':>10} {'tol% e/t':>9} {'DEC% fwd':>9} "
+        f"{'adj% trn':>9}",
     ]
     for name, r in result["models"].items():
         f, t, m, q, split = r["forward"], r["train_step"], r["memory"], r["ratios"], r["split"]
@@ -422,10 +429,12 @@ def format_overhead_table(result: dict[str, Any]) -> str:
             f"{name:<30} {r['img_size']:>4} {f['base_ms']:>8.{ms}f}/{f['dec_ms']:<8.{ms}f} {q['forward']:>6.3f} "
             f"{train} {mem} "
             f"{r['solver']['eval_mean_iterations']:>4.1f}/{r['solver']['train_mean_iterations']:<5.1f} "
+            f"{100 * r['solver']['eval_within_tol']:>4.0f}/{100 * r['solver']['train_within_tol']:<4.0f} "
             f"{pct[0]} {pct[1]}")
     lines.append("x = dec / base (time: median of the per-round ratios; memory: parameters + the step's peak; x step: "
                  "the step's peak alone); "
-                 "iters: mean solver iterations per DEC call, eval / train; DEC% fwd: share of the eval forward inside "
+                 "iters: mean solver iterations per DEC call, eval / train; tol%: share of those solves within tol; "
+                 "DEC% fwd: share of the eval forward inside "
                  "the DEC modules (eager only); adj% trn: share of a profiled training step in the implicit backward "
                  "('-': phantom backward, no adjoint solve); NAME@compile / NAME@cudagraph: compiled / CUDA-graph "
                  "modes; "
@@ -451,7 +460,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "overhead", "environment": environment(device), "batch_size": args.batch_size,
         "img_size": args.img_size, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
-        "dec_head_std": DEC_HEAD_STD, "load_average_before": list(os.getloadavg()), "models": {},
+        "dec_head_std": {k: v["head_std"] for k, v in SOLVES.items()},
+        "load_average_before": list(os.getloadavg()), "models": {},
     }
     modes = list(getattr(args, "modes", None) or ["eager"])
     bad = [m for m in modes if m not in MODES]
@@ -468,7 +478,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
                 key = entry_key(name, mode, solve)
                 result["models"][key] = bench_model(
                     name, device=device, batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats,
-                    warmup=args.warmup, seed=args.seed, mode=mode, dec_options=SOLVES[solve],
+                    warmup=args.warmup, seed=args.seed, mode=mode, head_std=SOLVES[solve]["head_std"],
+                    dec_options=SOLVES[solve]["dec_options"],
                     compile_backend=getattr(args, "compile_backend", "inductor"))
                 print(f"{key}: done after {time.perf_counter() - start:.0f} s", flush=True)
     result["load_average_after"] = list(os.getloadavg())
