@@ -23,7 +23,7 @@ import torch.nn as nn
 from test_dec import linear_toy, perturbed, small_dec
 from test_dec_mechanism import WELL_POSED, train_dec
 
-from timm_dec.apps._common import NoisyMachineError, equal_compute_steps, measure_step_costs
+from timm_dec.apps._common import calibration_line, equal_compute_steps, measure_step_costs
 from timm_dec.bench.equilibrium import convergence, gradient_check, solve_options
 from timm_dec.dec import DEC, solver_stats
 from timm_dec.solver import get_solver
@@ -249,7 +249,7 @@ def test_equal_compute_steps_bounds():
             equal_compute_steps(dict(aug=bad, dec=1.0), dict(dec=1), "aug", 1)
 
 
-def test_measure_step_costs_interleaves_and_refuses_a_noisy_machine():
+def test_measure_step_costs_interleaves_and_flags_a_noisy_machine():
     order = []
 
     def fake(name, seconds):
@@ -262,7 +262,7 @@ def test_measure_step_costs_interleaves_and_refuses_a_noisy_machine():
 
     costs = measure_step_costs(dict(a=fake("a", 0.002), b=fake("b", 0.004)), rounds=3, calls=2, warmup=1)
     assert order[:2] == ["a", "b"] and order[2:6] == ["a", "a", "b", "b"]  # warm-up, then interleaved rounds
-    assert 1.5 < costs["seconds"]["b"] / costs["seconds"]["a"] < 2.6
+    assert set(costs["seconds"]) == {"a", "b"} and all(len(v) == 3 for v in costs["rounds"].values())
     durations = itertools.cycle([0.001, 0.02])
 
     def noisy():
@@ -270,8 +270,10 @@ def test_measure_step_costs_interleaves_and_refuses_a_noisy_machine():
         while time.perf_counter() < end:
             pass
 
-    with pytest.raises(NoisyMachineError, match="too busy"):
-        measure_step_costs(dict(a=fake("a", 0.002), b=noisy), rounds=4, calls=1, warmup=0, attempts=2)
+    noisy_costs = measure_step_costs(dict(a=fake("a", 0.002), b=noisy), rounds=4, calls=1, warmup=0, attempts=2)
+    assert noisy_costs["noisy"] and noisy_costs["attempts"] == 2 and noisy_costs["spread"] > 0.25
+    line = calibration_line(dict(noisy_costs, steps=300, dec_step_ratio=2.0, dec_only_step_ratio=1.5))
+    assert "NOT an equal-compute figure" in line and "300 steps" in line
 
 
 def test_near_tol_sample_keeps_the_implicit_gradient():

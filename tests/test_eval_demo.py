@@ -54,13 +54,15 @@ class TestDemo:
             assert 0 <= r["acc"] <= 1 and r["inv_e"] >= 0 and len(r["per_scale_acc"]) == n_scales
             assert len(r["per_bin_acc"]) == len(PRESETS["smoke"]["scale_bins"])
         # The same budget: every method took the same number of backbone steps; the DEC also its DEC-only steps;
-        # Aug+time as many more as the DEC's extra training time bought at Aug's speed.
+        # Aug+time the DEC's training cost in Aug steps, from step costs timed side by side.
         steps = {r["backbone_steps"] for m, r in s["methods"].items() if m != "aug_time"}
         assert len(steps) == 1 and steps.pop() > 0
-        timing = {m: s["methods"][m] for m in ("aug", "dec", "aug_time")}
-        extra = timing["aug_time"]["backbone_steps"] - timing["aug"]["backbone_steps"]
-        per_step = timing["aug"]["seconds"] / PRESETS["smoke"]["finetune_steps"]
-        assert extra == max(0, round((timing["dec"]["seconds"] - timing["aug"]["seconds"]) / per_step))
+        calibration = s["equal_time_calibration"]
+        sec, n = calibration["step_seconds"], PRESETS["smoke"]["finetune_steps"]
+        expected = round((PRESETS["smoke"]["dec_warmup_steps"] * sec["dec_only"] + n * sec["dec"]) / sec["aug"])
+        assert calibration["steps"] == min(max(expected, n), 20 * n)
+        extra = s["methods"]["aug_time"]["backbone_steps"] - s["methods"]["aug"]["backbone_steps"]
+        assert extra == calibration["steps"] - n >= 0
         control = s["paired_vs_aug"]["dec_vs_aug_time"]
         assert control["acc_points"] == pytest.approx(
             100 * (s["methods"]["dec"]["acc"] - s["methods"]["aug_time"]["acc"]))

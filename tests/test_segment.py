@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import safetensors.torch
 import timm
 import torch
@@ -126,3 +127,23 @@ def test_the_shipped_start_loads_for_the_default_preset():
     for state in starts.values():
         segmenter(cfg).load_state_dict(state)  # strict
     assert record["config"]["plain_steps"] == cfg["plain_steps"]
+
+
+@pytest.mark.parametrize("extra", [["--finetune-steps", "0"],
+                                   ["--methods", "aug,dec,aug_time", "--plain-steps", "0", "--aug-steps", "0"]])
+def test_zero_steps_end_and_aug_time_is_bounded(tmp_path, extra, monkeypatch):
+    """Aug+time's steps come from step costs measured side by side, never a time divided by ~0 seconds: a run with
+    nothing to fine-tune ends, and even an Aug step measured at 1 ns gives at most 20x Aug's own steps (at least 1)."""
+    from timm_dec.apps import segment
+
+    def measured(steps, **kw):
+        for step in steps.values():
+            step()  # the calibration's steps run on copies
+        return dict(seconds=dict(aug=1e-9, dec_only=1.0, dec=1.0), rounds={}, spread=0.0, attempts=1)
+
+    monkeypatch.setattr(segment, "measure_step_costs", measured)
+    assert main(["segment", "--preset", "smoke", "--threads", "1", "--out", str(tmp_path), *extra]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    own = summary["config"]["finetune_steps"]
+    assert summary["runs"]["aug_time"]["steps"] == 20 * max(own, 1)
+    assert summary["runs"]["aug_time"]["calibration"]["extra_steps"] == 20 * max(own, 1) - own

@@ -59,7 +59,7 @@ from ..models._base import INPUT
 from ..ops import monotone_warp, random_knots
 from . import _start
 from ._common import (
-    NoisyMachineError,
+    calibration_line,
     equal_compute_steps,
     measure_step_costs,
     normalize_transform,
@@ -475,9 +475,9 @@ def calibrate_equal_time(s: _Setup, models: dict[str, nn.Module], images: torch.
     work = {"dec_only": cfg["dec_warmup_steps"], "dec": n}
     total = equal_compute_steps(costs["seconds"], work, "aug", n)
     sec = costs["seconds"]
-    return dict(step_seconds=sec, spread=costs["spread"], attempts=costs["attempts"], steps=total,
-                extra_steps=total - n, dec_step_ratio=sec["dec"] / sec["aug"],
-                dec_only_step_ratio=sec["dec_only"] / sec["aug"])
+    return dict(step_seconds=sec, spread=costs["spread"], attempts=costs["attempts"], noisy=costs["noisy"],
+                max_spread=costs["max_spread"], steps=total, extra_steps=total - n,
+                dec_step_ratio=sec["dec"] / sec["aug"], dec_only_step_ratio=sec["dec_only"] / sec["aug"])
 
 
 def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], calibration: dict[str, Any],
@@ -490,7 +490,8 @@ def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], c
     run = s.fit(s.classifier(model), images, labels,
                 Stage("Aug+time", calibration["steps"], cfg["finetune_lr"], augment=s.augment, seed=cfg["seed"] + 3))
     return model, dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] +
-                       calibration["steps"], dec_only_steps=0)
+                       calibration["steps"], dec_only_steps=0, calibration_noisy=calibration["noisy"],
+                       calibration_spread=calibration["spread"])
 
 
 def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],
@@ -574,16 +575,9 @@ def run(args: argparse.Namespace) -> int:
     timings = _train_methods(s, models, images, labels)
     calibration: Optional[dict[str, Any]] = None
     if cfg["equal_time"] and "dec" in models:
-        try:
-            calibration = calibrate_equal_time(s, models, images, labels)
-        except NoisyMachineError as e:  # the other methods' results stand; only the control is left out
-            calibration = dict(error=str(e))
-            print(f"Aug+time left out: {e}")
-        else:
-            print(f"Aug+time calibration (interleaved rounds, spread {100 * calibration['spread']:.0f}%): a DEC step "
-                  f"costs {calibration['dec_step_ratio']:.2f} Aug steps, a DEC-only step "
-                  f"{calibration['dec_only_step_ratio']:.2f}: Aug+time trains {calibration['steps']} steps")
-            models["aug_time"], timings["aug_time"] = _equal_time_control(s, starts, calibration, images, labels)
+        calibration = calibrate_equal_time(s, models, images, labels)
+        print(calibration_line(calibration))
+        models["aug_time"], timings["aug_time"] = _equal_time_control(s, starts, calibration, images, labels)
     prob_idx = list(range(min(cfg["prob_images"], len(s.test_set))))
     results, curves = _evaluate(s, models, timings, prob_idx)
     evidence = dec_evidence(models["dec"], s.test_set, cfg, s.device) if "dec" in models else {}

@@ -45,7 +45,7 @@ from ..models import load_dec_state_dict
 from ..models._base import DECModelMixin
 from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
-from ._common import NoisyMachineError, equal_compute_steps, measure_step_costs, warmup_cosine_schedule
+from ._common import calibration_line, equal_compute_steps, measure_step_costs, warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image"]
@@ -273,9 +273,9 @@ def calibrate_equal_time(models: dict[str, nn.Module], train_set: SegDigits, cfg
     costs = measure_step_costs(steps)
     sec = costs["seconds"]
     total = equal_compute_steps(sec, {"dec_only": cfg["dec_warmup_steps"], "dec": n}, "aug", n)
-    return dict(step_seconds=sec, spread=costs["spread"], attempts=costs["attempts"], steps=total,
-                extra_steps=total - n, dec_step_ratio=sec["dec"] / sec["aug"],
-                dec_only_step_ratio=sec["dec_only"] / sec["aug"])
+    return dict(step_seconds=sec, spread=costs["spread"], attempts=costs["attempts"], noisy=costs["noisy"],
+                max_spread=costs["max_spread"], steps=total, extra_steps=total - n,
+                dec_step_ratio=sec["dec"] / sec["aug"], dec_only_step_ratio=sec["dec_only"] / sec["aug"])
 
 
 @torch.no_grad()
@@ -375,14 +375,8 @@ def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDig
         elif method == "aug_time" and "dec" not in models:  # nothing to match: Aug's own steps
             runs[method] = train(model, train_set, steps, lr, cfg, augment=True, seed=seed)
         elif method == "aug_time":
-            try:
-                calibration = calibrate_equal_time(models, train_set, cfg)
-            except NoisyMachineError as e:  # the other methods' results stand; only the control is left out
-                log(f"  Aug+time left out: {e}")
-                continue
-            log(f"  Aug+time calibration (interleaved rounds, spread {100 * calibration['spread']:.0f}%): a DEC step "
-                f"costs {calibration['dec_step_ratio']:.2f} Aug steps, a DEC-only step "
-                f"{calibration['dec_only_step_ratio']:.2f}: {calibration['steps']} steps")
+            calibration = calibrate_equal_time(models, train_set, cfg)
+            log("  " + calibration_line(calibration))
             runs[method] = dict(train(model, train_set, calibration["steps"], lr, cfg, augment=True, seed=seed),
                                 calibration=calibration)
         else:
