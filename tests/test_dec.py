@@ -367,7 +367,8 @@ class TestSolverStats:
         summary = outer.summary()
         assert summary["blocks.4.dec"]["calls"] == 2 and summary["blocks.4.dec"]["samples"] == 5
         assert summary["blocks.0.dec"] == dict(calls=1, samples=3, mean_iterations=1.0, max_iterations=1,
-                                               max_residual=0.0, fallbacks=0, not_converged=0, fold_guarded=0)
+                                               max_residual=0.0, fallbacks=0, not_converged=0, fold_guarded=0,
+                                               jacobian_free=0)
         assert outer.records[0] == SolveRecord("blocks.0.dec", 3, 1.0, 1, 0.0, 0, 0, 0)
         assert outer.total_fallbacks == 0 and outer.mean_iterations == 1.0
 

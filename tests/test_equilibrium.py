@@ -87,7 +87,7 @@ def _float64_dec(**kw) -> DEC:
 
 
 def test_unconverged_sample_gets_the_jacobian_free_gradient():
-    """Two iterations cannot come within 10 x tol 1e-12: every sample's gradient is that of f at its best iterate
+    """Two iterations cannot come within 100 x tol 1e-12: every sample's gradient is that of f at its best iterate
     with the iterate held fixed, i.e. the one-step phantom gradient; at convergence the implicit gradient differs."""
     x = torch.randn(3, 3, 5, 6, dtype=torch.float64)
     weight = torch.randn(3, 2, 3, 2, dtype=torch.float64)
@@ -111,6 +111,7 @@ def test_unconverged_sample_gets_the_jacobian_free_gradient():
 
 def test_mixed_batch_each_sample_gets_its_own_rule():
     """A batch whose samples converge and do not: each sample's gradient is what it would get alone."""
+    torch.manual_seed(3)
     x = torch.randn(4, 3, 5, 6, dtype=torch.float64) * torch.tensor([0.01, 3.0, 0.01, 3.0],
                                                                      dtype=torch.float64)[:, None, None, None]
     weight = torch.randn(4, 2, 3, 2, dtype=torch.float64)
@@ -277,17 +278,17 @@ def test_measure_step_costs_interleaves_and_flags_a_noisy_machine():
 
 
 def test_near_tol_sample_keeps_the_implicit_gradient():
-    """A solve that ended above tol but within 10 x tol is not converged, yet gets the implicit gradient at its best
+    """A solve that ended above tol but within 100 x tol is not converged, yet gets the implicit gradient at its best
     iterate: the same gradient as the full implicit backward from that iterate, not the Jacobian-free one."""
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
     weight = torch.randn(2, 2, 3, 2, dtype=torch.float64)
-    # a tolerance just below what 5 iterations reach: every sample misses tol, but by less than 10x
+    # a tolerance just below what 5 iterations reach: every sample misses tol, but by less than 100x
     short = _float64_dec(max_iter=5, tol=1e-12)
     with solver_stats() as stats:
         short.equilibrium(x, layout="nchw")
     reached = stats.summary()["dec"]["max_residual"]
     grads = {}
-    for name, tol in (("near", reached / 3), ("far", reached / 30)):
+    for name, tol in (("near", reached / 3), ("far", reached / 300)):
         dec = _float64_dec(max_iter=5, tol=tol)
         with solver_stats() as stats:
             (dec.equilibrium(x, layout="nchw") * weight).sum().backward()
