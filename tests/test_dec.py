@@ -185,8 +185,9 @@ class TestBatchIndependence:
 def float64_setup(backward: str = "implicit", **kw):
     torch.manual_seed(0)
     # the absolute form: its map is a contraction here, so the implicit gradient exists (DECConfig)
+    # no Jacobian regulariser: in train mode its gradient is added on purpose (tests/test_equilibrium.py)
     opts = dict(grid=2, widths=(8, 8), proj_chans=4, tol=1e-12, max_iter=100, backward_tol=1e-12,
-                backward_max_iter=100, backward=backward, update="absolute", logit_bound=8.0)
+                backward_max_iter=100, backward=backward, update="absolute", logit_bound=8.0, jac_reg=0.0)
     dec = perturbed(DEC(3, **{**opts, **kw}).double().train(), std=0.3)
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, 2, 3, 2, dtype=torch.float64)
@@ -212,6 +213,7 @@ class TestGradients:
         """The image H (max pooling, three convolutions) in float64: the implicit gradient w.r.t. the image."""
         torch.manual_seed(0)
         opts = dict(grid=2, image_widths=(4, 4), tol=1e-12, max_iter=100, backward_tol=1e-12, backward_max_iter=100,
+                    jac_reg=0.0,
                     logit_bound=8.0, input="image", image_size=None)
         dec = perturbed(DEC(2, **opts).double(), std=0.3).train(training)
         x = torch.randn(2, 2, 9, 10, dtype=torch.float64, requires_grad=True)
@@ -379,7 +381,8 @@ class TestSolverStats:
             dec(x, layout="nchw")
         p = dec.reduce_input(x, "nchw")
         with torch.no_grad():
-            _, _, info = anderson(lambda z: dec.update(z, p), torch.zeros(4, 2, 4, 3), max_iter=40, tol=1e-4)
+            _, _, info = anderson(lambda z: dec.update(z, p), torch.zeros(4, 2, 4, 3), max_iter=40, tol=1e-4,
+                                  beta=dec.cfg.beta)
         record = stats.records[0]
         assert record.mean_iterations == pytest.approx(info.iterations.double().mean().item())
         assert record.max_iterations == info.iterations.max().item() > 1

@@ -139,7 +139,8 @@ def test_zero_steps_end_and_aug_time_is_bounded(tmp_path, extra, monkeypatch):
     def measured(steps, **kw):
         for step in steps.values():
             step()  # the calibration's steps run on copies
-        return dict(seconds=dict(aug=1e-9, dec_only=1.0, dec=1.0), rounds={}, spread=0.0, attempts=1)
+        return dict(seconds=dict(aug=1e-9, dec_only=1.0, dec=1.0), rounds={}, uncertainty=0.0, attempts=1,
+                    noisy=False, max_uncertainty=0.1)
 
     monkeypatch.setattr(segment, "measure_step_costs", measured)
     assert main(["segment", "--preset", "smoke", "--threads", "1", "--out", str(tmp_path), *extra]) == 0

@@ -80,7 +80,7 @@ def test_features_only_twin_is_keyed_like_the_base_and_loads_it_strictly(family)
 def test_features_only_twin_moves_copies_and_trains_as_one_module():
     twin = features("swin", True, out_indices=(0, 1))
     assert not any(k.startswith(("layers_2", "layers_3")) for k in twin.state_dict())  # cut after the last feature
-    perturb_input_dec(twin.dec_model, 0.05)  # a warp whose 16 solver iterations agree in float32 and float64
+    perturb_input_dec(twin.dec_model, 0.01)  # a warp whose solve converges, so float32 and float64 agree
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         ref = twin(x)

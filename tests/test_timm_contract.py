@@ -416,7 +416,7 @@ def test_torch_compile_forward_matches_eager():
     sample has converged (host check every iteration), the compiled graph runs all ``max_iter`` iterations with the
     converged samples frozen; the outputs agree. Solver statistics are recorded in eager only: under compile nothing
     is read on the host, by design."""
-    model = create("vit", dec_update="absolute", dec_max_iter=8).eval()
+    model = create("vit", dec_update="absolute", dec_max_iter=8, dec_beta=1.0).eval()
     perturb_dec(model)
     x = images("vit", 2)
     compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)

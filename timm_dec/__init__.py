@@ -7,11 +7,12 @@
 __version__ = "0.1.0"
 
 from .adapt import AdaptConfig, adapt
-from .dec import DEC, DECConfig, solver_stats
+from .dec import DEC, DECConfig, loss_scale, solver_stats
 from .models import list_dec_models, load_dec_state_dict  # importing the package registers the *_dec models
 from .ops import identity_logits, knots_from_logits, monotone_warp
 
 __all__ = [
-    "__version__", "adapt", "AdaptConfig", "list_dec_models", "load_dec_state_dict", "solver_stats", "DEC", "DECConfig",
+    "__version__", "adapt", "AdaptConfig", "list_dec_models", "load_dec_state_dict", "solver_stats", "loss_scale",
+    "DEC", "DECConfig",
     "identity_logits", "knots_from_logits", "monotone_warp",
 ]

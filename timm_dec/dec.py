@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -49,9 +50,11 @@ from .ops import identity_logits, knots_from_logits, monotone_warp
 from .ops.folds import fold_free_knots
 from .ops.layout import LAYOUTS, spatial_size
 from .solver import SOLVERS, SolverInfo, get_solver
+from .stats import SolveRecord, SolverStats, record_solve, recording, solver_stats
 
 __all__ = [
     "DECConfig", "DEC", "SolveRecord", "SolverStats", "solver_stats", "BACKWARD_MODES", "UPDATE_FORMS", "INPUTS",
+    "hutchinson_probe", "NEAR_TOL_FACTOR", "loss_scale",
 ]
 
 BACKWARD_MODES = ("phantom", "implicit")
@@ -136,14 +139,14 @@ class DECConfig:
     max_iter: int = 16
     tol: float = 1e-3
     history: int = 5
-    beta: float = 1.0
+    beta: float = 0.5
     check_every: Optional[int] = 1
     backward: str = "implicit"
     phantom_steps: int = 1
     backward_max_iter: int = 12
     backward_tol: float = 1e-4
     backward_solver: Optional[str] = None
-    jac_reg: float = 0.0
+    jac_reg: float = 3.0
     logit_bound: float = 1.5
     min_jacobian: float = 0.05
 
@@ -204,154 +207,10 @@ class DECConfig:
                 f"unknown dec act_layer {self.act_layer!r}; use a name timm's get_act_layer knows") from None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Statistics, collected through a context variable, never stored on modules
-
-
-@dataclass(frozen=True)
-class SolveRecord:
-    """One DEC call.
-
-    Attributes:
-        name: the DEC's ``name`` (``"dec"`` when it has none).
-        batch: samples in the call.
-        mean_iterations: mean evaluations of H per sample.
-        max_iterations: most evaluations of H spent on one sample.
-        max_residual: largest final relative residual among the samples whose solve stayed finite (0 if none).
-        mean_residual: mean final relative residual of those samples (0 if none).
-        fallbacks: samples whose solve went non-finite and fell back to the identity.
-        not_converged: finite samples whose residual stayed above ``tol`` (they keep their best iterate).
-        jacobian_free: finite samples whose residual stayed above ``NEAR_TOL_FACTOR`` x ``tol``: with the implicit
-            backward they get the Jacobian-free gradient (`DEC._adjoint`).
-        fold_guarded: samples whose warp the fold guard blended toward the identity.
-    """
-
-    name: str
-    batch: int
-    mean_iterations: float
-    max_iterations: int
-    max_residual: float
-    fallbacks: int
-    not_converged: int = 0
-    jacobian_free: int = 0
-    fold_guarded: int = 0
-    mean_residual: float = 0.0
-
-
-_SUMMED = ("fallbacks", "not_converged", "fold_guarded", "jacobian_free")
-
-
-class SolverStats:
-    """Collector of `SolveRecord`s, filled by every DEC that runs inside `solver_stats`."""
-
-    def __init__(self) -> None:
-        self.records: list[SolveRecord] = []
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def add(self, record: SolveRecord) -> None:
-        self.records.append(record)
-
-    @property
-    def names(self) -> list[str]:
-        """DEC names in order of first appearance."""
-        return list(dict.fromkeys(r.name for r in self.records))
-
-    @property
-    def total_fallbacks(self) -> int:
-        return sum(r.fallbacks for r in self.records)
-
-    @property
-    def total_not_converged(self) -> int:
-        return sum(r.not_converged for r in self.records)
-
-    @property
-    def total_samples(self) -> int:
-        return sum(r.batch for r in self.records)
-
-    @property
-    def mean_residual(self) -> float:
-        """Mean final relative residual per sample over every recorded call (sample-weighted); 0 when empty."""
-        samples = self.total_samples
-        return sum(r.mean_residual * r.batch for r in self.records) / samples if samples else 0.0
-
-    @property
-    def mean_iterations(self) -> float:
-        """Mean evaluations of H per sample over every recorded call (sample-weighted); 0 when empty."""
-        samples = self.total_samples
-        return sum(r.mean_iterations * r.batch for r in self.records) / samples if samples else 0.0
-
-    def summary(self) -> dict[str, dict[str, float]]:
-        """Per DEC name: ``calls``, ``samples``, ``mean_iterations`` (sample-weighted), ``max_iterations``,
-        ``max_residual``, ``fallbacks``, ``not_converged``, ``fold_guarded`` and ``jacobian_free``."""
-        out: dict[str, dict[str, float]] = {}
-        for r in self.records:
-            s = out.setdefault(r.name, dict(calls=0, samples=0, mean_iterations=0.0, max_iterations=0,
-                                            max_residual=0.0, **{k: 0 for k in _SUMMED}))
-            s["mean_iterations"] = (s["mean_iterations"] * s["samples"] + r.mean_iterations * r.batch) / (
-                s["samples"] + r.batch)
-            s["calls"] += 1
-            s["samples"] += r.batch
-            s["max_iterations"] = max(s["max_iterations"], r.max_iterations)
-            s["max_residual"] = max(s["max_residual"], r.max_residual)
-            for k in _SUMMED:
-                s[k] += getattr(r, k)
-        return out
-
-    def __repr__(self) -> str:
-        return (f"SolverStats(calls={len(self)}, mean_iterations={self.mean_iterations:.2f}, "
-                f"fallbacks={self.total_fallbacks}, not_converged={self.total_not_converged})")
-
-
-_COLLECTORS: contextvars.ContextVar[tuple[SolverStats, ...]] = contextvars.ContextVar(
-    "timm_dec_solver_stats", default=())
-
-
-@contextmanager
-def solver_stats() -> Iterator[SolverStats]:
-    """Collect solver statistics of every DEC call in this context (nested contexts all collect).
-
-    Example:
-        >>> dec = DEC(8, name="blocks.0.dec")
-        >>> with solver_stats() as stats:
-        ...     knots = dec(torch.randn(2, 8, 6, 6), layout="nchw")
-        >>> stats.summary()["blocks.0.dec"]["mean_iterations"]
-        1.0
-    """
-    stats = SolverStats()
-    token = _COLLECTORS.set(_COLLECTORS.get() + (stats,))
-    try:
-        yield stats
-    finally:
-        _COLLECTORS.reset(token)
-
-
-def _recording() -> bool:
-    # dynamo folds is_compiling() to True, so a compiled graph never reads the context variable or the host
-    return not torch.compiler.is_compiling() and bool(_COLLECTORS.get())
-
-
 def _near(info: SolverInfo, tol: float) -> torch.Tensor:
     """(B,) samples whose forward solve ended within ``NEAR_TOL_FACTOR`` x ``tol`` (False for failed ones)."""
     return ~info.failed & (info.residual <= NEAR_TOL_FACTOR * tol)
 
-
-def _record(name: str, info: SolverInfo, guard: torch.Tensor, tol: float) -> None:
-    finite = ~info.failed
-    near = _near(info, tol)
-    any_finite = bool(finite.any())
-    max_res = info.residual[finite].max().item() if any_finite else 0.0
-    mean_res = info.residual[finite].double().mean().item() if any_finite else 0.0
-    record = SolveRecord(
-        name=name or "dec", batch=int(info.iterations.numel()),
-        mean_iterations=info.iterations.double().mean().item(), max_iterations=int(info.iterations.max().item()),
-        max_residual=float(max_res), fallbacks=int(info.failed.sum().item()),
-        not_converged=int((finite & ~info.converged).sum().item()), fold_guarded=int((guard < 1).sum().item()),
-        jacobian_free=int((finite & ~near).sum().item()),
-        mean_residual=float(mean_res))
-    for stats in _COLLECTORS.get():
-        stats.add(record)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,6 +229,45 @@ class _ImplicitGrad(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.adjoint(grad), None
+
+
+_LOSS_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar("timm_dec_loss_scale", default=1.0)
+
+
+@contextmanager
+def loss_scale(factor: float) -> Iterator[None]:
+    """Scale the Jacobian regulariser's added gradient by ``factor``, the factor by which the training loop scales its
+    loss before ``backward`` (1 / N when gradient accumulation divides the loss by N, AMP's ``GradScaler.get_scale()``
+    with float16 loss scaling), so that the regulariser keeps its weight relative to the loss.
+
+    The regulariser adds the gradient of ``jac_reg`` x penalty to the backward, as if the penalty had been added to the
+    loss the loop differentiates; a loop that differentiates a scaled loss scales the task's gradient but not that one.
+    ``timm_dec.finetune`` sets it; timm's ``train.py`` needs none (no accumulation; float16 loss scaling only on CUDA).
+
+    Example:
+        >>> with loss_scale(1 / 4):  # the loop divides each micro-batch's loss by 4
+        ...     pass
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise ValueError(f"loss scale must be a positive finite number, got {factor!r}")
+    token = _LOSS_SCALE.set(float(factor))
+    try:
+        yield
+    finally:
+        _LOSS_SCALE.reset(token)
+
+
+def hutchinson_probe(fz: torch.Tensor) -> torch.Tensor:
+    """A probe vector for the Hutchinson estimate, (b, ...) like ``fz``: sqrt(2) sin of a phase that scrambles each
+    sample's own values (entries with mean 0 and variance 1, uncorrelated, for all practical purposes).
+
+    Not drawn from the global RNG, so that adding the regulariser changes no other random stream (dropout, data
+    order: a resumed run continues the same trajectory), and a function of the sample alone (its probe does not
+    depend on its batch mates, its batch position or the DDP rank).
+    """
+    flat = fz.detach().flatten(1)
+    index = torch.arange(flat.shape[1], device=flat.device, dtype=flat.dtype)
+    return (math.sqrt(2) * torch.sin(flat * 12345.6789 + index * 2.399963)).view_as(fz)
 
 
 class _AddLossGradient(torch.autograd.Function):
@@ -614,8 +512,10 @@ class DEC(nn.Module):
                 (jtg,) = torch.autograd.grad(fz, z, g.to(v.dtype), retain_graph=True)
                 return jtg + v
 
+            # damped like the forward: the adjoint map's Jacobian J^T damped is (beta J + (1 - beta) I)^T, the
+            # transpose of the forward's, so it contracts wherever the forward solve does
             g, _, info = solver(vjp_step, v.detach(), max_iter=c.backward_max_iter, tol=c.backward_tol,
-                                history=c.history)
+                                history=c.history, beta=c.beta)
             implicit = near & ~info.failed
             return torch.where(implicit.view(-1, 1, 1, 1), g, v)
 
@@ -658,8 +558,8 @@ class DEC(nn.Module):
                 self.update, z0, args=(p_const,), max_iter=c.max_iter, tol=c.tol, history=c.history,
                 beta=c.beta, check_every=c.check_every, compact=True)
         failed = info.failed.view(-1, 1, 1, 1)
-        if _recording():
-            _record(self.name, info, self.guarded_knots(f_star)[1], c.tol)
+        if recording():
+            record_solve(self.name, info, self.guarded_knots(f_star)[1], _near(info, c.tol))
         if not needs_graph:
             return torch.where(failed, z0, f_star)
         z_start = torch.where(failed, z0, z_star)  # a failed sample's iterate is non-finite: keep it out of the graph
@@ -689,17 +589,18 @@ class DEC(nn.Module):
         out = _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf, near))
         return self._jacobian_penalty(out, fz, z_leaf) if self._regularised else out
 
+    @torch.compiler.disable  # torch.autograd.grad(create_graph=True) is not traceable: one graph break when training
     def _jacobian_penalty(self, out: torch.Tensor, fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``out``, whose backward also adds the gradient of ``jac_reg`` * mean over samples of ||v^T J||^2 / dim, with
-        J = beta J_f(z) + (1 - beta) I the Jacobian of the damped map the solver iterates and v standard normal (a
-        one-sample Hutchinson estimate of ||J||_F^2 / dim)."""
-        v = torch.randn_like(fz)
+        J = beta J_f(z) + (1 - beta) I the Jacobian of the damped map the solver iterates and v `hutchinson_probe`
+        (a one-sample Hutchinson estimate of ||J||_F^2 / dim)."""
+        v = hutchinson_probe(fz)
         (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)
         beta = self.cfg.beta
         if beta < 1:
             vjp = beta * vjp + (1 - beta) * v
         penalty = vjp.pow(2).flatten(1).mean(dim=1)
-        return _AddLossGradient.apply(out, self.cfg.jac_reg * penalty.mean())
+        return _AddLossGradient.apply(out, self.cfg.jac_reg * _LOSS_SCALE.get() * penalty.mean())
 
     def forward(
             self,

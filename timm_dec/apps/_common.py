@@ -95,27 +95,30 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total: int,
 
 
 def measure_step_costs(steps: Mapping[str, Callable[[], Any]], *, rounds: int = 5, calls: int = 5, warmup: int = 2,
-                       max_spread: float = 0.25, attempts: int = 3) -> dict[str, Any]:
+                       max_uncertainty: float = 0.1, attempts: int = 3) -> dict[str, Any]:
     """Seconds per call of each training step, measured side by side in one window.
 
     Each step first runs ``warmup`` untimed calls; then ``rounds`` rounds run every step ``calls`` times back to back,
     in turn, so that background load slows all of them alike. A step's cost is the median over rounds of its mean
-    seconds per call. The spread is, over rounds, (max - min) / median of each step's cost relative to the first
-    step's in the same round; above ``max_spread`` the whole measurement is repeated, at most ``attempts`` times, and
-    the attempt with the smallest spread is returned, flagged ``noisy`` if even that one is above ``max_spread``.
+    seconds per call. The uncertainty is the largest, over the steps, relative standard error of the median of the
+    per-round ratios of a step's cost to the first step's (1.2533 stdev / sqrt(rounds) / median: the ratio the
+    equal-compute step count rests on is known to within it, one standard error; a DEC's step cost also varies with
+    its batch's solve iterations). Above ``max_uncertainty`` the whole measurement is repeated, at most ``attempts``
+    times, and the least uncertain attempt is returned, flagged ``noisy`` if even that one is above the bound.
 
     Args:
         steps: name -> one training step (a closure on copies of the models: calibration must not train the
             models that are compared).
 
     Returns:
-        ``seconds`` (name -> median seconds per call), ``rounds`` (name -> per-round seconds per call), ``spread``,
-        ``attempts``, ``noisy`` (the machine was too busy for an equal-compute figure: say so beside the result).
+        ``seconds`` (name -> median seconds per call), ``rounds`` (name -> per-round seconds per call),
+        ``uncertainty``, ``attempts``, ``noisy`` (the machine was too busy for an equal-compute figure: say so beside
+        the result), ``max_uncertainty``.
     """
     if not steps:
         raise ValueError("no steps to measure")
-    if rounds < 1 or calls < 1 or warmup < 0 or attempts < 1 or not max_spread > 0:
-        raise ValueError("rounds, calls and attempts must be >= 1, warmup >= 0 and max_spread > 0")
+    if rounds < 2 or calls < 1 or warmup < 0 or attempts < 1 or not max_uncertainty > 0:
+        raise ValueError("rounds must be >= 2, calls and attempts >= 1, warmup >= 0 and max_uncertainty > 0")
     names = list(steps)
     for name in names:
         for _ in range(warmup):
@@ -129,14 +132,15 @@ def measure_step_costs(steps: Mapping[str, Callable[[], Any]], *, rounds: int = 
                 for _ in range(calls):
                     steps[name]()
                 per_round[name].append((time.perf_counter() - start) / calls)
-        spread = 0.0
+        uncertainty = 0.0
         for name in names[1:]:
             ratios = [t / r for t, r in zip(per_round[name], per_round[names[0]])]
-            spread = max(spread, (max(ratios) - min(ratios)) / statistics.median(ratios))
-        if not best or spread < best["spread"]:
+            error = 1.2533 * statistics.stdev(ratios) / math.sqrt(rounds) / statistics.median(ratios)
+            uncertainty = max(uncertainty, error)
+        if not best or uncertainty < best["uncertainty"]:
             best = dict(seconds={n: statistics.median(v) for n, v in per_round.items()}, rounds=per_round,
-                        spread=spread, noisy=spread > max_spread, max_spread=max_spread)
-        if spread <= max_spread:
+                        uncertainty=uncertainty, noisy=uncertainty > max_uncertainty, max_uncertainty=max_uncertainty)
+        if uncertainty <= max_uncertainty:
             break
     return dict(best, attempts=attempt)
 
@@ -163,10 +167,10 @@ def equal_compute_steps(costs: Mapping[str, float], work: Mapping[str, int], ref
 
 def calibration_line(calibration: Mapping[str, Any]) -> str:
     """One line saying what an equal-compute calibration measured, and whether the machine was too busy for it."""
-    line = (f"Aug+time calibration (training steps timed side by side, {calibration['attempts']} attempt(s), spread "
-            f"{100 * calibration['spread']:.0f}%): a DEC step costs {calibration['dec_step_ratio']:.2f} Aug steps, a "
-            f"DEC-only step {calibration['dec_only_step_ratio']:.2f}: Aug+time trains {calibration['steps']} steps")
+    line = (f"Aug+time calibration (training steps timed side by side, {calibration['attempts']} attempt(s)): a DEC "
+            f"step costs {calibration['dec_step_ratio']:.2f} Aug steps (+-{100 * calibration['uncertainty']:.0f}%), "
+            f"a DEC-only step {calibration['dec_only_step_ratio']:.2f}: Aug+time trains {calibration['steps']} steps")
     if calibration["noisy"]:
-        line += (f" -- NOT an equal-compute figure: the step costs varied by more than "
-                 f"{100 * calibration['max_spread']:.0f}% between rounds (the machine was busy); rerun when idle")
+        line += (f" -- NOT an equal-compute figure: the step costs are uncertain by more than "
+                 f"{100 * calibration['max_uncertainty']:.0f}% (the machine was busy); rerun when idle")
     return line

@@ -475,8 +475,9 @@ def calibrate_equal_time(s: _Setup, models: dict[str, nn.Module], images: torch.
     work = {"dec_only": cfg["dec_warmup_steps"], "dec": n}
     total = equal_compute_steps(costs["seconds"], work, "aug", n)
     sec = costs["seconds"]
-    return dict(step_seconds=sec, spread=costs["spread"], attempts=costs["attempts"], noisy=costs["noisy"],
-                max_spread=costs["max_spread"], steps=total, extra_steps=total - n,
+    return dict(step_seconds=sec, rounds=costs["rounds"], uncertainty=costs["uncertainty"],
+                attempts=costs["attempts"], noisy=costs["noisy"], max_uncertainty=costs["max_uncertainty"],
+                steps=total, extra_steps=total - n,
                 dec_step_ratio=sec["dec"] / sec["aug"], dec_only_step_ratio=sec["dec_only"] / sec["aug"])
 
 
@@ -491,7 +492,7 @@ def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], c
                 Stage("Aug+time", calibration["steps"], cfg["finetune_lr"], augment=s.augment, seed=cfg["seed"] + 3))
     return model, dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] +
                        calibration["steps"], dec_only_steps=0, calibration_noisy=calibration["noisy"],
-                       calibration_spread=calibration["spread"])
+                       calibration_uncertainty=calibration["uncertainty"])
 
 
 def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],

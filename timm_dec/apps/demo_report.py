@@ -145,8 +145,8 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
                     f"side by side: {steps:+d} steps): dAcc {control['acc_points']:+.2f} [{control['acc_low']:+.2f}, "
                     f"{control['acc_high']:+.2f}] pts, InvE ratio {control['inv_e_ratio']:.3f}"]
         if results["aug_time"].get("calibration_noisy"):
-            out[-1] += (f" -- NOT an equal-compute figure: the step costs varied by "
-                        f"{100 * results['aug_time']['calibration_spread']:.0f}% between rounds (a busy machine)")
+            out[-1] += (f" -- NOT an equal-compute figure: the step costs were uncertain by "
+                        f"{100 * results['aug_time']['calibration_uncertainty']:.0f}% (a busy machine)")
     solver = results.get("dec", {}).get("dec_solver")
     if solver:
         out += ["", f"DEC solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average "

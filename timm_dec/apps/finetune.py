@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._format import format_scale, plain
 from ..data import ImageFolderSplit, ImageFolderVariants, LocallyScaledDigits
+from ..dec import loss_scale
 from ..hub import push_to_hub, save_pretrained
 from ..metrics import evaluate_scale_consistency
 from ..models._base import dec_options
@@ -350,7 +351,10 @@ def _train(t: _Training, criterion: Callable[..., torch.Tensor], start: float) -
         if done_in_epoch:
             loader = accelerator.skip_first_batches(t.train_loader, done_in_epoch * args.grad_accum)
         for images, labels in loader:
-            with accelerator.accumulate(model):
+            # accelerate divides each micro-batch's loss by grad_accum (and scales it for float16): the DEC's Jacobian
+            # regulariser, added in the backward, is scaled alike
+            scale = (accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0) / args.grad_accum
+            with accelerator.accumulate(model), loss_scale(scale):
                 loss = criterion(model(images), labels)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.clip_grad:

@@ -273,8 +273,9 @@ def calibrate_equal_time(models: dict[str, nn.Module], train_set: SegDigits, cfg
     costs = measure_step_costs(steps)
     sec = costs["seconds"]
     total = equal_compute_steps(sec, {"dec_only": cfg["dec_warmup_steps"], "dec": n}, "aug", n)
-    return dict(step_seconds=sec, spread=costs["spread"], attempts=costs["attempts"], noisy=costs["noisy"],
-                max_spread=costs["max_spread"], steps=total, extra_steps=total - n,
+    return dict(step_seconds=sec, rounds=costs["rounds"], uncertainty=costs["uncertainty"],
+                attempts=costs["attempts"], noisy=costs["noisy"], max_uncertainty=costs["max_uncertainty"],
+                steps=total, extra_steps=total - n,
                 dec_step_ratio=sec["dec"] / sec["aug"], dec_only_step_ratio=sec["dec_only"] / sec["aug"])
 
 

@@ -351,7 +351,7 @@ def bench_model(
         mode: ``"eager"``, ``"compile"`` or ``"cudagraph"`` (module docstring).
         compile_backend: ``torch.compile`` backend of the compile mode.
         dec_options: DEC options to change from the defaults (`set_dec_options`), e.g. ``{"max_iter": 8}``.
-        solve: the key of `SOLVES` that these heads and options stand for (it picks the forward target).
+        solve: the `SOLVES` key these heads and options stand for (it picks the forward target).
 
     Returns:
         JSON-serialisable dict: ``forward`` and ``train_step`` (median ms of base and dec, the median of the per-round
@@ -380,8 +380,7 @@ def bench_model(
     train, memory, (train_total, train_dec_fwd, adjoint_share) = _time_training(
         base, dec, steps, device, mode, repeats, warmup)
     ratios = {
-        "forward": forward["ratio"],
-        "train_step": train["ratio"] if train else None,
+        "forward": forward["ratio"], "train_step": train["ratio"] if train else None,
         "memory_total": memory["dec"]["total_bytes"] / memory["base"]["total_bytes"] if memory else None,
         "memory_step": memory["dec"]["step_bytes"] / memory["base"]["step_bytes"] if memory else None,
     }
