@@ -312,3 +312,24 @@ def test_hutchinson_probe_is_a_per_sample_unit_variance_probe_that_leaves_the_rn
     cov = flat.T @ flat / len(flat)  # E[v v^T] = I: the estimate of ||J||_F^2 is unbiased
     off = cov - torch.diag(cov.diagonal())
     assert off.abs().max().item() < 0.5 and (cov.diagonal() - 1).abs().mean().item() < 0.2
+
+
+def test_loss_scale_scales_the_regulariser_like_the_loop_scales_its_loss():
+    """A loop that differentiates loss / 2 gets half the task gradient; under loss_scale(0.5) the regulariser's added
+    gradient halves too, so the two keep their ratio (gradient accumulation, float16 loss scaling)."""
+    from timm_dec import loss_scale
+
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    weight = torch.randn(2, 2, 3, 2, dtype=torch.float64)
+    grads = {}
+    for name, jac_reg, scale in (("plain", 0.0, 1.0), ("full", 0.5, 1.0), ("half", 0.5, 0.5)):
+        dec = _float64_dec(max_iter=200, tol=1e-12, jac_reg=jac_reg)
+        with loss_scale(scale):
+            (scale * dec.equilibrium(x, layout="nchw") * weight).sum().backward()
+        grads[name] = _grads(dec)
+    torch.testing.assert_close(grads["half"], 0.5 * grads["full"], atol=1e-12, rtol=1e-9)
+    assert not torch.allclose(grads["full"], grads["plain"], atol=1e-8, rtol=1e-6)
+    for bad in (0, -1.0, math.inf, True):
+        with pytest.raises(ValueError, match="loss scale"):
+            with loss_scale(bad):
+                pass

@@ -25,6 +25,9 @@ def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(tmp_
     assert set(summary["paired"]) == {"base", "augl", "canon", "dec", "aug_time", "dec_vs_aug_time"}
     assert summary["paired"]["dec"]["miou"]["low"] <= summary["paired"]["dec"]["miou"]["diff"]
     assert (tmp_path / "masks.png").stat().st_size > 0
+    solver = summary["results"]["dec"]["dec_solver"]  # the DEC's solves, reported beside its result
+    assert solver["solves"] == summary["config"]["test_samples"] and 0 <= solver["within_tol"] <= 1
+    assert "solves within tol" in text and summary["results"]["aug"]["dec_solver"] is None
     for method, path in summary["checkpoints"].items():
         keys = safetensors.torch.load_file(path).keys()
         assert any(k.startswith("backbone.dec.input.") for k in keys) == (method == "dec")

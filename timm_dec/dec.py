@@ -76,7 +76,9 @@ class DECConfig:
     """Options of a DEC; `timm_dec.adapt` and ``create_model`` pass ``dec_<field>=...`` through.
 
     The default update and backward are the ones measured to train from a task loss (README, "Defaults"): the
-    absolute update f(z) = H(S^{-1}(F; z)) of the authors' code with implicit gradients. The residual form
+    absolute update f(z) = H(S^{-1}(F; z)) of the authors' code with implicit gradients, solved damped (``beta``
+    0.5) and trained with the Jacobian regulariser of the damped map (``jac_reg`` 3), so that its solves reach
+    ``tol`` and the implicit gradient is the gradient of the equilibrium. The residual form
     f(z) = z + H(S^{-1}(F; z)) (paper eq. 16-18, the gradient step Phi - grad E) is the one whose fixed points follow
     a rescaled input along its orbit (the absolute form's z* = H(C) depends on the canonical map C alone, so for
     F' = S(F; g) it returns the same warp), but from H = 0 its equilibrium drifts by ``max_iter`` times H's output

@@ -152,8 +152,9 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
         out += ["", f"DEC solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average "
                     f"(limit {cfg['dec_max_iter']}, tol {cfg['dec_tol']:g}), relative residual at exit "
                     f"{solver['mean_residual']:.2e} on average, {solver['max_residual']:.2e} at most; "
-                    f"{solver['not_converged']} of {solver['samples']} solves above tol, {solver['fallbacks']} "
-                    f"fallbacks"]
+                    f"{solver['not_converged']} of {solver['samples']} solves above tol "
+                    f"({100 * (1 - solver['not_converged'] / max(1, solver['samples'])):.2f}% within), "
+                    f"{solver['fallbacks']} fallbacks"]
     check = evidence.get("gradient_check")
     if check:
         out += [f"DEC backward against the true gradient (float64, {check['inputs']} test images, a random direction "

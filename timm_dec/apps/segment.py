@@ -40,6 +40,7 @@ from torch import nn
 from .._format import json_default
 from ..baselines import InputCanonicalizer
 from ..data import LocallyScaledDigits
+from ..dec import SolverStats, solver_stats
 from ..metrics import equi_error_from_outputs, paired_bootstrap
 from ..models import load_dec_state_dict
 from ..models._base import DECModelMixin
@@ -290,7 +291,8 @@ def evaluate(model: nn.Module, test: SegDigits, cfg: dict[str, Any]) -> dict[str
     EquE, mIoU per per-digit scale."""
     model.eval()
     batch = cfg["eval_batch"]
-    logits = _predict(model, test.images, batch)
+    with solver_stats() as stats:
+        logits = _predict(model, test.images, batch)
     pred = logits.argmax(1)
     per_image = miou_per_image(pred, test.masks)
     conf = _confusion(pred, test.masks).double()
@@ -314,7 +316,15 @@ def evaluate(model: nn.Module, test: SegDigits, cfg: dict[str, Any]) -> dict[str
     return dict(miou=per_image.mean().item(), miou_pixels=iou.mean().item(), iou_background=iou[0].item(),
                 iou_digits=iou[1:].mean().item(), miou_warped=warped_miou.mean().item(),
                 eque_soft=soft.mean().item(), eque_hard=100 * hard.mean().item(), per_scale=per_scale,
-                _per_image=per_image, _warped=warped_miou, _soft=soft, _hard=hard)
+                dec_solver=_solver_summary(stats), _per_image=per_image, _warped=warped_miou, _soft=soft, _hard=hard)
+
+
+def _solver_summary(stats: SolverStats) -> Optional[dict[str, float]]:
+    """The DEC solves of an evaluation: how many, the share within tol, mean iterations; None without a DEC."""
+    if not stats.total_samples:
+        return None
+    return dict(solves=stats.total_samples, within_tol=1 - stats.total_not_converged / stats.total_samples,
+                mean_iterations=stats.mean_iterations, fallbacks=stats.total_fallbacks)
 
 
 def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: str) -> str:
@@ -416,6 +426,12 @@ def _tables(results: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> tuple[st
         lines.append(f"{LABELS[m]:<10}{r['miou']:7.2f}{r['miou_pixels']:9.2f}{r['iou_digits']:9.2f}"
                      f"{r['iou_background']:8.2f}{r['miou_warped']:8.2f}{1e3 * r['eque_soft']:11.3f}"
                      f"{r['eque_hard']:13.3f}")
+    for m, r in results.items():
+        if r.get("dec_solver"):
+            d = r["dec_solver"]
+            lines.append(f"{LABELS[m]} solver on the clean test images: {100 * d['within_tol']:.2f}% of "
+                         f"{d['solves']} solves within tol, {d['mean_iterations']:.2f} iterations on average, "
+                         f"{d['fallbacks']} fallbacks")
     lines += ["", "mIoU (%) per per-digit scale (every digit at that scale)",
               f"{'Method':<10}" + "".join(f"{s:>8}" for s in cfg["scales"])]
     for m, r in results.items():
