@@ -137,7 +137,7 @@ def test_the_shipped_start_loads_for_the_default_preset():
 def test_zero_steps_end_and_aug_time_is_bounded(tmp_path, extra, monkeypatch):
     """Aug+time's steps come from step costs measured side by side, never a time divided by ~0 seconds: a run with
     nothing to fine-tune ends, and even an Aug step measured at 1 ns gives at most 20x Aug's own steps (at least 1)."""
-    from timm_dec.apps import segment
+    from timm_dec.apps import _common
 
     def measured(steps, **kw):
         for step in steps.values():
@@ -145,7 +145,7 @@ def test_zero_steps_end_and_aug_time_is_bounded(tmp_path, extra, monkeypatch):
         return dict(seconds=dict(aug=1e-9, dec_only=1.0, dec=1.0), rounds={}, uncertainty=0.0, attempts=1,
                     noisy=False, max_uncertainty=0.1)
 
-    monkeypatch.setattr(segment, "measure_step_costs", measured)
+    monkeypatch.setattr(_common, "measure_step_costs", measured)
     assert main(["segment", "--preset", "smoke", "--threads", "1", "--out", str(tmp_path), *extra]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     own = summary["config"]["finetune_steps"]

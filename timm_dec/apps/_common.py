@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 __all__ = ["parse_scales", "parse_bins", "normalize_transform", "resolve_device", "warmup_cosine_schedule",
-           "measure_step_costs", "equal_compute_steps", "calibration_line"]
+           "measure_step_costs", "equal_compute_steps", "calibrate_equal_time", "calibration_line"]
 
 
 def parse_scales(text: str) -> list[float]:
@@ -163,6 +163,24 @@ def equal_compute_steps(costs: Mapping[str, float], work: Mapping[str, int], ref
     budget = sum(n * costs[k] for k, n in work.items())
     steps = round(budget / costs[reference])
     return int(min(max(steps, own_steps), max_factor * max(own_steps, 1)))
+
+
+def calibrate_equal_time(steps: Mapping[str, Callable[[], Any]], dec_only_steps: int, dec_steps: int) -> dict[str, Any]:
+    """Aug+time's step count: the DEC's training (``dec_only_steps`` DEC-only and ``dec_steps`` joint steps) in Aug
+    steps, from ``steps`` (``"aug"``, ``"dec_only"``, ``"dec"``: one training step each, on copies of the trained
+    models) timed side by side (`measure_step_costs`); never fewer than ``dec_steps``, Aug's own.
+
+    Returns:
+        ``steps`` (Aug+time's), ``extra_steps``, ``step_seconds``, ``rounds``, the cost ratios ``dec_step_ratio`` and
+        ``dec_only_step_ratio``, ``uncertainty``, ``attempts``, ``noisy``, ``max_uncertainty``.
+    """
+    costs = measure_step_costs(steps)
+    sec = costs["seconds"]
+    total = equal_compute_steps(sec, {"dec_only": dec_only_steps, "dec": dec_steps}, "aug", dec_steps)
+    return dict(step_seconds=sec, rounds=costs["rounds"], uncertainty=costs["uncertainty"],
+                attempts=costs["attempts"], noisy=costs["noisy"], max_uncertainty=costs["max_uncertainty"],
+                steps=total, extra_steps=total - dec_steps, dec_step_ratio=sec["dec"] / sec["aug"],
+                dec_only_step_ratio=sec["dec_only"] / sec["aug"])
 
 
 def calibration_line(calibration: Mapping[str, Any]) -> str:

@@ -59,9 +59,8 @@ from ..models._base import INPUT
 from ..ops import monotone_warp, random_knots
 from . import _start
 from ._common import (
+    calibrate_equal_time,
     calibration_line,
-    equal_compute_steps,
-    measure_step_costs,
     normalize_transform,
     parse_bins,
     parse_scales,
@@ -74,7 +73,7 @@ from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 
 __all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train",
-           "training_step", "calibrate_equal_time"]
+           "training_step"]
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
 LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
@@ -456,29 +455,18 @@ def _calibration_stages(s: _Setup) -> dict[str, Stage]:
             "dec": Stage("DEC", 1, lr, augment=copy.deepcopy(s.augment), new_prefixes=("dec.",), new_lr_mult=mult)}
 
 
-def calibrate_equal_time(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor,
-                         labels: torch.Tensor) -> dict[str, Any]:
-    """Aug+time's step count: what the DEC's training costs (its DEC-only and joint steps) in Aug steps.
-
-    The three kinds of step are timed side by side in one window (`measure_step_costs`: interleaved rounds, medians)
-    on copies of the trained Aug and DEC models, so the figures do not depend on what else ran while each method
-    trained; the trained DEC's solves are the training's most expensive, so this errs toward more Aug+time steps.
-    """
-    cfg, n = s.cfg, s.cfg["finetune_steps"]
+def _calibrate_equal_time(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor,
+                          labels: torch.Tensor) -> dict[str, Any]:
+    """Aug+time's step count (`calibrate_equal_time`), timed on copies of the trained Aug and DEC models; the trained
+    DEC's solves are the training's most expensive, so this errs toward more Aug+time steps."""
+    cfg = s.cfg
     steps = {}
     for kind, stage in _calibration_stages(s).items():
         model = copy.deepcopy(models["aug" if kind == "aug" else "dec"])
         steps[kind] = training_step(s.classifier(model), images, labels, stage, batch_size=cfg["batch_size"],
                                     weight_decay=cfg["weight_decay"], warmup_frac=cfg["warmup_frac"],
                                     normalize=s.normalize, channels=s.channels, device=s.device)
-    costs = measure_step_costs(steps)
-    work = {"dec_only": cfg["dec_warmup_steps"], "dec": n}
-    total = equal_compute_steps(costs["seconds"], work, "aug", n)
-    sec = costs["seconds"]
-    return dict(step_seconds=sec, rounds=costs["rounds"], uncertainty=costs["uncertainty"],
-                attempts=costs["attempts"], noisy=costs["noisy"], max_uncertainty=costs["max_uncertainty"],
-                steps=total, extra_steps=total - n,
-                dec_step_ratio=sec["dec"] / sec["aug"], dec_only_step_ratio=sec["dec_only"] / sec["aug"])
+    return calibrate_equal_time(steps, cfg["dec_warmup_steps"], cfg["finetune_steps"])
 
 
 def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], calibration: dict[str, Any],
@@ -576,7 +564,7 @@ def run(args: argparse.Namespace) -> int:
     timings = _train_methods(s, models, images, labels)
     calibration: Optional[dict[str, Any]] = None
     if cfg["equal_time"] and "dec" in models:
-        calibration = calibrate_equal_time(s, models, images, labels)
+        calibration = _calibrate_equal_time(s, models, images, labels)
         print(calibration_line(calibration))
         models["aug_time"], timings["aug_time"] = _equal_time_control(s, starts, calibration, images, labels)
     prob_idx = list(range(min(cfg["prob_images"], len(s.test_set))))

@@ -46,7 +46,7 @@ from ..models import load_dec_state_dict
 from ..models._base import DECModelMixin
 from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
-from ._common import calibration_line, equal_compute_steps, measure_step_costs, warmup_cosine_schedule
+from ._common import calibrate_equal_time, calibration_line, warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image"]
@@ -264,20 +264,13 @@ def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[st
     return dict(steps=step, seconds=time.perf_counter() - start, loss=sum(losses[-20:]) / max(1, len(losses[-20:])))
 
 
-def calibrate_equal_time(models: dict[str, nn.Module], train_set: SegDigits, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Aug+time's step count: the DEC's training (DEC-only and joint steps) in Aug steps, the three kinds of step
-    timed side by side in one window on copies of the trained models (`measure_step_costs`)."""
-    lr, n = cfg["finetune_lr"], cfg["finetune_steps"]
-    steps = {kind: training_step(copy.deepcopy(models["aug" if kind == "aug" else "dec"]), train_set, 1, lr, cfg,
-                                 augment=True, only_dec=kind == "dec_only", seed=cfg["finetune_seed"])
+def _calibrate_equal_time(models: dict[str, nn.Module], train_set: SegDigits, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Aug+time's step count (`calibrate_equal_time`), timed on copies of the trained Aug and DEC models."""
+    steps = {kind: training_step(copy.deepcopy(models["aug" if kind == "aug" else "dec"]), train_set, 1,
+                                 cfg["finetune_lr"], cfg, augment=True, only_dec=kind == "dec_only",
+                                 seed=cfg["finetune_seed"])
              for kind in ("aug", "dec_only", "dec")}
-    costs = measure_step_costs(steps)
-    sec = costs["seconds"]
-    total = equal_compute_steps(sec, {"dec_only": cfg["dec_warmup_steps"], "dec": n}, "aug", n)
-    return dict(step_seconds=sec, rounds=costs["rounds"], uncertainty=costs["uncertainty"],
-                attempts=costs["attempts"], noisy=costs["noisy"], max_uncertainty=costs["max_uncertainty"],
-                steps=total, extra_steps=total - n,
-                dec_step_ratio=sec["dec"] / sec["aug"], dec_only_step_ratio=sec["dec_only"] / sec["aug"])
+    return calibrate_equal_time(steps, cfg["dec_warmup_steps"], cfg["finetune_steps"])
 
 
 @torch.no_grad()
@@ -386,7 +379,7 @@ def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDig
         elif method == "aug_time" and "dec" not in models:  # nothing to match: Aug's own steps
             runs[method] = train(model, train_set, steps, lr, cfg, augment=True, seed=seed)
         elif method == "aug_time":
-            calibration = calibrate_equal_time(models, train_set, cfg)
+            calibration = _calibrate_equal_time(models, train_set, cfg)
             log("  " + calibration_line(calibration))
             runs[method] = dict(train(model, train_set, calibration["steps"], lr, cfg, augment=True, seed=seed),
                                 calibration=calibration)
