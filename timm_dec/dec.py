@@ -244,7 +244,8 @@ def loss_scale(factor: float) -> Iterator[None]:
 
     The regulariser adds the gradient of ``jac_reg`` x penalty to the backward, as if the penalty had been added to the
     loss the loop differentiates; a loop that differentiates a scaled loss scales the task's gradient but not that one.
-    ``timm_dec.finetune`` sets it; timm's ``train.py`` needs none (no accumulation; float16 loss scaling only on CUDA).
+    ``timm_dec.finetune`` sets it. timm's ``train.py`` needs none unless it scales its loss (``--grad-accum-steps``,
+    float16 AMP's loss scaler): there the regulariser's effective weight is ``jac_reg`` divided by that factor.
 
     Example:
         >>> with loss_scale(1 / 4):  # the loop divides each micro-batch's loss by 4
