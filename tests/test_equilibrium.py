@@ -168,6 +168,18 @@ def test_jacobian_regulariser_adds_exactly_its_gradient_and_leaves_the_loss(beta
     torch.testing.assert_close(_grads(reg), _grads(plain), atol=1e-12, rtol=1e-10)
 
 
+class Readout(nn.Module):
+    """A fixed linear read of a DEC's knots (nchw input): a smooth objective of its equilibrium."""
+
+    def __init__(self, dec: DEC, outputs: int) -> None:
+        super().__init__()
+        self.dec = dec
+        self.proj = nn.Linear(2 * (dec.grid + 1) ** 2, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.dec(x, layout="nchw").flatten(1))
+
+
 @pytest.mark.slow
 def test_regularised_dec_reaches_tol_and_its_backward_is_the_true_gradient():
     """Trained without the regulariser (undamped), the DEC's solves end above tol; with the damped solve and its
@@ -179,19 +191,8 @@ def test_regularised_dec_reaches_tol_and_its_backward_is_the_true_gradient():
                                                                                           ("reg", reg))}
     assert within["free"] < 0.5 and within["reg"] >= 0.95, within
     assert reg["stats"].mean_iterations < free["stats"].mean_iterations
-    dec = reg["dec"]
-
-    class Readout(nn.Module):  # a fixed linear read of the knots: a smooth objective of the equilibrium
-        def __init__(self) -> None:
-            super().__init__()
-            self.dec = dec
-            self.proj = nn.Linear(2 * 5 * 5, 6)
-
-        def forward(self, x):
-            return self.proj(self.dec(x, layout="nchw").flatten(1))
-
     torch.manual_seed(0)
-    check = gradient_check(Readout(), reg["x_test"][:8], steps=(1e-4, 1e-6))
+    check = gradient_check(Readout(reg["dec"], 6), reg["x_test"][:8], steps=(1e-4, 1e-6))
     assert check["fd_agree"] < 1e-3, check
     assert check["configured"]["within_tol"] >= 0.95, check
     assert check["error"] <= 0.01, check
@@ -202,18 +203,9 @@ def test_gradient_check_reports_an_unconverged_backward():
     """The check is not a rubber stamp: with two iterations the configured backward is measurably off."""
     torch.manual_seed(0)
     dec = perturbed(DEC(4, grid=3, widths=(8, 8), proj_chans=4, max_iter=2, tol=1e-6), std=0.3)
-
-    class Readout(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dec = dec
-            self.proj = nn.Linear(2 * 4 * 4, 5)
-
-        def forward(self, x):
-            return self.proj(self.dec(x, layout="nchw").flatten(1))
-
+    readout = Readout(dec, 5)
     x = torch.randn(6, 4, 8, 8)
-    check = gradient_check(Readout(), x)
+    check = gradient_check(readout, x)
     assert check["configured"]["within_tol"] < 0.5
     assert check["equilibrium"]["within_tol"] == 1.0
     assert check["error_at_equilibrium"] <= 1e-5, check
