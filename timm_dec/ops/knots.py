@@ -124,14 +124,37 @@ def _eval_pl(values: torch.Tensor, idx: torch.Tensor, frac: torch.Tensor) -> tor
     return lo + frac * (hi - lo)
 
 
-def _invert_pl(values: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
-    """Exact inverse of the increasing piecewise-linear function with knots at k/grid and values (B, N, grid+1)."""
-    inner = values[..., 1:grid]
-    idx = (inner <= target.unsqueeze(-1)).sum(-1)  # segment holding target, in [0, grid-1]
-    lo = values.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-    hi = values.gather(-1, (idx + 1).unsqueeze(-1)).squeeze(-1)
+def _invert_lerped(table: torch.Tensor, other: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
+    """One half-sweep of the inverse: solve f(c) = target for c, f the table's rows interpolated at ``other``.
+
+    f is increasing and piecewise linear with knots at k/grid, so its inverse is exact: count the inner knots of f
+    <= target, then interpolate in that segment. Each knot value of f is read straight from the flat table (one
+    ``gather`` per knot, G small) instead of gathering a (B, N, G+1) copy of every point's function; the arithmetic and
+    its rounding are those of the Triton kernel's ``_invert_at``.
+
+    Args:
+        table: (B, G+1, G+1) rows table (or columns table) of each sample.
+        other: (B, N) the other coordinate, in [0, 1].
+        target: (B, N) the value f must reach.
+        grid: G.
+
+    Returns:
+        (B, N) c in [0, 1].
+    """
+    width = table.shape[-1]
+    flat = table.reshape(table.shape[0], -1)  # (B, (G+1)^2)
+    m, t = _cell(other, grid)
+    row = m * width  # index of table[b, m, 0]; table[b, m + i, k] is flat[:, i * width + k:] at that index
+    with torch.no_grad():  # the segment index is piecewise constant: no gradient through the count
+        t_d, s_d, flat_d = t.detach(), 1 - t.detach(), flat.detach()
+        seg = torch.zeros_like(m)
+        for k in range(1, grid):
+            seg += s_d * flat_d[:, k:].gather(1, row) + t_d * flat_d[:, width + k:].gather(1, row) <= target
+    at, s = row + seg, 1 - t
+    lo = s * flat.gather(1, at) + t * flat[:, width:].gather(1, at)
+    hi = s * flat[:, 1:].gather(1, at) + t * flat[:, width + 1:].gather(1, at)
     frac = ((target - lo) / (hi - lo).clamp_min(SEGMENT_EPS)).clamp(0, 1)
-    return (idx + frac) / grid
+    return (seg + frac) / grid
 
 
 def apply_map(knots: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -175,12 +198,8 @@ def apply_inverse_map(knots: torch.Tensor, points: torch.Tensor, sweeps: int = D
     qx, qy = points.unbind(-1)
     x, y = qx, qy
     for _ in range(sweeps):
-        m, t = _cell(y, grid)
-        row_at_y = (1 - t).unsqueeze(-1) * _gather_rows(rows, m) + t.unsqueeze(-1) * _gather_rows(rows, m + 1)
-        x = _invert_pl(row_at_y, qx, grid)
-        n, s = _cell(x, grid)
-        col_at_x = (1 - s).unsqueeze(-1) * _gather_rows(cols, n) + s.unsqueeze(-1) * _gather_rows(cols, n + 1)
-        y = _invert_pl(col_at_x, qy, grid)
+        x = _invert_lerped(rows, y, qx, grid)  # x from the row functions interpolated at the current y
+        y = _invert_lerped(cols, x, qy, grid)  # y from the column functions interpolated at the new x
     return torch.stack((x, y), dim=-1)
 
 
