@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import time
@@ -47,6 +48,7 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from tqdm.auto import tqdm
 
+from .._argcheck import OUTPUT_FOLDER_RULE, check_output_folder
 from .._format import json_default
 from ..baselines import InputCanonicalizer, InvarianceLoss
 from ..bench.equilibrium import gradient_check
@@ -59,12 +61,17 @@ from ..models._base import INPUT
 from ..ops import monotone_warp, random_knots
 from . import _start
 from ._common import (
+    bins_arg,
     calibrate_equal_time,
     calibration_line,
+    check_dec_config,
+    check_model_build,
+    check_number,
+    check_pretrained_offline,
+    meta_build_error,
     normalize_transform,
-    parse_bins,
-    parse_scales,
     resolve_device,
+    scales_arg,
     warmup_cosine_schedule,
 )
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
@@ -88,11 +95,11 @@ START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "can
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(parse_scales(text))
+    return tuple(scales_arg(text))
 
 
 def _bins(text: str) -> tuple[tuple[float, float], ...]:
-    return tuple(parse_bins(text))
+    return tuple(bins_arg(text))
 
 
 def _positions(text: str) -> tuple[Union[str, int], ...]:
@@ -108,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec demo`` options; those left out come from ``--preset``."""
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
                         help="default: ~8 min on 2 idle cores; paper: the paper's setting for a GPU; smoke: seconds")
-    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
+    parser.add_argument("--out", default="demo_out", help=f"output folder (default demo_out/; {OUTPUT_FOLDER_RULE})")
     parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
                         default=METHODS,
                         help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
@@ -120,11 +127,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
                         help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
     parser.add_argument("--write-start", default=None, metavar="DIR",
-                        help="only train the shared start and write it to DIR (how the shipped start was made)")
+                        help="only train the shared start and write it to DIR (how the shipped start was made; "
+                             f"{OUTPUT_FOLDER_RULE})")
     g = parser.add_argument_group("model and data (default from the preset)")
     g.add_argument("--model", default=None, help="timm base model name; DEC uses <model>_dec")
     g.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
-                   help="create_model kwargs replacing the preset's (img_size=64 patch_size=8 ...)")
+                   help="create_model kwargs replacing the preset's (img_size=64 patch_size=8 ...); DEC options are "
+                        "the --dec-* flags")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from timm's pretrained weights (needs the Hub or its cache)")
     g.add_argument("--num-digits", type=int, default=None)
@@ -194,7 +203,17 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     cfg["methods"] = tuple(m for m in METHODS if m in set(args.methods) | {"base", "aug"})
-    for key in ("train_samples", "test_samples", "batch_size", "eval_batch", "canon_warps", "num_digits", "canvas"):
+    _check_values(cfg)
+    cfg["seed"] = args.seed
+    return cfg
+
+
+def _check_values(cfg: dict[str, Any]) -> None:
+    """Every value of a resolved configuration that no later step checks before it costs work."""
+    if cfg["test_samples"] < 2:
+        raise ValueError(f"--test-samples must be >= 2 (the paired bootstrap needs 2 test images), got "
+                         f"{cfg['test_samples']}")
+    for key in ("train_samples", "batch_size", "eval_batch", "canon_warps", "num_digits", "canvas"):
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     for key in ("plain_steps", "aug_steps", "finetune_steps", "dec_warmup_steps", "prob_images", "grid_images",
@@ -207,8 +226,50 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--warmup-frac must be in [0, 1), got {cfg['warmup_frac']}")
     if cfg["plain_steps"] + cfg["aug_steps"] + cfg["finetune_steps"] == 0:
         raise ValueError("--plain-steps, --aug-steps and --finetune-steps are all 0: nothing would be trained")
-    cfg["seed"] = args.seed
-    return cfg
+    for key in ("lr", "finetune_lr", "dec_lr_mult"):
+        check_number(f"--{key.replace('_', '-')}", cfg[key])
+    for key in ("weight_decay", "aug_strength", "invl_weight"):
+        check_number(f"--{key.replace('_', '-')}", cfg[key], strict=False)
+    check_number("--aug-p", cfg["aug_p"], strict=False, high=1.0)
+    low, high = cfg["scale_range"]
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+        raise ValueError(f"--scale-range needs 0 < LOW <= HIGH, got {low} {high}")
+    if cfg["digit_size"] is not None and cfg["digit_size"] < 1:
+        raise ValueError(f"--digit-size must be >= 1, got {cfg['digit_size']}")
+
+
+def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    """What `resolve_config` cannot see alone, checked before anything is trained or written: the device, the output
+    folder, the model name and kwargs and the DEC options (the models built on the meta device), timm's weights
+    offline."""
+    resolve_device(args.device)
+    if args.write_start:
+        check_output_folder(args.write_start, "--write-start")
+    else:
+        check_output_folder(args.out, "--out")
+    kwargs = dict(cfg["model_kwargs"], num_classes=num_outputs(cfg["label"], cfg["num_digits"]))
+    dec_keys = [k for k in kwargs if k.startswith("dec_")]
+    if dec_keys:
+        flag = "--" + dec_keys[0].replace("_", "-")
+        raise ValueError(f"--model-kwargs {dec_keys[0]}={kwargs[dec_keys[0]]!r}: the demo's DEC options are the "
+                         f"--dec-* flags ({flag} ...), not --model-kwargs")
+    name = cfg["model"]
+    if "dec" in cfg["methods"] and timm.is_model(name) and not timm.is_model(name + "_dec"):
+        raise ValueError(f"--model {name}: the demo's DEC needs a ViT-class (ViT, DeiT, BEiT, EVA) or Swin model "
+                         f"that timm_dec gives a {name}_dec twin (timm_dec.list_dec_models()), built with the "
+                         f"--model-kwargs (img_size, ...)")
+    what = "--model-kwargs" if args.model_kwargs is not None else f"the preset's model_kwargs {cfg['model_kwargs']}"
+    check_model_build(name, kwargs, what)
+    if "dec" in cfg["methods"]:
+        options = dec_kwargs(cfg)
+        check_dec_config(options)
+        error = meta_build_error(name + "_dec", dict(kwargs, **options))
+        if error is not None:
+            blocks = ",".join(str(b) for b in cfg["dec_blocks"] or ())
+            raise ValueError(f"--dec-blocks {blocks}: {error}" if "block" in str(error) else
+                             f"the --dec-* options of {name}_dec: {error}")
+    if cfg["pretrained"]:
+        check_pretrained_offline(name, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -547,10 +608,11 @@ def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, Local
 def run(args: argparse.Namespace) -> int:
     """Train and evaluate every method; print Tables 2 and 3; write the plots, checkpoints and summary."""
     cfg = resolve_config(args)
-    wall_start = time.perf_counter()
-    s, train_set = _setup(args, cfg)
+    check_before_work(args, cfg)
     if args.preset == "smoke":
         print("timm-dec demo: the smoke preset only checks that the pipeline runs; its numbers mean nothing")
+    wall_start = time.perf_counter()
+    s, train_set = _setup(args, cfg)
     print(f"timm-dec demo (preset {args.preset}): {cfg['model']} on locally scaled {cfg['num_digits']}-digit numbers "
           f"({10 ** cfg['num_digits']} classes, label rule {cfg['label']!r}, {cfg['canvas']} px), {len(train_set)} "
           f"train / {len(s.test_set)} test images, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads")
