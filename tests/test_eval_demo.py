@@ -328,6 +328,10 @@ SMOKE = ["demo", "--preset", "smoke", "--no-progress", "--from-scratch"]
     (["--dec-blocks", "7"], r"--dec-blocks 7: block index 7 is out of range for a model with 1 blocks"),
     (["--dec-image-size", "1"], r"--dec-image-size: .*integer >= 2, got 1"),
     (["--dec-update", "residual"], r"--dec-update residual needs --dec-backward phantom"),
+    (["--model", "swin_tiny_patch4_window7_224", "--model-kwargs", "img_size=32", "window_size=4", "--dec-blocks",
+      "9"], r"--dec-blocks 9: stage index 9 is out of range for a model with 4 stages"),
+    (["--model", "resnet18", "--methods", "base,aug"], r"the preset's model_kwargs .*\(give --model-kwargs that fit "
+                                                       r"--model resnet18\): resnet18 does not take img_size=32"),
     (["--test-samples", "1"], r"--test-samples must be >= 2 \(the paired bootstrap needs 2 test images\), got 1"),
     (["--model", "resnet18"], r"--model resnet18: the demo's DEC needs a ViT-class .* or Swin model .*resnet18_dec"),
     (["--model", "no_such_model"], r"--model no_such_model: no such timm model"),

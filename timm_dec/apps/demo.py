@@ -258,7 +258,8 @@ def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
         raise ValueError(f"--model {name}: the demo's DEC needs a ViT-class (ViT, DeiT, BEiT, EVA) or Swin model "
                          f"that timm_dec gives a {name}_dec twin (timm_dec.list_dec_models()), built with the "
                          f"--model-kwargs (img_size, ...)")
-    what = "--model-kwargs" if args.model_kwargs is not None else f"the preset's model_kwargs {cfg['model_kwargs']}"
+    what = "--model-kwargs" if args.model_kwargs is not None else (
+        f"the preset's model_kwargs {cfg['model_kwargs']} (give --model-kwargs that fit --model {name})")
     check_model_build(name, kwargs, what)
     if "dec" in cfg["methods"]:
         options = dec_kwargs(cfg)
@@ -266,7 +267,8 @@ def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
         error = meta_build_error(name + "_dec", dict(kwargs, **options))
         if error is not None:
             blocks = ",".join(str(b) for b in cfg["dec_blocks"] or ())
-            raise ValueError(f"--dec-blocks {blocks}: {error}" if "block" in str(error) else
+            at_blocks = any(word in str(error) for word in ("block", "stage", "out of range"))
+            raise ValueError(f"--dec-blocks {blocks}: {error}" if at_blocks else
                              f"the --dec-* options of {name}_dec: {error}")
     if cfg["pretrained"]:
         check_pretrained_offline(name, kwargs)
