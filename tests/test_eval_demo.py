@@ -389,3 +389,24 @@ def test_demo_pretrained_offline_fails_at_once(tmp_path: Path, capsys: pytest.Ca
     assert captured.out == ""
     assert re.search(r"^timm-dec demo: error: --pretrained: timm's weights of vit_tiny_patch16_224 \(timm/.*\) are "
                      r"not in huggingface_hub's cache and HF_HUB_OFFLINE is set", captured.err), captured.err
+
+
+def test_demo_pretrained_offline_reads_the_cache_without_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Hub unreachable and timm's weights cached, the demo builds its models in huggingface_hub's offline
+    mode (the cache at once, no retries of the network)."""
+    import huggingface_hub
+
+    from timm_dec import hub
+    from timm_dec.apps import _common
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name, **kw: f"/cache/{repo}/{name}")
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    assert _common.check_pretrained_offline("vit_tiny_patch16_224", kwargs) is True
+    seen = []
+    with _common.hub_offline(True):
+        seen.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+    assert seen == [True] and huggingface_hub.constants.HF_HUB_OFFLINE is False
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    assert _common.check_pretrained_offline("vit_tiny_patch16_224", kwargs) is False

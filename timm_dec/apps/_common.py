@@ -8,7 +8,8 @@ import argparse
 import math
 import statistics
 import time
-from typing import Any, Callable, Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import timm
 import torch
@@ -19,7 +20,7 @@ from ..dec import DECConfig
 __all__ = ["parse_scales", "parse_bins", "scales_arg", "bins_arg", "normalize_transform", "resolve_device",
            "warmup_cosine_schedule", "measure_step_costs", "equal_compute_steps", "calibrate_equal_time",
            "calibration_line", "check_number", "check_dec_config", "check_model_build", "meta_build_error",
-           "check_pretrained_offline"]
+           "check_pretrained_offline", "hub_offline"]
 
 
 def parse_scales(text: str) -> list[float]:
@@ -138,26 +139,46 @@ def meta_build_error(name: str, kwargs: Mapping[str, Any]) -> Optional[Exception
     return None
 
 
-def check_pretrained_offline(name: str, kwargs: Mapping[str, Any], flag: str = "--pretrained") -> None:
+def check_pretrained_offline(name: str, kwargs: Mapping[str, Any], flag: str = "--pretrained") -> bool:
     """timm's pretrained weights of ``name``: when ``HF_HUB_OFFLINE`` is set or the Hub cannot be reached, they must
-    be in huggingface_hub's cache; else an error at once (instead of huggingface_hub's retries)."""
+    be in huggingface_hub's cache; else an error at once (instead of huggingface_hub's retries).
+
+    Returns:
+        True when the weights are to be read from the cache (offline: build the model inside `hub_offline`, so
+        that huggingface_hub does not retry the network first), False when the Hub is reachable or the weights do
+        not come from it.
+    """
     from huggingface_hub import constants, try_to_load_from_cache
 
     with torch.device("meta"):
         cfg = dict(getattr(timm.create_model(name, **kwargs), "pretrained_cfg", None) or {})
     repo = cfg.get("hf_hub_id")
     if not repo or cfg.get("file"):
-        return
+        return False
     offline = constants.HF_HUB_OFFLINE
     if not offline and hub.hub_reachable():
-        return
+        return False
     repo, _, revision = repo.partition("@")
     files = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]
     if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files if f):
-        return
+        return True
     why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached (no network?)"
     raise ValueError(f"{flag}: timm's weights of {name} ({repo}) are not in huggingface_hub's cache and {why}; "
                      f"leave {flag} out, or download them once with the network")
+
+
+@contextmanager
+def hub_offline(active: bool = True) -> Iterator[None]:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE``) inside the block, when ``active``: downloads read its cache
+    at once, as `check_pretrained_offline` found the network unreachable."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or active
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def normalize_transform(data_cfg: Mapping[str, Any], chans: int) -> Callable[[torch.Tensor], torch.Tensor]:

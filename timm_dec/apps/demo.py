@@ -68,6 +68,7 @@ from ._common import (
     check_model_build,
     check_number,
     check_pretrained_offline,
+    hub_offline,
     meta_build_error,
     normalize_transform,
     resolve_device,
@@ -238,10 +239,10 @@ def _check_values(cfg: dict[str, Any]) -> None:
         raise ValueError(f"--digit-size must be >= 1, got {cfg['digit_size']}")
 
 
-def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> bool:
     """What `resolve_config` cannot see alone, checked before anything is trained or written: the device, the output
     folder, the model name and kwargs and the DEC options (the models built on the meta device), timm's weights
-    offline."""
+    offline. Returns whether timm's weights are to be read from huggingface_hub's cache (offline)."""
     resolve_device(args.device)
     if args.write_start:
         check_output_folder(args.write_start, "--write-start")
@@ -270,8 +271,7 @@ def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
             at_blocks = any(word in str(error) for word in ("block", "stage", "out of range"))
             raise ValueError(f"--dec-blocks {blocks}: {error}" if at_blocks else
                              f"the --dec-* options of {name}_dec: {error}")
-    if cfg["pretrained"]:
-        check_pretrained_offline(name, kwargs)
+    return bool(cfg["pretrained"]) and check_pretrained_offline(name, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,13 +412,15 @@ class _Setup:
     channels: int
     normalize: Callable[[torch.Tensor], torch.Tensor]
     augment: RandomMonotoneScale
+    offline: bool = False  # timm's weights from huggingface_hub's cache, the Hub unreachable
 
     def create(self, name: str, **extra: Any) -> nn.Module:
         """The timm classifier (seeded; timm's pretrained weights for a base model if asked for)."""
         torch.manual_seed(self.cfg["seed"])
-        return timm.create_model(name, pretrained=self.cfg["pretrained"] and not name.endswith("_dec"),
-                                 num_classes=num_outputs(self.cfg["label"], self.cfg["num_digits"]),
-                                 **self.cfg["model_kwargs"], **extra)
+        pretrained = self.cfg["pretrained"] and not name.endswith("_dec")
+        with hub_offline(self.offline and pretrained):
+            return timm.create_model(name, pretrained=pretrained, **self.cfg["model_kwargs"], **extra,
+                                     num_classes=num_outputs(self.cfg["label"], self.cfg["num_digits"]))
 
     def classifier(self, model: nn.Module) -> nn.Module:
         """``model`` scored on the whole number (`DigitwiseClassifier` for the ``digits`` label rule)."""
@@ -589,7 +591,8 @@ def _summary(args: argparse.Namespace, s: _Setup, results: dict[str, dict[str, A
     }
 
 
-def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, LocallyScaledDigits]:
+def _setup(args: argparse.Namespace, cfg: dict[str, Any],
+           offline: bool = False) -> tuple[_Setup, LocallyScaledDigits]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -601,7 +604,7 @@ def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, Local
     test_set = LocallyScaledDigits("test", num_samples=cfg["test_samples"], channels=channels, **data_kw)
     augment = RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"],
                                   generator=torch.Generator().manual_seed(cfg["seed"] + 1))
-    s = _Setup(cfg, device, not args.no_progress, Path(args.out), test_set, channels, lambda x: x, augment)
+    s = _Setup(cfg, device, not args.no_progress, Path(args.out), test_set, channels, lambda x: x, augment, offline)
     s.normalize = normalize_transform(resolve_data_config({}, model=s.create(cfg["model"])), channels)
     test_set.transform = s.normalize
     return s, train_set
@@ -610,11 +613,11 @@ def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, Local
 def run(args: argparse.Namespace) -> int:
     """Train and evaluate every method; print Tables 2 and 3; write the plots, checkpoints and summary."""
     cfg = resolve_config(args)
-    check_before_work(args, cfg)
+    offline = check_before_work(args, cfg)
     if args.preset == "smoke":
         print("timm-dec demo: the smoke preset only checks that the pipeline runs; its numbers mean nothing")
     wall_start = time.perf_counter()
-    s, train_set = _setup(args, cfg)
+    s, train_set = _setup(args, cfg, offline)
     print(f"timm-dec demo (preset {args.preset}): {cfg['model']} on locally scaled {cfg['num_digits']}-digit numbers "
           f"({10 ** cfg['num_digits']} classes, label rule {cfg['label']!r}, {cfg['canvas']} px), {len(train_set)} "
           f"train / {len(s.test_set)} test images, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads")
