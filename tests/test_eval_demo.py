@@ -332,6 +332,9 @@ SMOKE = ["demo", "--preset", "smoke", "--no-progress", "--from-scratch"]
       "9"], r"--dec-blocks 9: stage index 9 is out of range for a model with 4 stages"),
     (["--model", "resnet18", "--methods", "base,aug"], r"the preset's model_kwargs .*\(give --model-kwargs that fit "
                                                        r"--model resnet18\): resnet18 does not take img_size=32"),
+    (["--canon-energy-size", "0"], r"--canon-energy-size: energy_size must be >= 4, got 0"),
+    (["--canon-energy-widths", "0", "4"], r"--canon-energy-widths: widths must be two positive channel counts"),
+    (["--num-digits", "9"], r"--num-digits 9, --canvas 32, .*9 digits of .* do not fit side by side on a 32 px"),
     (["--test-samples", "1"], r"--test-samples must be >= 2 \(the paired bootstrap needs 2 test images\), got 1"),
     (["--model", "resnet18"], r"--model resnet18: the demo's DEC needs a ViT-class .* or Swin model .*resnet18_dec"),
     (["--model", "no_such_model"], r"--model no_such_model: no such timm model"),

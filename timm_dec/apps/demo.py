@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import time
@@ -48,7 +47,7 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from tqdm.auto import tqdm
 
-from .._argcheck import OUTPUT_FOLDER_RULE, check_output_folder
+from .._argcheck import OUTPUT_FOLDER_RULE
 from .._format import json_default
 from ..baselines import InputCanonicalizer, InvarianceLoss
 from ..bench.equilibrium import gradient_check
@@ -64,17 +63,13 @@ from ._common import (
     bins_arg,
     calibrate_equal_time,
     calibration_line,
-    check_dec_config,
-    check_model_build,
-    check_number,
-    check_pretrained_offline,
     hub_offline,
-    meta_build_error,
     normalize_transform,
     resolve_device,
     scales_arg,
     warmup_cosine_schedule,
 )
+from .demo_checks import check_before_work, check_values
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
@@ -204,74 +199,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     cfg["methods"] = tuple(m for m in METHODS if m in set(args.methods) | {"base", "aug"})
-    _check_values(cfg)
+    check_values(cfg)
     cfg["seed"] = args.seed
     return cfg
-
-
-def _check_values(cfg: dict[str, Any]) -> None:
-    """Every value of a resolved configuration that no later step checks before it costs work."""
-    if cfg["test_samples"] < 2:
-        raise ValueError(f"--test-samples must be >= 2 (the paired bootstrap needs 2 test images), got "
-                         f"{cfg['test_samples']}")
-    for key in ("train_samples", "batch_size", "eval_batch", "canon_warps", "num_digits", "canvas"):
-        if cfg[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("plain_steps", "aug_steps", "finetune_steps", "dec_warmup_steps", "prob_images", "grid_images",
-                "stretch_images", "gradient_images"):
-        if cfg[key] < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
-    if cfg["canon_candidates"] < 2 or cfg["canon_margin"] < 0 or cfg["canon_rank_weight"] < 0:
-        raise ValueError("--canon-candidates must be >= 2, --canon-margin and --canon-rank-weight >= 0")
-    if not 0 <= cfg["warmup_frac"] < 1:
-        raise ValueError(f"--warmup-frac must be in [0, 1), got {cfg['warmup_frac']}")
-    if cfg["plain_steps"] + cfg["aug_steps"] + cfg["finetune_steps"] == 0:
-        raise ValueError("--plain-steps, --aug-steps and --finetune-steps are all 0: nothing would be trained")
-    for key in ("lr", "finetune_lr", "dec_lr_mult"):
-        check_number(f"--{key.replace('_', '-')}", cfg[key])
-    for key in ("weight_decay", "aug_strength", "invl_weight"):
-        check_number(f"--{key.replace('_', '-')}", cfg[key], strict=False)
-    check_number("--aug-p", cfg["aug_p"], strict=False, high=1.0)
-    low, high = cfg["scale_range"]
-    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
-        raise ValueError(f"--scale-range needs 0 < LOW <= HIGH, got {low} {high}")
-    if cfg["digit_size"] is not None and cfg["digit_size"] < 1:
-        raise ValueError(f"--digit-size must be >= 1, got {cfg['digit_size']}")
-
-
-def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> bool:
-    """What `resolve_config` cannot see alone, checked before anything is trained or written: the device, the output
-    folder, the model name and kwargs and the DEC options (the models built on the meta device), timm's weights
-    offline. Returns whether timm's weights are to be read from huggingface_hub's cache (offline)."""
-    resolve_device(args.device)
-    if args.write_start:
-        check_output_folder(args.write_start, "--write-start")
-    else:
-        check_output_folder(args.out, "--out")
-    kwargs = dict(cfg["model_kwargs"], num_classes=num_outputs(cfg["label"], cfg["num_digits"]))
-    dec_keys = [k for k in kwargs if k.startswith("dec_")]
-    if dec_keys:
-        flag = "--" + dec_keys[0].replace("_", "-")
-        raise ValueError(f"--model-kwargs {dec_keys[0]}={kwargs[dec_keys[0]]!r}: the demo's DEC options are the "
-                         f"--dec-* flags ({flag} ...), not --model-kwargs")
-    name = cfg["model"]
-    if "dec" in cfg["methods"] and timm.is_model(name) and not timm.is_model(name + "_dec"):
-        raise ValueError(f"--model {name}: the demo's DEC needs a ViT-class (ViT, DeiT, BEiT, EVA) or Swin model "
-                         f"that timm_dec gives a {name}_dec twin (timm_dec.list_dec_models()), built with the "
-                         f"--model-kwargs (img_size, ...)")
-    what = "--model-kwargs" if args.model_kwargs is not None else (
-        f"the preset's model_kwargs {cfg['model_kwargs']} (give --model-kwargs that fit --model {name})")
-    check_model_build(name, kwargs, what)
-    if "dec" in cfg["methods"]:
-        options = dec_kwargs(cfg)
-        check_dec_config(options)
-        error = meta_build_error(name + "_dec", dict(kwargs, **options))
-        if error is not None:
-            blocks = ",".join(str(b) for b in cfg["dec_blocks"] or ())
-            at_blocks = any(word in str(error) for word in ("block", "stage", "out of range"))
-            raise ValueError(f"--dec-blocks {blocks}: {error}" if at_blocks else
-                             f"the --dec-* options of {name}_dec: {error}")
-    return bool(cfg["pretrained"]) and check_pretrained_offline(name, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
