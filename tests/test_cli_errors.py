@@ -388,3 +388,14 @@ def test_push_offline_says_the_hub_cannot_be_reached(ckpt: Path, tmp_path: Path,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert_one_line_error(*run_cli(["push", "--checkpoint", str(ckpt), "--repo-id", "org/name"], capsys)[::2],
                           "push", r"the Hub cannot be reached \(HF_HUB_OFFLINE is set")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--canon", "--canon-energy-size", "0"], r"--canon-energy-size must be >= 4, got 0"),
+    (["--canon", "--canon-warps", "0"], r"--canon-warps must be >= 1, got 0"),
+    (["--canon", "--canon-strength", "-1"], r"--canon-strength must be a finite number >= 0, got -1"),
+    (["--scale-range", "2", "1"], r"--scale-range needs 0 < LOW <= HIGH, got 2.0 1.0"),
+])
+def test_eval_options_name_their_flag(extra: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_error(*run_cli(EVAL + ["--model", "vit_tiny_patch16_224", "--num-digits", "1"] + extra,
+                                   capsys)[::2], "eval", message)

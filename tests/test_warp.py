@@ -541,6 +541,7 @@ class TestBench:
         (["warp", "--batch", "0"], r"--batch must be >= 1, got 0"),
         (["warp", "--grid", "0"], r"--grid must be >= 1, got 0"),
         (["overhead", "--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
+        (["warp", "--device", "foo"], r"--device 'foo' is not a device; use cpu, cuda or cuda:N"),
         (["warp", "--out", "/proc/x"], r"--out /proc/x: cannot write in /proc"),
         (["overhead", "--out", "/proc/x"], r"--out /proc/x: cannot write in /proc"),
         (["warp", "--json", "{tmp}"], r"--json {tmp} is a folder; name a file \(e.g. {tmp}/bench_warp.json\)"),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -54,6 +55,7 @@ from ..metrics import evaluate_scale_consistency
 from ._common import (
     bins_arg,
     check_model_build,
+    check_number,
     normalize_transform,
     parse_bins,
     parse_scales,
@@ -405,6 +407,19 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not (args.data in ("digits", "mnist") or args.data.startswith("folder:")):
         raise ValueError(f"--data must be 'digits', 'mnist' or 'folder:PATH', got {args.data!r}")
+    if args.scale_range is not None:
+        low, high = args.scale_range
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise ValueError(f"--scale-range needs 0 < LOW <= HIGH, got {low} {high}")
+    if args.canon:
+        for flag, value, low in (("--canon-warps", args.canon_warps, 1), ("--canon-grid", args.canon_grid, 1),
+                                 ("--canon-energy-size", args.canon_energy_size, 4)):
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if min(args.canon_energy_widths) < 1:
+            raise ValueError(f"--canon-energy-widths must be two positive channel counts, got "
+                             f"{tuple(args.canon_energy_widths)}")
+        check_number("--canon-strength", args.canon_strength, strict=False)
     if args.checkpoint:
         check_checkpoint_path(args.checkpoint)
     if args.results_file:  # a file in an existing folder, writable: checked before any work; no folder is created

@@ -80,6 +80,10 @@ def _check_args(args: argparse.Namespace) -> str:
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
     budget = getattr(args, "budget_s", None)
     if budget is not None and not budget > 0:
         raise ValueError(f"--budget-s must be > 0, got {budget}")
