@@ -150,8 +150,11 @@ def check_pretrained_offline(name: str, kwargs: Mapping[str, Any], flag: str = "
     """
     from huggingface_hub import constants, try_to_load_from_cache
 
-    with torch.device("meta"):
-        cfg = dict(getattr(timm.create_model(name, **kwargs), "pretrained_cfg", None) or {})
+    try:
+        with torch.device("meta"):
+            cfg = dict(getattr(timm.create_model(name, **kwargs), "pretrained_cfg", None) or {})
+    except Exception:  # noqa: BLE001  (a model the meta device cannot build: its own download reports itself)
+        return False
     repo = cfg.get("hf_hub_id")
     if not repo or cfg.get("file"):
         return False
