@@ -399,3 +399,24 @@ def test_push_offline_says_the_hub_cannot_be_reached(ckpt: Path, tmp_path: Path,
 def test_eval_options_name_their_flag(extra: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert_one_line_error(*run_cli(EVAL + ["--model", "vit_tiny_patch16_224", "--num-digits", "1"] + extra,
                                    capsys)[::2], "eval", message)
+
+
+def test_output_and_checkpoint_checks_create_nothing(model: torch.nn.Module, ckpt: Path, tmp_path: Path) -> None:
+    """The one helper every subcommand uses: it checks without creating, names the flag, and takes every
+    checkpoint format the readers take."""
+    from timm_dec._argcheck import check_checkpoint_path, check_output_file, check_output_folder
+
+    assert check_output_folder(tmp_path / "new", "--out") == tmp_path / "new" and not (tmp_path / "new").exists()
+    assert check_output_folder(tmp_path, "--out") == tmp_path and list(tmp_path.iterdir()) == []
+    assert check_output_file(tmp_path / "r.json", "--json") == tmp_path / "r.json" and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"^--json .*r.json: the folder .*nope does not exist \(it is not created\)"):
+        check_output_file(tmp_path / "nope" / "r.json", "--json")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"^--out .*f/sub: .*f is a file, not a folder"):
+        check_output_folder(tmp_path / "f" / "sub", "--out")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "last.pth.tar")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for path in (ckpt, tmp_path / "last.pth.tar", tmp_path / "legacy.pth", tmp_path, tmp_path / "missing.pth"):
+        assert check_checkpoint_path(path) == Path(path)  # a missing path or a folder: the reader says what it misses
+    with pytest.raises(ValueError, match=r"^--checkpoint .*f could not be read as a checkpoint"):
+        check_checkpoint_path(tmp_path / "f")
