@@ -420,3 +420,12 @@ def test_output_and_checkpoint_checks_create_nothing(model: torch.nn.Module, ckp
         assert check_checkpoint_path(path) == Path(path)  # a missing path or a folder: the reader says what it misses
     with pytest.raises(ValueError, match=r"^--checkpoint .*f could not be read as a checkpoint"):
         check_checkpoint_path(tmp_path / "f")
+
+
+def test_eval_says_what_reads_a_segment_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "dec.safetensors"
+    safetensors.torch.save_file({"backbone.pos_embed": torch.zeros(1, 4, 8)}, str(path),
+                                metadata={"timm_dec_segment": json.dumps({"method": "dec"})})
+    assert_one_line_error(*run_cli(EVAL + ["--checkpoint", str(path)], capsys)[::2], "eval",
+                          r"is a timm-dec segment checkpoint \(a segmenter, not a classifier\).*"
+                          r"timm_dec.apps.segment.load_checkpoint\(PATH\)")

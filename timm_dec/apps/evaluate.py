@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import safetensors
 import timm
 import torch
 import torch.nn as nn
@@ -422,8 +423,24 @@ def _check_args(args: argparse.Namespace) -> None:
         check_number("--canon-strength", args.canon_strength, strict=False)
     if args.checkpoint:
         check_checkpoint_path(args.checkpoint)
+        _refuse_segmenter(args.checkpoint)
     if args.results_file:  # a file in an existing folder, writable: checked before any work; no folder is created
         check_output_file(args.results_file, "--results-file")
+
+
+def _refuse_segmenter(path: str) -> None:
+    """A checkpoint of ``timm-dec segment`` (a segmenter, not a classifier) is said to be one, with what reads it."""
+    if not (Path(path).is_file() and path.endswith(".safetensors")):
+        return
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001  (not a valid file: the checkpoint reader says so)
+        return
+    if "timm_dec_segment" in meta:
+        raise ValueError(f"--checkpoint {path} is a timm-dec segment checkpoint (a segmenter, not a classifier), which "
+                         f"timm-dec eval does not evaluate; load it with timm_dec.apps.segment.load_checkpoint(PATH) "
+                         f"(its numbers are in the run's summary.json)")
 
 
 def _check_label(args: argparse.Namespace, recorded: Mapping[str, Any]) -> None:
