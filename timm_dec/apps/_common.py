@@ -115,7 +115,9 @@ def _named_kwarg(kwargs: Mapping[str, Any], error: BaseException) -> str:
 def check_model_build(name: str, kwargs: Mapping[str, Any], what: str = "--model-kwargs") -> None:
     """``timm.create_model(name, **kwargs)`` on the meta device (no memory, no weights): the name and kwargs checked
     before any work; an error names the kwarg (and its value) that the model refuses. ``what`` says where the kwargs
-    come from."""
+    come from. A ``hf-hub:``/``local-dir:`` name is left to its loader (it may need the network)."""
+    if ":" in name:
+        return
     if not timm.is_model(name):
         raise ValueError(f"--model {name}: no such timm model (timm.list_models() lists them)")
     e = meta_build_error(name, kwargs)
@@ -150,6 +152,8 @@ def check_pretrained_offline(name: str, kwargs: Mapping[str, Any], flag: str = "
     """
     from huggingface_hub import constants, try_to_load_from_cache
 
+    if ":" in name:  # hf-hub:/local-dir: names are left to their loader
+        return False
     try:
         with torch.device("meta"):
             cfg = dict(getattr(timm.create_model(name, **kwargs), "pretrained_cfg", None) or {})

@@ -81,7 +81,7 @@ def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> bool:
     what = "--model-kwargs" if args.model_kwargs is not None else (
         f"the preset's model_kwargs {cfg['model_kwargs']} (give --model-kwargs that fit --model {name})")
     check_model_build(name, kwargs, what)
-    if "dec" in cfg["methods"]:
+    if "dec" in cfg["methods"] and ":" not in name:  # (a hf-hub:/local-dir: name is left to its loader)
         options = dec_kwargs(cfg)
         check_dec_config(options)
         error = meta_build_error(name + "_dec", dict(kwargs, **options))
