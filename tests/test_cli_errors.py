@@ -357,10 +357,14 @@ def test_eval_results_file_that_cannot_be_written(ckpt: Path, capsys: pytest.Cap
     assert "Acc" not in out  # nothing was evaluated
 
 
-def test_model_kwargs_errors_name_the_kwarg(capsys: pytest.CaptureFixture) -> None:
+def test_model_kwargs_errors_name_the_kwarg(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert_one_line_error(*run_cli(EVAL + ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32",
                                            "act_layer=nonexistent_act"], capsys)[::2], "eval",
                           r"--model-kwargs act_layer='nonexistent_act': vit_tiny_patch16_224 refuses it")
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(ckpt), "--dry-run", "--output", str(tmp_path / "o"),
+                                    "--model-kwargs", "act_layer=nonexistent_act"], capsys)[::2], "push",
+                          r"--model-kwargs act_layer='nonexistent_act': the model refuses it \(KeyError")
+    assert not (tmp_path / "o").exists()
     for command in ("eval", "demo", "push"):
         with pytest.raises(SystemExit):
             cli.main([command, "--model-kwargs", "=5"] + (["--checkpoint", "x"] if command == "push" else []))

@@ -616,7 +616,13 @@ def run(args: argparse.Namespace) -> int:
     if args.label_names:
         save_kwargs["label_names"] = _read_label_names(args.label_names)
     ckpt = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
+    try:
+        model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
+    except KeyError as e:  # timm's lookups (act_layer=..., norm_layer=...) say only the value they did not find
+        refused = [f"{k}={v!r}" for k, v in args.model_kwargs.items() if isinstance(v, str) and v in str(e)]
+        if not refused:
+            raise
+        raise ValueError(f"--model-kwargs {refused[0]}: the model refuses it (KeyError: {e})") from None
     if ckpt.data:
         save_kwargs["data"] = ckpt.data
     if args.output:
