@@ -320,3 +320,116 @@ def test_readme_shows_the_current_eval_help(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("COLUMNS", "118")
     sub = cli.build_parser()._subparsers._group_actions[0].choices["eval"]
     assert " ".join(shown.split()) == " ".join(sub.format_help().split())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval and push: arguments that say what is wrong, before any work
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_eval_label_that_contradicts_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = hub.save_checkpoint(tiny_model(num_classes=20), tmp_path / "digits.safetensors",
+                               data=dict(num_digits=2, canvas=32, digit_size=8, label="digits"))
+    assert_one_line_error(*run_cli(EVAL + ["--checkpoint", str(ckpt), "--label", "number"], capsys)[::2], "eval",
+                          r"--label number: the checkpoint was trained with label 'digits' \(10 outputs per digit\); "
+                          r"leave --label out .* or give --label digits")
+
+
+def test_eval_canon_on_a_dec_checkpoint_says_what_it_holds(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_error(*run_cli(EVAL + ["--checkpoint", str(ckpt), "--canon"], capsys)[::2], "eval",
+                          r"--canon: .* holds a DEC model \(vit_tiny_dec\), not a Canon-wrapped one.*leave --canon out")
+
+
+def test_a_text_file_is_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    for argv in (EVAL + ["--checkpoint", str(text)], ["push", "--checkpoint", str(text), "--dry-run", "--output",
+                                                      str(tmp_path / "o")]):
+        assert_one_line_error(*run_cli(argv, capsys)[::2], argv[0],
+                              r"--checkpoint .*notes.txt could not be read as a checkpoint: it is not a safetensors "
+                              r"file, a torch checkpoint \(.pth, .pth.tar\) or a checkpoint folder \(it begins with "
+                              r"'hello\\n'\)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_results_file_that_cannot_be_written(ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, out, err = run_cli(EVAL + ["--checkpoint", str(ckpt), "--results-file", "/proc/x"], capsys)
+    assert_one_line_error(rc, err, "eval", r"--results-file /proc/x: cannot write in /proc")
+    assert "Acc" not in out  # nothing was evaluated
+
+
+def test_model_kwargs_errors_name_the_kwarg(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_error(*run_cli(EVAL + ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32",
+                                           "act_layer=nonexistent_act"], capsys)[::2], "eval",
+                          r"--model-kwargs act_layer='nonexistent_act': vit_tiny_patch16_224 refuses it")
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(ckpt), "--dry-run", "--output", str(tmp_path / "o"),
+                                    "--model-kwargs", "act_layer=nonexistent_act"], capsys)[::2], "push",
+                          r"--model-kwargs act_layer='nonexistent_act': the model refuses it \(KeyError")
+    assert not (tmp_path / "o").exists()
+    for command in ("eval", "demo", "push"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--model-kwargs", "=5"] + (["--checkpoint", "x"] if command == "push" else []))
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"timm-dec {command}: error: argument --model-kwargs: malformed KEY=VALUE item '=5': KEY must be a "
+            f"keyword argument name (e.g. img_size=64)")
+
+
+def test_push_offline_says_the_hub_cannot_be_reached(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def refuse(*args: Any, **kwargs: Any) -> socket.socket:
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "o"
+    rc, _, err = run_cli(["push", "--checkpoint", str(ckpt), "--repo-id", "org/name", "--output", str(out)], capsys)
+    assert_one_line_error(rc, err, "push", r"--repo-id org/name: cannot push, the Hub cannot be reached \(https://"
+                                           r"huggingface.co cannot be reached \(offline\?.*--dry-run --output DIR")
+    assert "Errno" not in err and not out.exists()  # checked before the checkpoint was read or the folder written
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert_one_line_error(*run_cli(["push", "--checkpoint", str(ckpt), "--repo-id", "org/name"], capsys)[::2],
+                          "push", r"the Hub cannot be reached \(HF_HUB_OFFLINE is set")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--canon", "--canon-energy-size", "0"], r"--canon-energy-size must be >= 4, got 0"),
+    (["--canon", "--canon-warps", "0"], r"--canon-warps must be >= 1, got 0"),
+    (["--canon", "--canon-strength", "-1"], r"--canon-strength must be a finite number >= 0, got -1"),
+    (["--scale-range", "2", "1"], r"--scale-range needs 0 < LOW <= HIGH, got 2.0 1.0"),
+])
+def test_eval_options_name_their_flag(extra: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert_one_line_error(*run_cli(EVAL + ["--model", "vit_tiny_patch16_224", "--num-digits", "1"] + extra,
+                                   capsys)[::2], "eval", message)
+
+
+def test_output_and_checkpoint_checks_create_nothing(model: torch.nn.Module, ckpt: Path, tmp_path: Path) -> None:
+    """The one helper every subcommand uses: it checks without creating, names the flag, and takes every
+    checkpoint format the readers take."""
+    from timm_dec._argcheck import check_checkpoint_path, check_output_file, check_output_folder
+
+    assert check_output_folder(tmp_path / "new", "--out") == tmp_path / "new" and not (tmp_path / "new").exists()
+    assert check_output_folder(tmp_path, "--out") == tmp_path and list(tmp_path.iterdir()) == []
+    assert check_output_file(tmp_path / "r.json", "--json") == tmp_path / "r.json" and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"^--json .*r.json: the folder .*nope does not exist \(it is not created\)"):
+        check_output_file(tmp_path / "nope" / "r.json", "--json")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"^--out .*f/sub: .*f is a file, not a folder"):
+        check_output_folder(tmp_path / "f" / "sub", "--out")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "last.pth.tar")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for path in (ckpt, tmp_path / "last.pth.tar", tmp_path / "legacy.pth", tmp_path, tmp_path / "missing.pth"):
+        assert check_checkpoint_path(path) == Path(path)  # a missing path or a folder: the reader says what it misses
+    with pytest.raises(ValueError, match=r"^--checkpoint .*f could not be read as a checkpoint"):
+        check_checkpoint_path(tmp_path / "f")
+
+
+def test_eval_says_what_reads_a_segment_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "dec.safetensors"
+    safetensors.torch.save_file({"backbone.pos_embed": torch.zeros(1, 4, 8)}, str(path),
+                                metadata={"timm_dec_segment": json.dumps({"method": "dec"})})
+    assert_one_line_error(*run_cli(EVAL + ["--checkpoint", str(path)], capsys)[::2], "eval",
+                          r"is a timm-dec segment checkpoint \(a segmenter, not a classifier\).*"
+                          r"timm_dec.apps.segment.load_checkpoint\(PATH\)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -305,3 +306,110 @@ class TestEvalPieces:
         with pytest.raises(FileNotFoundError, match="checkpoint"):
             cli.main(["eval", *TINY_VIT, "--num-digits", "1", "--canvas", "32", "--num-samples", "2", "--debug",
                       "--checkpoint", str(tmp_path / "missing.safetensors")])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the demo's options: checked before any work, each error one line naming what is wrong
+# ---------------------------------------------------------------------------------------------------------------------
+
+SMOKE = ["demo", "--preset", "smoke", "--no-progress", "--from-scratch"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dec-lr-mult", "-1"], r"--dec-lr-mult must be a finite number > 0, got -1"),
+    (["--weight-decay", "-1"], r"--weight-decay must be a finite number >= 0, got -1"),
+    (["--lr", "-1"], r"--lr must be a finite number > 0, got -1"),
+    (["--finetune-lr", "0"], r"--finetune-lr must be a finite number > 0, got 0"),
+    (["--aug-p", "1.5"], r"--aug-p must be a finite number >= 0 and <= 1, got 1.5"),
+    (["--dec-grid", "0"], r"--dec-grid: .*integer >= 1, got 0"),
+    (["--dec-tol", "-1"], r"--dec-tol: .*positive finite number, got -1"),
+    (["--dec-tol", "nan"], r"--dec-tol: .*positive finite number, got nan"),
+    (["--dec-max-iter", "0"], r"--dec-max-iter: .*integer >= 1, got 0"),
+    (["--dec-blocks", "7"], r"--dec-blocks 7: block index 7 is out of range for a model with 1 blocks"),
+    (["--dec-image-size", "1"], r"--dec-image-size: .*integer >= 2, got 1"),
+    (["--dec-update", "residual"], r"--dec-update residual needs --dec-backward phantom"),
+    (["--model", "swin_tiny_patch4_window7_224", "--model-kwargs", "img_size=32", "window_size=4", "--dec-blocks",
+      "9"], r"--dec-blocks 9: stage index 9 is out of range for a model with 4 stages"),
+    (["--model", "resnet18", "--methods", "base,aug"], r"the preset's model_kwargs .*\(give --model-kwargs that fit "
+                                                       r"--model resnet18\): resnet18 does not take img_size=32"),
+    (["--canon-energy-size", "0"], r"--canon-energy-size: energy_size must be >= 4, got 0"),
+    (["--canon-energy-widths", "0", "4"], r"--canon-energy-widths: widths must be two positive channel counts"),
+    (["--num-digits", "9"], r"--num-digits 9, --canvas 32, .*9 digits of .* do not fit side by side on a 32 px"),
+    (["--test-samples", "1"], r"--test-samples must be >= 2 \(the paired bootstrap needs 2 test images\), got 1"),
+    (["--model", "resnet18"], r"--model resnet18: the demo's DEC needs a ViT-class .* or Swin model .*resnet18_dec"),
+    (["--model", "no_such_model"], r"--model no_such_model: no such timm model"),
+    (["--model-kwargs", "dec_grid=8"], r"--model-kwargs dec_grid=8: the demo's DEC options are the --dec-\* flags "
+                                       r"\(--dec-grid"),
+    (["--model-kwargs", "img_size=32", "act_layer=nonexistent_act"],
+     r"--model-kwargs act_layer='nonexistent_act': vit_tiny_patch16_224 refuses it \(KeyError"),
+    (["--model-kwargs", "img_sz=32"], r"--model-kwargs: vit_tiny_patch16_224 does not take img_sz=32"),
+])
+def test_demo_options_are_checked_before_any_work(extra: list[str], message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Each of these used to train first (the shared start, with --from-scratch minutes), run silently wrong
+    (a negative learning-rate multiplier or weight decay) or fail with a message that named no flag."""
+    out = tmp_path / "out"
+    assert cli.main(SMOKE + ["--out", str(out)] + extra) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no banner: nothing started
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("timm-dec demo: error: "), captured.err
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--write-start"])
+def test_demo_output_folder_is_checked_first_and_nothing_above_it_is_created(flag: str, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [("/proc/x", r"cannot write in /proc"), (str(a_file), r"is a file, not a folder"),
+             (str(tmp_path / "missing" / "out"), r"the folder .*missing does not exist \(only the named folder is "
+                                                 r"created, never its parents\)")]
+    for path, message in cases:
+        assert cli.main(SMOKE + [flag, path]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and re.search(rf"^timm-dec demo: error: {flag} .*{message}", captured.err), \
+            captured.err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_scales_errors_say_what_is_wrong(capsys: pytest.CaptureFixture) -> None:
+    for argv in (SMOKE + ["--scales", "0,1"], ["eval", "--scales", "0,1"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert "argument --scales: scales must be finite and > 0, got [0.0]" in capsys.readouterr().err
+
+
+def test_demo_pretrained_offline_fails_at_once(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    assert cli.main(SMOKE + ["--out", str(tmp_path / "out"), "--pretrained"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.search(r"^timm-dec demo: error: --pretrained: timm's weights of vit_tiny_patch16_224 \(timm/.*\) are "
+                     r"not in huggingface_hub's cache and HF_HUB_OFFLINE is set", captured.err), captured.err
+
+
+def test_demo_pretrained_offline_reads_the_cache_without_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Hub unreachable and timm's weights cached, the demo builds its models in huggingface_hub's offline
+    mode (the cache at once, no retries of the network)."""
+    import huggingface_hub
+
+    from timm_dec import hub
+    from timm_dec.apps import _common
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name, **kw: f"/cache/{repo}/{name}")
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    assert _common.check_pretrained_offline("vit_tiny_patch16_224", kwargs) is True
+    seen = []
+    with _common.hub_offline(True):
+        seen.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+    assert seen == [True] and huggingface_hub.constants.HF_HUB_OFFLINE is False
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    assert _common.check_pretrained_offline("vit_tiny_patch16_224", kwargs) is False

@@ -433,7 +433,8 @@ def push_cli(argv: list[str]) -> int:
 
 
 def test_cli_push_from_a_timm_checkpoint(model: torch.nn.Module, timm_ckpt: Path, tmp_path: Path,
-                                         fake_hub: FakeHub) -> None:
+                                         fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)  # push checks it first; the fake Hub answers
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps(METRICS))
     out = tmp_path / "out"

@@ -134,10 +134,11 @@ def test_function_size(name: str):
 
 
 # The layers, lowest first (README "Design", /work/shared/DESIGN.md "Layout"): a module may import its own layer and
-# those below it. `_compat` and `_format` are leaves that every layer may use.
+# those below it. `_compat`, `_format` and `_argcheck` (the command line's shared checks) are leaves that every layer
+# may use.
 LAYERS = (
-    ("library", ("timm_dec._compat", "timm_dec._format", "timm_dec.ops", "timm_dec.solver", "timm_dec.dec",
-                 "timm_dec.models", "timm_dec.adapt", "timm_dec")),
+    ("library", ("timm_dec._compat", "timm_dec._format", "timm_dec._argcheck", "timm_dec.ops", "timm_dec.solver",
+                 "timm_dec.dec", "timm_dec.models", "timm_dec.adapt", "timm_dec")),
     ("data", ("timm_dec.data", "timm_dec.metrics", "timm_dec.baselines")),
     ("io", ("timm_dec.checkpoint", "timm_dec.hub")),
     ("bench", ("timm_dec.bench",)),

@@ -9,7 +9,7 @@ import safetensors.torch
 import timm
 import torch
 
-from timm_dec.apps.segment import PRESETS, DigitSegmenter, SegDigits, _dec_model, miou_per_image
+from timm_dec.apps.segment import PRESETS, DigitSegmenter, SegDigits, _dec_model, load_checkpoint, miou_per_image
 from timm_dec.cli import main
 from timm_dec.data import random_knots
 from timm_dec.ops import monotone_warp
@@ -17,7 +17,14 @@ from timm_dec.ops import monotone_warp
 
 def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(tmp_path, capsys):
     assert main(["segment", "--preset", "smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    lines = text.strip().splitlines()
+    assert "numbers mean nothing" in lines[0]  # said first, before any number
+    # the last line lists every file written and what reads a checkpoint
+    assert re.search(r"wrote .*: summary.json, tables.txt, masks.png, checkpoints/ .*timm-dec eval does not read"
+                     r".*load_checkpoint\(PATH\)", lines[-1]), lines[-1]
+    assert "Aug+time: 100%" in captured.err  # a progress bar per training run, as the demo's
     for row in ("Base", "Aug", "AugL", "Canon", "DEC", "Aug+time", "bootstrap intervals", "EquE hard", "mIoU S",
                 "DEC - Aug+time"):
         assert row in text, row
@@ -28,9 +35,40 @@ def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(tmp_
     solver = summary["results"]["dec"]["dec_solver"]  # the DEC's solves, reported beside its result
     assert solver["solves"] == summary["config"]["test_samples"] and 0 <= solver["within_tol"] <= 1
     assert "solves within tol" in text and summary["results"]["aug"]["dec_solver"] is None
+    x = SegDigits("test", 2, PRESETS["smoke"]).images
     for method, path in summary["checkpoints"].items():
         keys = safetensors.torch.load_file(path).keys()
         assert any(k.startswith("backbone.dec.input.") for k in keys) == (method == "dec")
+        with torch.no_grad():
+            assert load_checkpoint(path)(x).shape == (2, 11, 32, 32)  # rebuilt from its metadata, loaded strictly
+
+
+def test_progress_bars_and_no_progress(tmp_path, capsys):
+    argv = ["segment", "--preset", "smoke", "--threads", "1", "--methods", "aug", "--finetune-steps", "2"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert re.search(r"Aug: 100%.*2/2", capsys.readouterr().err)
+    assert main(argv + ["--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "100%" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--train-samples", "1"], r"--train-samples must be >= 2, got 1"),
+    (["--test-samples", "1"], r"--test-samples must be >= 2 \(the paired bootstrap needs 2 test scenes\), got 1"),
+    (["--out", "/proc/x"], r"--out /proc/x: cannot write in /proc"),
+    (["--write-start", "/proc/x"], r"--write-start /proc/x: cannot write in /proc"),
+    (["--out", "{tmp}/a_file"], r"--out .*a_file is a file, not a folder"),
+    (["--out", "{tmp}/missing/out"], r"the folder .*missing does not exist \(only the named folder is created"),
+])
+def test_segment_options_are_checked_before_any_work(extra, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    assert main(["segment", "--preset", "smoke", "--threads", "1", "--no-progress", *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing started
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("timm-dec segment: error: "), captured.err
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "missing").exists()
 
 
 def test_masks_label_the_digit_pixels_and_follow_the_per_digit_scales():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 
 import numpy as np
@@ -535,3 +536,29 @@ class TestBench:
             assert entry["max_abs_diff_composed_vs_warp"] < 1e-4
             assert all(t > 0 for t in entry["fwd_bwd_ms"].values())
         assert "warp/comp" in capsys.readouterr().out
+
+    @pytest.mark.parametrize("argv, message", [
+        (["warp", "--batch", "0"], r"--batch must be >= 1, got 0"),
+        (["warp", "--grid", "0"], r"--grid must be >= 1, got 0"),
+        (["overhead", "--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
+        (["warp", "--device", "foo"], r"--device 'foo' is not a device; use cpu, cuda or cuda:N"),
+        (["warp", "--out", "/proc/x"], r"--out /proc/x: cannot write in /proc"),
+        (["overhead", "--out", "/proc/x"], r"--out /proc/x: cannot write in /proc"),
+        (["warp", "--json", "{tmp}"], r"--json {tmp} is a folder; name a file \(e.g. {tmp}/bench_warp.json\)"),
+        (["warp", "--out", "{tmp}/missing/dir"], r"--out {tmp}/missing/dir: the folder {tmp}/missing does not exist "
+                                                 r"\(only the named folder is created, never its parents\)"),
+        (["warp", "--json", "{tmp}/missing/r.json"], r"the folder {tmp}/missing does not exist \(it is not created\)"),
+    ])
+    def test_arguments_are_checked_before_it_runs(self, argv, message, tmp_path, capsys) -> None:
+        """Each used to time first and then fail (a bad output) or fail inside the op with torch's words (batch 0);
+        ``--out /missing/dir`` created /missing."""
+        from timm_dec import cli
+
+        argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+        assert cli.main(["bench", *argv, "--repeats", "1", "--warmup", "0", "--shapes", "vit_s_tokens"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing was timed
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("timm-dec bench: error: "), captured.err
+        assert re.search(message.replace("{tmp}", re.escape(str(tmp_path))), lines[0]), lines[0]
+        assert not (tmp_path / "missing").exists()

@@ -33,14 +33,18 @@ DESCRIPTION = ("timm-dec: local scale consistency for timm vision transformers w
 
 
 class CheckedParseKwargs(ParseKwargs):
-    """timm's ``ParseKwargs`` (``--model-kwargs KEY=VALUE ...``) with argparse's error for an item without ``=``,
-    instead of a traceback from inside the parser."""
+    """timm's ``ParseKwargs`` (``--model-kwargs KEY=VALUE ...``) with argparse's error for an item without ``=`` or
+    whose KEY is not a name (``=5``), instead of a traceback from inside the parser or a refusal after it."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: Optional[str] = None) -> None:
         bad = [v for v in values if v and "=" not in v]
         if bad:
             raise argparse.ArgumentError(self, f"expected KEY=VALUE items, got {bad[0]!r} (e.g. dec_grid=8)")
+        bad = [v for v in values if v and not v.split("=", 1)[0].strip().isidentifier()]
+        if bad:
+            raise argparse.ArgumentError(self, f"malformed KEY=VALUE item {bad[0]!r}: KEY must be a keyword argument "
+                                               f"name (e.g. img_size=64)")
         super().__call__(parser, namespace, values, option_string)
 
 

@@ -36,6 +36,7 @@ from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
+from ._argcheck import OUTPUT_FOLDER_RULE, check_checkpoint_path, check_output_folder
 from ._compat import hf_split
 from ._format import format_scale, jsonable
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
@@ -563,7 +564,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hub dataset ids for the card's metadata, e.g. imagenet-1k")
     parser.add_argument("--label-names", metavar="FILE", help="text file with one class name per line")
     parser.add_argument("--use-ema", action="store_true", help="publish timm's EMA weights (state_dict_ema)")
-    parser.add_argument("--output", metavar="DIR", help="also keep the Hub folder here")
+    parser.add_argument("--output", metavar="DIR", help=f"also keep the Hub folder here ({OUTPUT_FOLDER_RULE})")
     parser.add_argument("--dry-run", action="store_true", help="write the folder (--output) without pushing")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--token", help="Hub token; default the saved login or $HF_TOKEN")
@@ -576,6 +577,20 @@ def _read_label_names(path: str) -> list[str]:
     if not file.is_file():
         raise FileNotFoundError(f"--label-names file {file} does not exist")
     return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Before anything is read: the Hub can be reached (else one line at once, not huggingface_hub's retries)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set: huggingface_hub is offline"
+    elif not hub_reachable():
+        why = f"{constants.ENDPOINT} cannot be reached (offline? a proxy in HTTPS_PROXY?)"
+    else:
+        return
+    raise OSError(f"--repo-id {repo_id}: cannot push, the Hub cannot be reached ({why}); write the folder only with "
+                  f"--dry-run --output DIR and push it later")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -591,12 +606,23 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--dry-run needs --output DIR")
     if args.repo_id:
         check_repo_id(args.repo_id)
+    check_checkpoint_path(args.checkpoint)
+    if args.output:
+        check_output_folder(args.output, "--output")
+    if not args.dry_run:
+        _check_hub_reachable(args.repo_id)
     save_kwargs: dict[str, Any] = {"metrics": _read_metrics_arg(args.metrics), "dataset": args.dataset,
                                    "datasets": args.datasets}
     if args.label_names:
         save_kwargs["label_names"] = _read_label_names(args.label_names)
     ckpt = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
+    try:
+        model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
+    except KeyError as e:  # timm's lookups (act_layer=..., norm_layer=...) say only the value they did not find
+        refused = [f"{k}={v!r}" for k, v in args.model_kwargs.items() if isinstance(v, str) and v in str(e)]
+        if not refused:
+            raise
+        raise ValueError(f"--model-kwargs {refused[0]}: the model refuses it (KeyError: {e})") from None
     if ckpt.data:
         save_kwargs["data"] = ckpt.data
     if args.output:

@@ -1,17 +1,26 @@
-"""What the applications share: the ``--scales`` / ``--scale-bins`` parsers, the input normalisation of a timm data
-config, the ``--device`` resolution, the learning-rate schedule, and the step-cost calibration of the equal-compute
-control (Aug+time)."""
+"""What the applications share: the ``--scales`` / ``--scale-bins`` parsers, the checks made before any work (option
+values, a model's name and kwargs built on the meta device, DEC options, timm's pretrained weights offline), the input
+normalisation of a timm data config, the ``--device`` resolution, the learning-rate schedule, and the step-cost
+calibration of the equal-compute control (Aug+time)."""
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
-from typing import Any, Callable, Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional
 
+import timm
 import torch
 
-__all__ = ["parse_scales", "parse_bins", "normalize_transform", "resolve_device", "warmup_cosine_schedule",
-           "measure_step_costs", "equal_compute_steps", "calibrate_equal_time", "calibration_line"]
+from .. import hub
+from ..dec import DECConfig
+
+__all__ = ["parse_scales", "parse_bins", "scales_arg", "bins_arg", "normalize_transform", "resolve_device",
+           "warmup_cosine_schedule", "measure_step_costs", "equal_compute_steps", "calibrate_equal_time",
+           "calibration_line", "check_number", "check_dec_config", "check_model_build", "meta_build_error",
+           "check_pretrained_offline", "hub_offline"]
 
 
 def parse_scales(text: str) -> list[float]:
@@ -45,6 +54,138 @@ def parse_bins(text: str) -> list[tuple[float, float]]:
     if not bins:
         raise ValueError(f"no scale bins in {text!r}")
     return bins
+
+
+def scales_arg(text: str) -> list[float]:
+    """`parse_scales` as an argparse ``type``: its message, not argparse's "invalid value"."""
+    try:
+        return parse_scales(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def bins_arg(text: str) -> list[tuple[float, float]]:
+    """`parse_bins` as an argparse ``type``."""
+    try:
+        return parse_bins(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_number(flag: str, value: Any, *, low: float = 0.0, strict: bool = True, high: Optional[float] = None,
+                 why: str = "") -> None:
+    """A finite number above ``low`` (at least ``low`` unless ``strict``) and at most ``high``; else a `ValueError`
+    naming ``flag``."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if strict else value >= low)
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        bound += f" and <= {high:g}" if high is not None else ""
+        raise ValueError(f"{flag} must be a finite number {bound}{why}, got {value}")
+
+
+def check_dec_config(options: Mapping[str, Any]) -> DECConfig:
+    """The `DECConfig` of ``create_model``'s ``dec_*`` options (``dec_blocks`` and ``dec_mode`` aside), built before any
+    work; an invalid value is an error naming its ``--dec-*`` flag."""
+    fields = {k[len("dec_"):]: v for k, v in options.items() if k not in ("dec_blocks", "dec_mode")}
+    if fields.get("update") == "residual" and fields.get("backward", "implicit") == "implicit":
+        raise ValueError("--dec-update residual needs --dec-backward phantom: the implicit backward is ill-posed for "
+                         "the residual update (its adjoint has no solution where dH/dz = 0, e.g. at initialisation)")
+    try:
+        return DECConfig(**fields)
+    except ValueError as e:
+        for name, value in fields.items():  # the option that fails alone
+            try:
+                DECConfig(**{name: value})
+            except ValueError:
+                raise ValueError(f"--dec-{name.replace('_', '-')}: {e}") from None
+        raise ValueError(f"the --dec-* options: {e}") from None
+
+
+def _named_kwarg(kwargs: Mapping[str, Any], error: BaseException) -> str:
+    """``KEY=VALUE`` of the kwarg an error of ``create_model`` is about (its name or value in the message), or ''."""
+    text = str(error)
+    for key, value in kwargs.items():
+        if f"'{key}'" in text or (isinstance(value, str) and value and value in text):
+            return f"{key}={value!r}"
+    return ""
+
+
+def check_model_build(name: str, kwargs: Mapping[str, Any], what: str = "--model-kwargs") -> None:
+    """``timm.create_model(name, **kwargs)`` on the meta device (no memory, no weights): the name and kwargs checked
+    before any work; an error names the kwarg (and its value) that the model refuses. ``what`` says where the kwargs
+    come from. A ``hf-hub:``/``local-dir:`` name is left to its loader (it may need the network)."""
+    if ":" in name:
+        return
+    if not timm.is_model(name):
+        raise ValueError(f"--model {name}: no such timm model (timm.list_models() lists them)")
+    e = meta_build_error(name, kwargs)
+    if e is None:
+        return
+    message = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
+    key = _named_kwarg(kwargs, e)
+    if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+        raise ValueError(f"{what}: {name} does not take {key or message}")
+    raise ValueError(f"{what} {key + ': ' if key else ''}{name} refuses it ({message})")
+
+
+def meta_build_error(name: str, kwargs: Mapping[str, Any]) -> Optional[Exception]:
+    """The error of ``timm.create_model(name, **kwargs)`` on the meta device, or None (also for a model whose
+    constructor computes on tensor values, which the meta device cannot: it is checked when it is built)."""
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, **kwargs)
+    except Exception as e:  # noqa: BLE001  (the caller words it)
+        return None if "meta" in str(e) else e
+    return None
+
+
+def check_pretrained_offline(name: str, kwargs: Mapping[str, Any], flag: str = "--pretrained") -> bool:
+    """timm's pretrained weights of ``name``: when ``HF_HUB_OFFLINE`` is set or the Hub cannot be reached, they must
+    be in huggingface_hub's cache; else an error at once (instead of huggingface_hub's retries).
+
+    Returns:
+        True when the weights are to be read from the cache (offline: build the model inside `hub_offline`, so
+        that huggingface_hub does not retry the network first), False when the Hub is reachable or the weights do
+        not come from it.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if ":" in name:  # hf-hub:/local-dir: names are left to their loader
+        return False
+    try:
+        with torch.device("meta"):
+            cfg = dict(getattr(timm.create_model(name, **kwargs), "pretrained_cfg", None) or {})
+    except Exception:  # noqa: BLE001  (a model the meta device cannot build: its own download reports itself)
+        return False
+    repo = cfg.get("hf_hub_id")
+    if not repo or cfg.get("file"):
+        return False
+    offline = constants.HF_HUB_OFFLINE
+    if not offline and hub.hub_reachable():
+        return False
+    repo, _, revision = repo.partition("@")
+    files = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files if f):
+        return True
+    why = "HF_HUB_OFFLINE is set" if offline else f"{constants.ENDPOINT} cannot be reached (no network?)"
+    raise ValueError(f"{flag}: timm's weights of {name} ({repo}) are not in huggingface_hub's cache and {why}; "
+                     f"leave {flag} out, or download them once with the network")
+
+
+@contextmanager
+def hub_offline(active: bool = True) -> Iterator[None]:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE``) inside the block, when ``active``: downloads read its cache
+    at once, as `check_pretrained_offline` found the network unreachable."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or active
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def normalize_transform(data_cfg: Mapping[str, Any], chans: int) -> Callable[[torch.Tensor], torch.Tensor]:

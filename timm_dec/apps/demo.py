@@ -47,6 +47,7 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from tqdm.auto import tqdm
 
+from .._argcheck import OUTPUT_FOLDER_RULE
 from .._format import json_default
 from ..baselines import InputCanonicalizer, InvarianceLoss
 from ..bench.equilibrium import gradient_check
@@ -59,14 +60,16 @@ from ..models._base import INPUT
 from ..ops import monotone_warp, random_knots
 from . import _start
 from ._common import (
+    bins_arg,
     calibrate_equal_time,
     calibration_line,
+    hub_offline,
     normalize_transform,
-    parse_bins,
-    parse_scales,
     resolve_device,
+    scales_arg,
     warmup_cosine_schedule,
 )
+from .demo_checks import check_before_work, check_values
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
@@ -88,11 +91,11 @@ START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "can
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(parse_scales(text))
+    return tuple(scales_arg(text))
 
 
 def _bins(text: str) -> tuple[tuple[float, float], ...]:
-    return tuple(parse_bins(text))
+    return tuple(bins_arg(text))
 
 
 def _positions(text: str) -> tuple[Union[str, int], ...]:
@@ -108,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec demo`` options; those left out come from ``--preset``."""
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
                         help="default: ~8 min on 2 idle cores; paper: the paper's setting for a GPU; smoke: seconds")
-    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
+    parser.add_argument("--out", default="demo_out", help=f"output folder (default demo_out/; {OUTPUT_FOLDER_RULE})")
     parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
                         default=METHODS,
                         help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
@@ -120,11 +123,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
                         help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
     parser.add_argument("--write-start", default=None, metavar="DIR",
-                        help="only train the shared start and write it to DIR (how the shipped start was made)")
+                        help="only train the shared start and write it to DIR (how the shipped start was made; "
+                             f"{OUTPUT_FOLDER_RULE})")
     g = parser.add_argument_group("model and data (default from the preset)")
     g.add_argument("--model", default=None, help="timm base model name; DEC uses <model>_dec")
     g.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
-                   help="create_model kwargs replacing the preset's (img_size=64 patch_size=8 ...)")
+                   help="create_model kwargs replacing the preset's (img_size=64 patch_size=8 ...); DEC options are "
+                        "the --dec-* flags")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="start from timm's pretrained weights (needs the Hub or its cache)")
     g.add_argument("--num-digits", type=int, default=None)
@@ -194,19 +199,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     cfg["methods"] = tuple(m for m in METHODS if m in set(args.methods) | {"base", "aug"})
-    for key in ("train_samples", "test_samples", "batch_size", "eval_batch", "canon_warps", "num_digits", "canvas"):
-        if cfg[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("plain_steps", "aug_steps", "finetune_steps", "dec_warmup_steps", "prob_images", "grid_images",
-                "stretch_images", "gradient_images"):
-        if cfg[key] < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
-    if cfg["canon_candidates"] < 2 or cfg["canon_margin"] < 0 or cfg["canon_rank_weight"] < 0:
-        raise ValueError("--canon-candidates must be >= 2, --canon-margin and --canon-rank-weight >= 0")
-    if not 0 <= cfg["warmup_frac"] < 1:
-        raise ValueError(f"--warmup-frac must be in [0, 1), got {cfg['warmup_frac']}")
-    if cfg["plain_steps"] + cfg["aug_steps"] + cfg["finetune_steps"] == 0:
-        raise ValueError("--plain-steps, --aug-steps and --finetune-steps are all 0: nothing would be trained")
+    check_values(cfg)
     cfg["seed"] = args.seed
     return cfg
 
@@ -349,13 +342,15 @@ class _Setup:
     channels: int
     normalize: Callable[[torch.Tensor], torch.Tensor]
     augment: RandomMonotoneScale
+    offline: bool = False  # timm's weights from huggingface_hub's cache, the Hub unreachable
 
     def create(self, name: str, **extra: Any) -> nn.Module:
         """The timm classifier (seeded; timm's pretrained weights for a base model if asked for)."""
         torch.manual_seed(self.cfg["seed"])
-        return timm.create_model(name, pretrained=self.cfg["pretrained"] and not name.endswith("_dec"),
-                                 num_classes=num_outputs(self.cfg["label"], self.cfg["num_digits"]),
-                                 **self.cfg["model_kwargs"], **extra)
+        pretrained = self.cfg["pretrained"] and not name.endswith("_dec")
+        with hub_offline(self.offline and pretrained):
+            return timm.create_model(name, pretrained=pretrained, **self.cfg["model_kwargs"], **extra,
+                                     num_classes=num_outputs(self.cfg["label"], self.cfg["num_digits"]))
 
     def classifier(self, model: nn.Module) -> nn.Module:
         """``model`` scored on the whole number (`DigitwiseClassifier` for the ``digits`` label rule)."""
@@ -526,7 +521,8 @@ def _summary(args: argparse.Namespace, s: _Setup, results: dict[str, dict[str, A
     }
 
 
-def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, LocallyScaledDigits]:
+def _setup(args: argparse.Namespace, cfg: dict[str, Any],
+           offline: bool = False) -> tuple[_Setup, LocallyScaledDigits]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -538,7 +534,7 @@ def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, Local
     test_set = LocallyScaledDigits("test", num_samples=cfg["test_samples"], channels=channels, **data_kw)
     augment = RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"],
                                   generator=torch.Generator().manual_seed(cfg["seed"] + 1))
-    s = _Setup(cfg, device, not args.no_progress, Path(args.out), test_set, channels, lambda x: x, augment)
+    s = _Setup(cfg, device, not args.no_progress, Path(args.out), test_set, channels, lambda x: x, augment, offline)
     s.normalize = normalize_transform(resolve_data_config({}, model=s.create(cfg["model"])), channels)
     test_set.transform = s.normalize
     return s, train_set
@@ -547,10 +543,11 @@ def _setup(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[_Setup, Local
 def run(args: argparse.Namespace) -> int:
     """Train and evaluate every method; print Tables 2 and 3; write the plots, checkpoints and summary."""
     cfg = resolve_config(args)
-    wall_start = time.perf_counter()
-    s, train_set = _setup(args, cfg)
+    offline = check_before_work(args, cfg)
     if args.preset == "smoke":
         print("timm-dec demo: the smoke preset only checks that the pipeline runs; its numbers mean nothing")
+    wall_start = time.perf_counter()
+    s, train_set = _setup(args, cfg, offline)
     print(f"timm-dec demo (preset {args.preset}): {cfg['model']} on locally scaled {cfg['num_digits']}-digit numbers "
           f"({10 ** cfg['num_digits']} classes, label rule {cfg['label']!r}, {cfg['canvas']} px), {len(train_set)} "
           f"train / {len(s.test_set)} test images, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads")

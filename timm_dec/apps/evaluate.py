@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import safetensors
 import timm
 import torch
 import torch.nn as nn
@@ -45,12 +47,22 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from torch.utils.data import Dataset
 
+from .._argcheck import check_checkpoint_path, check_output_file
 from .._format import format_per_scale_table, format_scale, format_table, json_default
 from ..baselines import InputCanonicalizer
 from ..data import ImageFolderVariants, LocallyScaledDigits
 from ..dec import solver_stats
 from ..metrics import evaluate_scale_consistency
-from ._common import normalize_transform, parse_bins, parse_scales, resolve_device
+from ._common import (
+    bins_arg,
+    check_model_build,
+    check_number,
+    normalize_transform,
+    parse_bins,
+    parse_scales,
+    resolve_device,
+    scales_arg,
+)
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 
 __all__ = [
@@ -241,6 +253,12 @@ def build_eval_model(
         return model.eval(), dict((config.get("timm_dec") or {}).get("data") or {})
     if checkpoint:
         ckpt = hub.read_training_checkpoint(checkpoint, use_ema=use_ema)
+        canon_weights = ckpt.wrapper == "InputCanonicalizer" or any(k.startswith("energy.") for k in ckpt.state_dict)
+        if canon is not None and not canon_weights:
+            holds = "a DEC model" if any(".dec." in f".{k}" for k in ckpt.state_dict) else "a model without Canon"
+            arch = ckpt.architecture or "architecture not recorded"
+            raise ValueError(f"--canon: {checkpoint} holds {holds} ({arch}), not a Canon-wrapped one (timm-dec demo's "
+                             f"canon checkpoint); leave --canon out")
         if "num_classes" not in ckpt.model_kwargs and "num_classes" not in kwargs and num_classes is not None:
             kwargs["num_classes"] = num_classes(ckpt.data) if callable(num_classes) else num_classes
         if "in_chans" not in ckpt.model_kwargs and in_chans is not None:
@@ -253,6 +271,7 @@ def build_eval_model(
         kwargs.setdefault("num_classes", num_classes({}) if callable(num_classes) else num_classes)
     if in_chans is not None:
         kwargs.setdefault("in_chans", in_chans)
+    check_model_build(name, kwargs)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if wrap is not None:
         model = wrap(model)
@@ -343,9 +362,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Canon: channels of the energy CNN")
     parser.add_argument("--data", default="digits",
                         help="'digits' (offline, scikit-learn), 'mnist' (needs --mnist-root) or 'folder:PATH'")
-    parser.add_argument("--scales", type=parse_scales, default=",".join(f"{s:g}" for s in DEFAULT_SCALES),
+    parser.add_argument("--scales", type=scales_arg, default=",".join(f"{s:g}" for s in DEFAULT_SCALES),
                         metavar="S,S,...", help="comma-separated scales of the variants")
-    parser.add_argument("--scale-bins", type=parse_bins, default=None, metavar="LOW-HIGH,...",
+    parser.add_argument("--scale-bins", type=bins_arg, default=None, metavar="LOW-HIGH,...",
                         help="digits: Table 3 bins (per-digit scales drawn in each bin), e.g. 0.4-1.0,1.0-2.0")
     parser.add_argument("--num-samples", type=int, default=500, help="test images evaluated")
     parser.add_argument("-b", "--batch-size", type=int, default=64, metavar="N", help="images per model call")
@@ -357,7 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast dtype with --amp (float16 runs as bfloat16 on a CPU)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory layout")
     parser.add_argument("--results-file", "--json", dest="results_file", default=None, metavar="FILE",
-                        help="write the results to this JSON file (--json is an alias)")
+                        help="write the results to this JSON file (--json is an alias), in an existing folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scale-bin draws and random variants")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     digits = parser.add_argument_group(
@@ -389,17 +408,48 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not (args.data in ("digits", "mnist") or args.data.startswith("folder:")):
         raise ValueError(f"--data must be 'digits', 'mnist' or 'folder:PATH', got {args.data!r}")
-    if args.results_file:
-        _check_results_file(Path(args.results_file))
+    if args.scale_range is not None:
+        low, high = args.scale_range
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise ValueError(f"--scale-range needs 0 < LOW <= HIGH, got {low} {high}")
+    if args.canon:
+        for flag, value, low in (("--canon-warps", args.canon_warps, 1), ("--canon-grid", args.canon_grid, 1),
+                                 ("--canon-energy-size", args.canon_energy_size, 4)):
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if min(args.canon_energy_widths) < 1:
+            raise ValueError(f"--canon-energy-widths must be two positive channel counts, got "
+                             f"{tuple(args.canon_energy_widths)}")
+        check_number("--canon-strength", args.canon_strength, strict=False)
+    if args.checkpoint:
+        check_checkpoint_path(args.checkpoint)
+        _refuse_segmenter(args.checkpoint)
+    if args.results_file:  # a file in an existing folder, writable: checked before any work; no folder is created
+        check_output_file(args.results_file, "--results-file")
 
 
-def _check_results_file(path: Path) -> None:
-    """``--results-file`` names a file in an existing folder: checked before any work, and no folder is created."""
-    if path.is_dir():
-        raise ValueError(f"--results-file {path} is a folder; name a file (e.g. {path / 'results.json'})")
-    if not path.parent.is_dir():
-        raise ValueError(f"--results-file {path}: the folder {path.parent} does not exist (it is not created); "
-                         f"create it or choose another path")
+def _refuse_segmenter(path: str) -> None:
+    """A checkpoint of ``timm-dec segment`` (a segmenter, not a classifier) is said to be one, with what reads it."""
+    if not (Path(path).is_file() and path.endswith(".safetensors")):
+        return
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001  (not a valid file: the checkpoint reader says so)
+        return
+    if "timm_dec_segment" in meta:
+        raise ValueError(f"--checkpoint {path} is a timm-dec segment checkpoint (a segmenter, not a classifier), which "
+                         f"timm-dec eval does not evaluate; load it with timm_dec.apps.segment.load_checkpoint(PATH) "
+                         f"(its numbers are in the run's summary.json)")
+
+
+def _check_label(args: argparse.Namespace, recorded: Mapping[str, Any]) -> None:
+    """``--label`` may not contradict the label rule the checkpoint was trained with."""
+    trained = recorded.get("label")
+    if args.label and trained and args.label != trained:
+        outputs = "10 outputs per digit" if trained == "digits" else "one class per number"
+        raise ValueError(f"--label {args.label}: the checkpoint was trained with label {trained!r} ({outputs}); "
+                         f"leave --label out (the checkpoint's rule is used) or give --label {trained}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -422,6 +472,7 @@ def run(args: argparse.Namespace) -> int:
     digits = None
     base_model = model.model if canon is not None else model
     if args.data in ("digits", "mnist"):
+        _check_label(args, recorded)
         label = args.label or recorded.get("label") or "number"
         digits = resolve_digits(args, recorded, None if label == "digits" else getattr(model, "num_classes", None),
                                 size)

@@ -29,14 +29,17 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
+import safetensors
 import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from .._argcheck import OUTPUT_FOLDER_RULE, check_output_folder
 from .._format import json_default
 from ..baselines import InputCanonicalizer
 from ..data import LocallyScaledDigits
@@ -49,7 +52,7 @@ from . import _start
 from ._common import calibrate_equal_time, calibration_line, warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
-           "add_arguments", "resolve_config", "run", "miou_per_image"]
+           "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint"]
 
 METHODS = ("base", "aug", "augl", "canon", "dec", "aug_time")
 LABELS = {"base": "Base", "aug": "Aug", "augl": "AugL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
@@ -248,16 +251,21 @@ def training_step(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg:
 
 
 def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
-          augl: float = 0.0, only_dec: bool = False, seed: int = 0, budget_s: Optional[float] = None) -> dict:
-    """Train ``model`` for ``steps`` steps (or until ``budget_s`` seconds, then ``steps`` is a cap).
+          augl: float = 0.0, only_dec: bool = False, seed: int = 0, budget_s: Optional[float] = None,
+          desc: Optional[str] = None) -> dict:
+    """Train ``model`` for ``steps`` steps (or until ``budget_s`` seconds, then ``steps`` is a cap), with a progress
+    bar named ``desc`` (None: no bar).
 
     Returns:
         ``steps`` run, ``seconds``, the last 20 steps' mean ``loss``.
     """
     step_fn = training_step(model, data, steps, lr, cfg, augment=augment, augl=augl, only_dec=only_dec, seed=seed)
     losses, start, step = [], time.perf_counter(), 0
-    for step in range(1, steps + 1):
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=desc is None or steps == 0, dynamic_ncols=True)
+    for step in bar:
         losses.append(step_fn())
+        if step % 10 == 0 or step == steps:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         if budget_s is not None and time.perf_counter() - start >= budget_s:
             break
     model.eval()
@@ -346,49 +354,58 @@ def _dec_model(start: DigitSegmenter, cfg: dict[str, Any]) -> DigitSegmenter:
     return model
 
 
-def train_start(train_set: SegDigits, cfg: dict[str, Any],
-                log: Callable[[str], None]) -> dict[str, dict[str, torch.Tensor]]:
+def _bar(progress: bool, name: str) -> Optional[str]:
+    return name if progress else None
+
+
+def train_start(train_set: SegDigits, cfg: dict[str, Any], log: Callable[[str], None],
+                progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """The shared start, as the demo makes its own: ``plain_steps`` plain at ``lr``; from there ``aug_steps`` with Aug
     at ``finetune_lr`` (the start of Aug, AugL, Canon, DEC and Aug+time) and ``aug_steps`` more plain (the start of
     Base, so that Base has had as many steps)."""
     model = segmenter(cfg)
-    r = train(model, train_set, cfg["plain_steps"], cfg["lr"], cfg, augment=False, seed=cfg["seed"])
+    r = train(model, train_set, cfg["plain_steps"], cfg["lr"], cfg, augment=False, seed=cfg["seed"],
+              desc=_bar(progress, "start: plain"))
     log(f"  start: plain  {r['steps']:>5} steps  {r['seconds']:6.1f} s  loss {r['loss']:.3f}")
     plain = copy.deepcopy(model)
     for name, m, augment in (("plain+", plain, False), ("Aug", model, True)):
-        r = train(m, train_set, cfg["aug_steps"], cfg["finetune_lr"], cfg, augment=augment, seed=cfg["seed"] + 1)
+        r = train(m, train_set, cfg["aug_steps"], cfg["finetune_lr"], cfg, augment=augment, seed=cfg["seed"] + 1,
+                  desc=_bar(progress, f"start: {name}"))
         log(f"  start: {name:<6} {r['steps']:>5} steps  {r['seconds']:6.1f} s  loss {r['loss']:.3f}")
     return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in (("plain", plain),
                                                                                                ("aug", model))}
 
 
 def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDigits, cfg: dict[str, Any],
-                   methods: Sequence[str], log: Callable[[str], None]) -> tuple[dict[str, DigitSegmenter], dict]:
+                   methods: Sequence[str], log: Callable[[str], None],
+                   progress: bool = False) -> tuple[dict[str, DigitSegmenter], dict]:
     """Every method from the shared start, in the order that lets Aug+time measure the trained DEC's step cost."""
     models, runs = {}, {}
     steps, lr, seed = cfg["finetune_steps"], cfg["finetune_lr"], cfg["finetune_seed"]
     for method in [m for m in ("base", "aug", "augl", "canon", "dec", "aug_time") if m in methods]:
         model = segmenter(cfg)
         model.load_state_dict(starts["plain" if method == "base" else "aug"])
+        bar = _bar(progress, LABELS[method])
         if method == "dec":
             model = _dec_model(model, cfg)
-            warm = train(model, train_set, cfg["dec_warmup_steps"], lr, cfg, augment=True, only_dec=True, seed=seed)
-            joint = train(model, train_set, steps, lr, cfg, augment=True, seed=seed)
+            warm = train(model, train_set, cfg["dec_warmup_steps"], lr, cfg, augment=True, only_dec=True, seed=seed,
+                         desc=_bar(progress, "DEC warm-up"))
+            joint = train(model, train_set, steps, lr, cfg, augment=True, seed=seed, desc=bar)
             runs[method] = dict(steps=joint["steps"], dec_only_steps=warm["steps"], loss=joint["loss"],
                                 seconds=warm["seconds"] + joint["seconds"])
         elif method == "aug_time" and "dec" not in models:  # nothing to match: Aug's own steps
-            runs[method] = train(model, train_set, steps, lr, cfg, augment=True, seed=seed)
+            runs[method] = train(model, train_set, steps, lr, cfg, augment=True, seed=seed, desc=bar)
         elif method == "aug_time":
             calibration = _calibrate_equal_time(models, train_set, cfg)
             log("  " + calibration_line(calibration))
-            runs[method] = dict(train(model, train_set, calibration["steps"], lr, cfg, augment=True, seed=seed),
-                                calibration=calibration)
+            runs[method] = dict(train(model, train_set, calibration["steps"], lr, cfg, augment=True, seed=seed,
+                                      desc=bar), calibration=calibration)
         else:
             if method == "canon":
                 model.canon = InputCanonicalizer(nn.Identity(), num_warps=cfg["canon_warps"], in_chans=1,
                                                  energy_size=16, energy_widths=(8, 16), seed=seed)
             runs[method] = train(model, train_set, steps, lr, cfg, augment=method != "base",
-                                 augl=cfg["augl_weight"] if method == "augl" else 0.0, seed=seed)
+                                 augl=cfg["augl_weight"] if method == "augl" else 0.0, seed=seed, desc=bar)
         models[method] = model
         log(f"  {LABELS[method]:<9} {runs[method]['steps']:>4} steps  {runs[method]['seconds']:6.1f} s  "
             f"loss {runs[method]['loss']:.3f}")
@@ -479,7 +496,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec segment`` options; those left out come from ``--preset``."""
     parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
                         help="default: the CPU-sized comparison; smoke: seconds, checks the pipeline only")
-    parser.add_argument("--out", default="segment_out", help="output folder (default segment_out/)")
+    parser.add_argument("--out", default="segment_out",
+                        help=f"output folder (default segment_out/; {OUTPUT_FOLDER_RULE})")
     parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
                         default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (aug always runs)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the data, start and training (default 0)")
@@ -490,7 +508,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
                         help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
     parser.add_argument("--write-start", default=None, metavar="DIR",
-                        help="only train the shared start and write it to DIR (how the shipped start was made)")
+                        help=f"only train the shared start and write it to DIR (how the shipped start was made; "
+                             f"{OUTPUT_FOLDER_RULE})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     for key in _INT_OPTIONS:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: the preset's")
 
@@ -501,8 +521,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("seed",) + _INT_OPTIONS:
         value = getattr(args, key, None)
         if value is not None:
-            if value < (0 if key.endswith("steps") or key == "seed" else 2):
-                raise ValueError(f"--{key.replace('_', '-')} must be >= 0 (samples >= 2), got {value}")
+            low = 0 if key.endswith("steps") or key == "seed" else 2
+            if value < low:
+                why = " (the paired bootstrap needs 2 test scenes)" if key == "test_samples" else ""
+                raise ValueError(f"--{key.replace('_', '-')} must be >= {low}{why}, got {value}")
             cfg[key] = value
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -527,15 +549,21 @@ def load_start(cfg: dict[str, Any], preset: str) -> tuple[dict[str, dict[str, to
 def run(args: argparse.Namespace) -> int:
     """Train the methods, evaluate them, print the tables and write ``--out``."""
     cfg = resolve_config(args)
+    if args.write_start:
+        check_output_folder(args.write_start, "--write-start")
+    else:
+        check_output_folder(args.out, "--out")
+    if args.preset == "smoke":
+        print("timm-dec segment: the smoke preset only checks that the pipeline runs; its numbers mean nothing")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out, t0 = Path(args.out), time.perf_counter()
+    out, t0, progress = Path(args.out), time.perf_counter(), not getattr(args, "no_progress", False)
     print(f"timm-dec segment: preset {args.preset}, seed {cfg['seed']} (fine-tuning seed {cfg['finetune_seed']}), "
           f"{torch.get_num_threads()} CPU threads")
     torch.manual_seed(cfg["seed"])
     train_set = SegDigits("train", cfg["train_samples"], cfg)
     start = _start.shared_start("segment", args.preset, cfg, START_KEYS, START_DIR, args.write_start,
-                                lambda: train_start(train_set, cfg, print))
+                                lambda: train_start(train_set, cfg, print, progress))
     if start is None:
         return 0
     starts, start_info = start
@@ -543,12 +571,10 @@ def run(args: argparse.Namespace) -> int:
                          else start_info["source"]))
     test_set = SegDigits("test", cfg["test_samples"], cfg)
     torch.manual_seed(cfg["finetune_seed"])  # what the methods add (the DEC's H) starts from it
-    models, runs = _train_methods(starts, train_set, cfg, cfg["methods"], print)
+    models, runs = _train_methods(starts, train_set, cfg, cfg["methods"], print, progress)
     results = {m: evaluate(model, test_set, cfg) for m, model in models.items()}
     text, paired = _tables(results, cfg)
     print(text)
-    if args.preset == "smoke":
-        print("(smoke preset: the pipeline only; these numbers mean nothing)")
     checkpoints = {m: _checkpoint(model, out / "checkpoints" / f"{m}.safetensors", cfg, m)
                    for m, model in models.items()}
     figure = _figure(models, test_set, cfg, out / "masks.png")
@@ -558,5 +584,24 @@ def run(args: argparse.Namespace) -> int:
                    wall_seconds=wall, threads=torch.get_num_threads())
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     (out / "tables.txt").write_text(text + "\n")
-    print(f"wall time {wall / 60:.1f} min; wrote {out / 'summary.json'}")
+    files = ", ".join(["summary.json", "tables.txt"] + (["masks.png"] if figure else []) + ["checkpoints/"])
+    print(f"wall time {wall / 60:.1f} min; wrote {out}/: {files} (one checkpoint per method: a DigitSegmenter, which "
+          f"timm-dec eval does not read; load one with timm_dec.apps.segment.load_checkpoint(PATH))")
     return 0
+
+
+def load_checkpoint(path: Union[str, Path]) -> DigitSegmenter:
+    """A segmenter that ``timm-dec segment`` saved (``checkpoints/<method>.safetensors``), rebuilt from the backbone,
+    kwargs and Canon bank its metadata records and loaded strictly, in eval mode."""
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "timm_dec_segment" not in meta:
+        raise ValueError(f"{path} is not a checkpoint of timm-dec segment (no timm_dec_segment metadata)")
+    info = json.loads(meta["timm_dec_segment"])
+    kwargs = dict(info["model_kwargs"])
+    model = DigitSegmenter(timm.create_model(info["model"], **kwargs), kwargs["patch_size"])
+    if info.get("canon_warps"):
+        model.canon = InputCanonicalizer(nn.Identity(), num_warps=info["canon_warps"], in_chans=1, energy_size=16,
+                                         energy_widths=(8, 16))
+    model.load_state_dict(safetensors.torch.load_file(str(path)))
+    return model.eval()

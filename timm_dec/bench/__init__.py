@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._argcheck import OUTPUT_FOLDER_RULE, check_output_file, check_output_folder
 from .gpu import GPU_MODELS, bench_gpu, gpu_targets
 from .overhead import MODES, OVERHEAD_MODELS, SOLVES, bench_overhead
 from .timing import environment, paired_times, peak_cpu_memory, time_interleaved, write_json
@@ -36,8 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device to time on: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds; every figure is their median")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones")
-    parser.add_argument("--out", default=".", help="directory of the JSON result (default: the current directory)")
-    parser.add_argument("--json", default=None, help="path of the JSON result (default: OUT/bench_WHICH.json)")
+    parser.add_argument("--out", default=".", help="directory of the JSON result (default: the current directory; "
+                                                   f"{OUTPUT_FOLDER_RULE})")
+    parser.add_argument("--json", default=None,
+                        help="path of the JSON result, in an existing folder (default: OUT/bench_WHICH.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (torch.set_num_threads); 1 on a CPU shared with other jobs")
@@ -69,10 +72,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="input resolution of the overhead benchmark; 0: each model's own")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark ``args.which``, print its table and write its JSON; returns the exit status."""
+def _check_args(args: argparse.Namespace) -> str:
+    """The options every benchmark reads, checked before it starts; the path its JSON will be written to."""
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    for flag in ("batch", "grid", "batch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    budget = getattr(args, "budget_s", None)
+    if budget is not None and not budget > 0:
+        raise ValueError(f"--budget-s must be > 0, got {budget}")
+    if args.json:
+        check_output_file(args.json, "--json", f"bench_{args.which}.json")
+        return args.json
+    check_output_folder(args.out, "--out")
+    return os.path.join(args.out, f"bench_{args.which}.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark ``args.which``, print its table and write its JSON; returns the exit status."""
+    path = _check_args(args)
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
@@ -94,7 +118,6 @@ def run(args: argparse.Namespace) -> int:
         result = bench_gpu(args)
     else:
         raise ValueError(f"unknown benchmark {args.which!r}, expected one of {BENCHMARKS}")
-    path = args.json or os.path.join(args.out, f"bench_{args.which}.json")
     write_json(result, path)
     print(f"wrote {path}")
     if not getattr(args, "check", False):

@@ -99,9 +99,10 @@ def peak_cpu_memory(fn: Callable[[], Any]) -> int:
 
 
 def write_json(result: dict[str, Any], path: str) -> None:
-    """Write a benchmark result as indented JSON, creating the parent directory."""
+    """Write a benchmark result as indented JSON, creating its folder (not the folders above it)."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    if not os.path.isdir(parent):
+        os.mkdir(parent)
     with open(path, "w") as f:
         json.dump(result, f, indent=2, default=json_default)
         f.write("\n")
