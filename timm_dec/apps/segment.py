@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                           global_pool="avg", in_chans=1, num_classes=0),
         train_samples=6000, test_samples=1000, batch_size=32, start="shipped", plain_steps=4000, aug_steps=1000,
         finetune_steps=250,
-        dec_warmup_steps=100, dec_kwargs=dict(dec_widths=(16, 32), dec_image_widths=(8, 16), dec_image_size=48),
+        dec_warmup_steps=100, dec_kwargs=dict(dec_widths=(16, 32), dec_image_widths=(8, 16), dec_image_size=24),
         scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_images=300, equ_images=500, eval_batch=100, figure_images=3),
     "smoke": dict(
         _COMMON, model="vit_tiny_patch16_224", canvas=32, digit_size=8,
