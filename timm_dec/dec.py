@@ -545,7 +545,9 @@ class DEC(nn.Module):
             (B, 2, G+1, G) z*, in the parameters' dtype; zero (the identity) for a sample whose solve went non-finite.
         """
         p = self.reduce_input(x, layout, grid_size, num_prefix_tokens)
-        if p.device.type == "meta":  # shapes only (models built on the meta device before loading or sharding)
+        # shapes only (models built on the meta device before loading or sharding); an empty batch, as the base
+        # takes one (the batch size is static: no host sync)
+        if p.device.type == "meta" or p.shape[0] == 0:
             return identity_logits(p.shape[0], self.grid, device=p.device, dtype=p.dtype)
         # the differentiable path whenever autograd needs it, in eval mode too (saliency maps, robustness attacks)
         needs_graph = torch.is_grad_enabled() and (p.requires_grad or any(q.requires_grad for q in self.parameters()))
