@@ -3,6 +3,7 @@ loaders (checkpoints evaluated or pushed under another architecture, DEC weights
 solve-budget options on load). Offline; tiny models."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from _tiny import SMALL_DEC, SMALL_DEC_KWARGS, tiny_table
 
 import timm_dec  # noqa: F401
 from timm_dec.dec import DEC
+from timm_dec.models import DECOptionError
 
 # ---------------------------------------------------------------------------------------------------------------------
 # empty batches behave like the base
@@ -68,3 +70,102 @@ def test_empty_batch_behaves_like_the_base(family: str) -> None:
         assert got == want
         if isinstance(got, tuple) and not isinstance(got[0], type):
             twin(xg).sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a state dict carries the options that interpret its DEC weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, **SMALL_DEC_KWARGS)
+
+
+def vit(seed: int = 0, **dec: Any) -> torch.nn.Module:
+    """A tiny vit_tiny_dec whose DEC is off the identity (so its weights change the logits)."""
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224_dec", **{**VIT, **dec})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+
+
+def old_format(state: dict) -> dict:
+    """A state dict as timm_dec wrote it before the DEC options buffer (``dec.<position>.options``)."""
+    return {k: v for k, v in state.items() if not (k.startswith("dec.") and k.endswith(".options"))}
+
+
+@pytest.mark.parametrize("saved, built, key", [
+    (dict(dec_grid=8), dict(dec_grid=4), "dec_grid"),
+    (dict(dec_mode="invariant"), dict(dec_mode="equivariant"), "dec_mode"),
+    (dict(dec_update="residual", dec_backward="phantom"), dict(dec_backward="phantom"), "dec_update"),
+    (dict(dec_act_layer="relu"), {}, "dec_act_layer"),
+    (dict(dec_image_size=32), dict(dec_image_size=0), "dec_image_size"),
+])
+def test_dec_weights_of_other_options_are_refused_on_load(saved: dict, built: dict, key: str, tmp_path: Path) -> None:
+    import safetensors.torch
+
+    state = vit(**saved).state_dict()
+    target = vit(1, **built)
+    pattern = f"{key}=.* contradicts the state dict for dec.input, whose DEC weights were trained with {key}="
+    with pytest.raises(DECOptionError, match=pattern):
+        timm_dec.load_dec_state_dict(target, state)
+    with pytest.raises(ValueError, match=pattern):
+        target.load_state_dict(state, strict=True)
+    path = tmp_path / "bare.safetensors"  # no metadata: only the state dict can tell
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(DECOptionError, match=pattern):
+        timm.create_model("vit_tiny_patch16_224_dec", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          **{**VIT, **built})
+
+
+def test_a_latent_dec_of_another_grid_is_refused_and_names_its_position() -> None:
+    state = vit(dec_blocks=("input", 1), dec_grid=8).state_dict()
+    target = vit(dec_blocks=("input", 1), dec_grid=8)
+    target.dec["1"] = type(target.dec["1"])(32, target.dec["1"].cfg, name="dec.1", grid=4)
+    target.dec["1"].head.weight.data = state["dec.1.head.weight"].clone()  # same shapes: grid only pools H's output
+    with pytest.raises(DECOptionError, match="dec_grid=4 contradicts the state dict for dec.1"):
+        target.load_state_dict(state)
+
+
+def test_state_dict_written_before_the_options_buffer_still_loads(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    model = vit(dec_grid=3)
+    state = old_format(model.state_dict())
+    for load in ("dec", "strict", "file"):
+        target = vit(1, dec_grid=3)
+        if load == "dec":
+            assert timm_dec.load_dec_state_dict(target, state) == []  # no DEC weight kept its own value
+        elif load == "strict":
+            target.load_state_dict(state, strict=True)
+        else:
+            path = tmp_path / "old.safetensors"
+            safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            target = timm.create_model("vit_tiny_patch16_224_dec", pretrained=True, dec_grid=3,
+                                       pretrained_cfg_overlay=dict(file=str(path), num_classes=5), **VIT)
+        torch.testing.assert_close(logits(target), logits(model), rtol=0, atol=0)
+        assert "dec.input.options" in target.state_dict()
+
+
+def test_options_buffer_survives_ema_dtype_and_safetensors(tmp_path: Path) -> None:
+    import safetensors.torch
+    from timm.utils import ModelEmaV2, ModelEmaV3
+
+    model = vit(dec_grid=3).train()
+    own = model.dec["input"].options.clone()
+    for ema in (ModelEmaV2(model, decay=0.9998), ModelEmaV3(model, decay=0.9998)):
+        ema.update(model)
+        vit(1, dec_grid=3).load_state_dict(ema.module.state_dict())  # still readable, still matching
+    half = vit(dec_grid=3).to(torch.bfloat16)
+    vit(1, dec_grid=3).load_state_dict(half.state_dict())
+    path = tmp_path / "w.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    torch.testing.assert_close(safetensors.torch.load_file(str(path))["dec.input.options"], own)
+    assert [k for k in model.state_dict() if not k.startswith("dec.")] == list(
+        timm.create_model("vit_tiny_patch16_224", **{k: v for k, v in VIT.items()
+                                                     if not k.startswith("dec_")}).state_dict())

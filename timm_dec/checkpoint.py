@@ -27,12 +27,14 @@ from torch import nn
 from . import __version__
 from ._compat import timm_model_args
 from ._format import plain
+from ._options import mismatch_message
 from .models import (
     CHECKPOINT_METADATA_KEY,
+    DECOptionError,
     base_model_name,
+    check_dec_options,
     load_dec_state_dict,
     read_checkpoint_record,
-    same_dec_option,
 )
 from .models._base import DECModelMixin, dec_options, default_dec_options
 from .models._registry import dec_blocks_in
@@ -349,11 +351,7 @@ def model_from_checkpoint(
     _check_architecture(arch, f"{what} (model {arch!r})" if not model_name else f"model {arch!r}")
     recorded = {k: v for k, v in ckpt.model_kwargs.items() if k != "pretrained_model_args"}
     requested = dict(model_kwargs or {})
-    for key, value in requested.items():
-        if key.startswith("dec_") and key in recorded and not same_dec_option(recorded[key], value):
-            raise ValueError(
-                f"the DEC options do not match: {what} was trained with {key}={recorded[key]!r}, but {key}={value!r} "
-                f"was asked for; leave {key} out to use the checkpoint's")
+    check_dec_options(requested, recorded, what)
     kwargs = {**recorded, **requested}
     dec_kwargs = sorted(k for k in kwargs if k.startswith("dec_"))
     if dec_kwargs and not _is_dec_name(arch):
@@ -361,20 +359,12 @@ def model_from_checkpoint(
             f"{what} has DEC options ({', '.join(dec_kwargs)}), but {arch} has no DEC; use its '*_dec' name")
     model = _create_for_checkpoint(ckpt, arch, kwargs)
     options = dec_options(model)
-    for key, value in recorded.items():
-        if key.startswith("dec_") and key in options and not same_dec_option(options[key], value):
-            raise ValueError(
-                f"the DEC options do not match: {what} records {key}={value!r}, but {arch} was built with "
-                f"{key}={options[key]!r}")
+    check_dec_options(options, recorded, what, say=False, keys=[k for k in recorded if k in options])
     unnamed = [k for k in requested if k.startswith("dec_") and k not in recorded]
     if unnamed and ckpt.architecture and _same_arch(arch, ckpt.architecture):
         # the checkpoint was trained with the options it records and the defaults (DECConfig's) for the others
-        trained = default_dec_options(model)
-        for key in unnamed:
-            if key in trained and not same_dec_option(trained[key], options[key]):
-                raise ValueError(
-                    f"the DEC options do not match: {what} was trained with {key}={trained[key]!r} (the default; "
-                    f"it records no {key}), but {key}={requested[key]!r} was asked for; leave {key} out")
+        check_dec_options({k: options[k] for k in unnamed if k in options}, default_dec_options(model),
+                          f"{what} (it records no such option: trained with the default)")
     if wrap is not None:
         model = wrap(model)
         if ckpt.wrapper and type(model).__name__ != ckpt.wrapper:
@@ -420,9 +410,9 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
                 f"{model_dec}: use the base name {base_model_name(arch)!r}, or fine-tune {arch} first (timm-dec "
                 f"eval accepts it with the DEC at the identity)")
         if ckpt_dec and ckpt_dec != model_dec:
-            raise ValueError(
-                f"the DEC options do not match: {what} holds DEC parameters for blocks {ckpt_dec}, but {arch} was "
-                f"built with DEC on blocks {model_dec} (set dec_blocks={ckpt_dec})")
+            raise DECOptionError(mismatch_message(
+                "dec_blocks", model_dec, ckpt_dec, what,
+                f"set dec_blocks={ckpt_dec}"))
     elif dec_blocks_in(list(state_dict)) and not _dec_models_in(model):
         raise ValueError(
             f"{what} holds DEC parameters for blocks {dec_blocks_in(list(state_dict))}, but {arch} has no DEC; use "
