@@ -169,3 +169,51 @@ def test_options_buffer_survives_ema_dtype_and_safetensors(tmp_path: Path) -> No
     assert [k for k in model.state_dict() if not k.startswith("dec.")] == list(
         timm.create_model("vit_tiny_patch16_224", **{k: v for k, v in VIT.items()
                                                      if not k.startswith("dec_")}).state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the solve budget may be changed on load; what interprets the weights may not; one error type, one message form
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from timm_dec import hub
+
+    return hub.save_pretrained(vit(dec_grid=3, dec_max_iter=6), tmp_path_factory.mktemp("saved") / "m")
+
+
+def test_solve_budget_options_may_be_overridden_on_load_and_say_so(saved: Path) -> None:
+    from timm_dec import hub
+
+    budget = dict(dec_max_iter=4, dec_tol=1e-4, dec_check_every=2, dec_history=3, dec_backward_max_iter=5)
+    for load in (lambda: timm.create_model(f"local-dir:{saved}", pretrained=True, **budget),
+                 lambda: hub.load_pretrained(saved, **budget)):
+        with pytest.warns(UserWarning, match="trained with dec_max_iter=6.*uses dec_max_iter=4") as record:
+            model = load()
+        assert len([w for w in record if "solve-budget" in str(w.message)]) == 1
+        options = model.dec_cfg.options
+        assert (options.max_iter, options.tol, options.check_every, options.history, options.backward_max_iter) \
+            == (4, 1e-4, 2, 3, 5)
+        torch.testing.assert_close(logits(model), logits(timm.create_model(f"local-dir:{saved}", pretrained=True,
+                                                                           dec_max_iter=4)), rtol=0, atol=0)
+    assert timm.create_model(f"local-dir:{saved}", pretrained=True).dec_cfg.options.max_iter == 6  # the recorded
+
+
+def test_every_loader_refuses_a_weight_option_with_one_error(saved: Path, tmp_path: Path) -> None:
+    from timm_dec import hub
+
+    ckpt = hub.save_checkpoint(vit(dec_grid=3), tmp_path / "c.safetensors")
+    loads = [
+        lambda: timm.create_model(f"local-dir:{saved}", pretrained=True, dec_grid=5),
+        lambda: hub.load_pretrained(saved, dec_grid=5),
+        lambda: hub.load_training_checkpoint(ckpt, model_kwargs=dict(dec_grid=5)),
+        lambda: timm.create_model("vit_tiny_patch16_224_dec", pretrained=True, dec_grid=5,
+                                  pretrained_cfg_overlay=dict(file=str(ckpt)), **VIT),
+        lambda: timm_dec.load_dec_state_dict(vit(dec_grid=5), vit(dec_grid=3).state_dict()),
+    ]
+    for load in loads:
+        with pytest.raises(DECOptionError, match=r"^dec_grid=5 contradicts .*, whose DEC weights were trained with "
+                                                 r"dec_grid=3; ") as info:
+            load()
+        assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+        assert "\n" not in str(info.value)

@@ -170,7 +170,7 @@ def load_dec_state_dict(
         new = [k for k in filtered if k not in inner]  # a DEC options buffer absent from an older checkpoint, ...
         state.update({prefix + k: filtered[k] for k in new})
         if not any(k.startswith("dec.") for k in inner):  # ... or a base checkpoint: the DECs keep their weights
-            kept += [prefix + k for k in new if not _OPTIONS_KEY.match(k)]
+            kept += [prefix + k for k in new]
     _check_fit(model.state_dict(), state, source, target or type(model).__name__)
     model.load_state_dict(state, strict=True)
     return sorted(kept)
