@@ -3,6 +3,7 @@ loaders (checkpoints evaluated or pushed under another architecture, DEC weights
 solve-budget options on load). Offline; tiny models."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,47 @@ def test_every_loader_refuses_a_weight_option_with_one_error(saved: Path, tmp_pa
             load()
         assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
         assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a checkpoint is evaluated and published as the architecture it records, with the preprocessing it records
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vit_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from timm_dec import hub
+
+    model = vit()
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.25, 0.5, 0.75)}  # trained with its own mean
+    return hub.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "vit.safetensors", data=dict(num_digits=1))
+
+
+def test_checkpoint_under_another_architecture_is_refused_in_one_line(vit_ckpt: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from timm_dec import cli
+
+    out = tmp_path / "o"
+    # deit_tiny takes vit_tiny's weights as they are; vit_small's entrypoint builds a vit_tiny from the recorded dims
+    for argv in (["eval", "--checkpoint", str(vit_ckpt), "--model", "deit_tiny_patch16_224_dec", "--num-samples", "2",
+                  "--scales", "1", "--no-progress"],
+                 ["push", "--checkpoint", str(vit_ckpt), "--model", "vit_small_patch16_224_dec", "--dry-run",
+                  "--output", str(out)]):
+        assert cli.main(argv) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"timm-dec {argv[0]}: error: "), lines
+        assert re.search(rf"is a checkpoint of vit_tiny_patch16_224_dec, not of {argv[4]}: .*leave --model out",
+                         lines[0]), lines[0]
+    assert not out.exists()
+
+
+def test_checkpoint_keeps_its_preprocessing_under_its_own_architecture(vit_ckpt: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    from timm_dec import hub
+
+    for name in (None, "vit_tiny_patch16_224_dec", "vit_tiny_dec", "vit_tiny_patch16_224_dec.augreg_in21k"):
+        model = hub.load_training_checkpoint(vit_ckpt, model_name=name)
+        assert tuple(model.pretrained_cfg["mean"]) == (0.25, 0.5, 0.75), name
+        assert timm.data.resolve_input_data_config(model)["mean"] == (0.25, 0.5, 0.75)
+        notes = [line for line in capsys.readouterr().err.splitlines() if "preprocessing" in line]
+        assert len(notes) == 1 and "mean=[0.25, 0.5, 0.75]" in notes[0] and "mean=(0.5, 0.5, 0.5)" in notes[0]
+    torch.testing.assert_close(logits(hub.load_training_checkpoint(vit_ckpt)), logits(vit()), rtol=0, atol=0)
