@@ -167,6 +167,11 @@ def test_options_buffer_survives_ema_dtype_and_safetensors(tmp_path: Path) -> No
     path = tmp_path / "w.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     torch.testing.assert_close(safetensors.torch.load_file(str(path))["dec.input.options"], own)
+    for state in (model.state_dict(), old_format(model.state_dict())):  # built on meta, loaded with assign=True
+        meta = timm.create_model("vit_tiny_patch16_224_dec", device="meta", dec_grid=3, **VIT)
+        meta.load_state_dict(state, assign=True)
+        assert not any(t.is_meta for t in (*meta.parameters(), *meta.buffers()))
+        torch.testing.assert_close(meta.dec["input"].options, own)
     assert [k for k in model.state_dict() if not k.startswith("dec.")] == list(
         timm.create_model("vit_tiny_patch16_224", **{k: v for k, v in VIT.items()
                                                      if not k.startswith("dec_")}).state_dict())

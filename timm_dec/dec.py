@@ -650,7 +650,9 @@ class DEC(nn.Module):
             for name in [k for k in own if k in recorded and not same_dec_option(own[k], recorded[k])]:
                 raise DECOptionError(mismatch_message(
                     name, own[name], recorded[name], where, f"create the model with {name}={recorded[name]!r}"))
-        state_dict[key] = self.options  # absent: written before the options were recorded; nothing to compare
+        # this DEC's own (absent: written before the options were recorded, nothing to compare); a real tensor for a
+        # model built on the meta device and loaded with assign=True
+        state_dict[key] = encode_options(self.weight_options()) if self.options.is_meta else self.options
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
