@@ -330,11 +330,14 @@ def load_training_checkpoint(
 
     Args:
         path: the checkpoint.
-        model_name: architecture; default the one the checkpoint records.
+        model_name: architecture; default the one the checkpoint records, which it must be when the checkpoint
+            records one (or its base, its ``*_dec`` twin or an alias; a pretrained tag is allowed, and the
+            checkpoint's recorded preprocessing is used under it).
         model_kwargs: ``timm.create_model`` kwargs; they extend the recorded ones (``num_classes``, ``dec_*``, ...).
             A ``dec_*`` option that contradicts the one the checkpoint was trained with is an error -- also one the
             checkpoint does not name, when it records its training options (timm's ``train.py`` records only the
-            ``--model-kwargs`` given; the others were the defaults).
+            ``--model-kwargs`` given; the others were the defaults) -- except the solve budget
+            (`timm_dec._options.OVERRIDABLE`), which may differ (a warning says so once).
         use_ema: take timm's ``state_dict_ema`` instead of ``state_dict`` (an error for the other kinds of
             checkpoint, which hold no EMA weights).
         allow_base: accept a checkpoint without DEC weights for a ``*_dec`` model (its DEC starts at the identity),
@@ -345,8 +348,9 @@ def load_training_checkpoint(
 
     Raises:
         FileNotFoundError: no such checkpoint, or missing weights.
-        ValueError: unreadable or corrupt file, unknown architecture, DEC options that do not match the
-            checkpoint, or weights that do not fit the model.
+        ValueError: unreadable or corrupt file, unknown architecture, another architecture than the recorded one,
+            DEC options that do not match the checkpoint (`DECOptionError`, a ValueError), or weights that do not
+            fit the model.
     """
     ckpt = read_training_checkpoint(path, use_ema)
     return model_from_checkpoint(ckpt, model_name=model_name, model_kwargs=model_kwargs, allow_base=allow_base)
