@@ -137,7 +137,9 @@ def weight_decays(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[st
 
 
 def dec_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("dec.")}
+    """The DEC's weights (not its ``options`` buffers: the options it was built with, which training leaves alone)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k.startswith("dec.") and not k.endswith(".options")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,7 +461,9 @@ def test_bench_overhead_runs_and_its_figures_add_up(tmp_path, capsys):
     base_bytes = sum(t.numel() * t.element_size() for t in (*base.parameters(), *base.buffers()))
     memory = entry["memory"]
     assert memory["base"]["resident_bytes"] == base_bytes
-    assert memory["dec"]["resident_bytes"] - base_bytes == 4 * entry["dec_params"] > 0
+    options = timm.create_model("vit_tiny_patch16_224_dec", img_size=64).dec.buffers()  # each DEC's options buffer
+    assert memory["dec"]["resident_bytes"] - base_bytes == 4 * entry["dec_params"] + sum(
+        b.numel() * b.element_size() for b in options) > 0
     for m in memory.values():
         assert m["total_bytes"] == m["resident_bytes"] + m["step_bytes"] and m["step_bytes"] > 0
     # the converging case's heads make the solve iterate, and it reaches tol

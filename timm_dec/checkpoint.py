@@ -27,12 +27,14 @@ from torch import nn
 from . import __version__
 from ._compat import timm_model_args
 from ._format import plain
+from ._options import mismatch_message
 from .models import (
     CHECKPOINT_METADATA_KEY,
+    DECOptionError,
     base_model_name,
+    check_dec_options,
     load_dec_state_dict,
     read_checkpoint_record,
-    same_dec_option,
 )
 from .models._base import DECModelMixin, dec_options, default_dec_options
 from .models._registry import dec_blocks_in
@@ -159,6 +161,8 @@ class TrainingCheckpoint:
         wrapper: the class name of a wrapper around the timm model (``"InputCanonicalizer"`` for Canon), or None.
         complete_options: True when ``model_kwargs`` holds every DEC option (a file written by timm_dec); False for
             timm's ``train.py``, which records only the ``--model-kwargs`` given, the others being the defaults.
+        preprocessing: the input preprocessing the weights were trained with (`PREPROCESSING`: mean, std, ...), as
+            far as the checkpoint records it; {} when it records none (the architecture's default cfg applies).
     """
     state_dict: dict[str, torch.Tensor]
     architecture: Optional[str]
@@ -167,6 +171,7 @@ class TrainingCheckpoint:
     data: dict[str, Any] = field(default_factory=dict)
     wrapper: Optional[str] = None
     complete_options: bool = True
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
 def _timm_model_inside(model: nn.Module) -> nn.Module:
@@ -180,15 +185,31 @@ def _timm_model_inside(model: nn.Module) -> nn.Module:
                     f"timm.create_model")
 
 
+# the pretrained-cfg entries that say how the weights expect their input (timm's data config besides the input size)
+PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def _preprocessing(cfg: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """The `PREPROCESSING` entries of a pretrained cfg (or train.py args) that are set."""
+    return {k: cfg[k] for k in PREPROCESSING if (cfg or {}).get(k) is not None}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    as_list = (lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
+    return as_list(a) == as_list(b)
+
+
 def checkpoint_record(model: nn.Module, data: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """What `save_checkpoint` records about ``model``: architecture, ``create_model`` kwargs with every DEC option,
-    the wrapper class (Canon) if any, and the data settings."""
+    the preprocessing its weights expect (``pretrained_cfg``: mean, std, ...), the wrapper class (Canon) if any, and
+    the data settings."""
     inner = _timm_model_inside(model)
     args = {k: v for k, v in (timm_model_args(inner) or {}).items()
             if k not in ("pretrained_model_args", "device", "dtype", "pretrained_cfg_overlay", "pretrained_cfg")}
     args.update(dec_options(inner))
     args.setdefault("num_classes", inner.num_classes)
     record: dict[str, Any] = {"architecture": inner.pretrained_cfg["architecture"], "model_args": plain(args),
+                              "pretrained_cfg": plain(_preprocessing(inner.pretrained_cfg)),
                               "timm_dec_version": __version__}
     if inner is not model:
         record["wrapper"] = type(model).__name__
@@ -243,7 +264,8 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
             config = check_pretrained(path)
             return TrainingCheckpoint(
                 _load_safetensors(path / WEIGHTS_NAME), config["architecture"], dict(config.get("model_args") or {}),
-                f"Hub folder {path}", data=dict((config.get("timm_dec") or {}).get("data") or {}))
+                f"Hub folder {path}", data=dict((config.get("timm_dec") or {}).get("data") or {}),
+                preprocessing=_preprocessing(config.get("pretrained_cfg")))
         if not (path / TRAINING_STATE_NAME).is_file():
             raise FileNotFoundError(
                 f"{path} is neither a timm_dec.finetune checkpoint ({TRAINING_STATE_NAME} + {WEIGHTS_NAME}) nor a "
@@ -260,7 +282,8 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
         if record:
             return TrainingCheckpoint(
                 state_dict, record.get("architecture"), dict(record.get("model_args") or {}),
-                f"checkpoint {path}", data=dict(record.get("data") or {}), wrapper=record.get("wrapper"))
+                f"checkpoint {path}", data=dict(record.get("data") or {}), wrapper=record.get("wrapper"),
+                preprocessing=_preprocessing(record.get("pretrained_cfg")))
         sibling = path.parent / TRAINING_STATE_NAME
         if sibling.is_file():
             state = _read_json(sibling, "training state")
@@ -286,7 +309,8 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
     if img_size is not None:
         kwargs.setdefault("img_size", img_size)
     arch = ckpt.get("arch") or args.get("model")
-    return TrainingCheckpoint(state_dict, arch, kwargs, f"timm checkpoint {path}", complete_options=False)
+    return TrainingCheckpoint(state_dict, arch, kwargs, f"timm checkpoint {path}", complete_options=False,
+                              preprocessing=_preprocessing(args))  # train.py's --mean, --std, ... when given
 
 
 def load_training_checkpoint(
@@ -306,11 +330,14 @@ def load_training_checkpoint(
 
     Args:
         path: the checkpoint.
-        model_name: architecture; default the one the checkpoint records.
+        model_name: architecture; default the one the checkpoint records, which it must be when the checkpoint
+            records one (or its base, its ``*_dec`` twin or an alias; a pretrained tag is allowed, and the
+            checkpoint's recorded preprocessing is used under it).
         model_kwargs: ``timm.create_model`` kwargs; they extend the recorded ones (``num_classes``, ``dec_*``, ...).
             A ``dec_*`` option that contradicts the one the checkpoint was trained with is an error -- also one the
             checkpoint does not name, when it records its training options (timm's ``train.py`` records only the
-            ``--model-kwargs`` given; the others were the defaults).
+            ``--model-kwargs`` given; the others were the defaults) -- except the solve budget
+            (`timm_dec._options.OVERRIDABLE`), which may differ (a warning says so once).
         use_ema: take timm's ``state_dict_ema`` instead of ``state_dict`` (an error for the other kinds of
             checkpoint, which hold no EMA weights).
         allow_base: accept a checkpoint without DEC weights for a ``*_dec`` model (its DEC starts at the identity),
@@ -321,8 +348,9 @@ def load_training_checkpoint(
 
     Raises:
         FileNotFoundError: no such checkpoint, or missing weights.
-        ValueError: unreadable or corrupt file, unknown architecture, DEC options that do not match the
-            checkpoint, or weights that do not fit the model.
+        ValueError: unreadable or corrupt file, unknown architecture, another architecture than the recorded one,
+            DEC options that do not match the checkpoint (`DECOptionError`, a ValueError), or weights that do not
+            fit the model.
     """
     ckpt = read_training_checkpoint(path, use_ema)
     return model_from_checkpoint(ckpt, model_name=model_name, model_kwargs=model_kwargs, allow_base=allow_base)
@@ -343,38 +371,27 @@ def model_from_checkpoint(
             checkpoint's weights are then the wrapper's.
     """
     what = ckpt.description
-    arch = model_name or ckpt.architecture
-    if not arch:
-        raise ValueError(f"{what} does not record its architecture; pass model_name (--model NAME)")
-    _check_architecture(arch, f"{what} (model {arch!r})" if not model_name else f"model {arch!r}")
+    arch = _checked_architecture(ckpt, model_name)
     recorded = {k: v for k, v in ckpt.model_kwargs.items() if k != "pretrained_model_args"}
     requested = dict(model_kwargs or {})
-    for key, value in requested.items():
-        if key.startswith("dec_") and key in recorded and not same_dec_option(recorded[key], value):
-            raise ValueError(
-                f"the DEC options do not match: {what} was trained with {key}={recorded[key]!r}, but {key}={value!r} "
-                f"was asked for; leave {key} out to use the checkpoint's")
+    check_dec_options(requested, recorded, what)
     kwargs = {**recorded, **requested}
+    if ckpt.preprocessing and "pretrained_cfg_overlay" not in kwargs:
+        kwargs["pretrained_cfg_overlay"] = _recorded_preprocessing(ckpt, arch)
     dec_kwargs = sorted(k for k in kwargs if k.startswith("dec_"))
     if dec_kwargs and not _is_dec_name(arch):
         raise ValueError(
             f"{what} has DEC options ({', '.join(dec_kwargs)}), but {arch} has no DEC; use its '*_dec' name")
-    model = _create_for_checkpoint(ckpt, arch, kwargs)
+    model = timm.create_model(arch, pretrained=False, **kwargs)
     options = dec_options(model)
-    for key, value in recorded.items():
-        if key.startswith("dec_") and key in options and not same_dec_option(options[key], value):
-            raise ValueError(
-                f"the DEC options do not match: {what} records {key}={value!r}, but {arch} was built with "
-                f"{key}={options[key]!r}")
+    check_dec_options(options, recorded, what, say=False, keys=[k for k in recorded if k in options])
     unnamed = [k for k in requested if k.startswith("dec_") and k not in recorded]
     if unnamed and ckpt.architecture and _same_arch(arch, ckpt.architecture):
         # the checkpoint was trained with the options it records and the defaults (DECConfig's) for the others
         trained = default_dec_options(model)
         for key in unnamed:
-            if key in trained and not same_dec_option(trained[key], options[key]):
-                raise ValueError(
-                    f"the DEC options do not match: {what} was trained with {key}={trained[key]!r} (the default; "
-                    f"it records no {key}), but {key}={requested[key]!r} was asked for; leave {key} out")
+            check_dec_options(options, trained, what, keys=[key], fix=f"it records no {key}, so it was trained "
+                              f"with the default: leave {key} out")
     if wrap is not None:
         model = wrap(model)
         if ckpt.wrapper and type(model).__name__ != ckpt.wrapper:
@@ -383,30 +400,54 @@ def model_from_checkpoint(
         raise ValueError(
             f"{what} holds the weights of a {ckpt.wrapper} around {ckpt.architecture}"
             + (" (the Canon baseline): pass --canon with its options" if ckpt.wrapper == "InputCanonicalizer" else ""))
-    try:
-        _load_strict(model, ckpt.state_dict, what, arch, allow_base=allow_base)
-    except ValueError as e:
-        if ckpt.architecture and not _same_arch(arch, ckpt.architecture):
-            raise ValueError(f"{e} ({what} is a checkpoint of {ckpt.architecture}, not of {arch})") from None
-        raise
+    _load_strict(model, ckpt.state_dict, what, arch, allow_base=allow_base)
     return model.eval()
 
 
-def _create_for_checkpoint(ckpt: TrainingCheckpoint, arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    """``timm.create_model(arch, **kwargs)``; a checkpoint of another architecture whose recorded options ``arch``
-    does not take is said to be one, not left to an "unexpected keyword argument"."""
-    try:
-        return timm.create_model(arch, pretrained=False, **kwargs)
-    except TypeError as e:
-        if not ckpt.architecture or _same_arch(arch, ckpt.architecture):
-            raise
-        raise ValueError(
-            f"{ckpt.description} is a checkpoint of {ckpt.architecture}, not of {arch}: the options it records do "
-            f"not build {arch} ({e}); leave --model out (model_name=None) to rebuild {ckpt.architecture}") from None
+def _arch_key(name: str) -> str:
+    """The timm base an architecture name builds: a ``*_dec`` twin or alias counts as its base; a tag is dropped."""
+    arch = name.split(".", 1)[0]
+    return base_model_name(arch) if _is_dec_name(arch) else arch
 
 
 def _same_arch(a: str, b: str) -> bool:
-    return a.split(".", 1)[0] == b.split(".", 1)[0]
+    """Whether ``a`` and ``b`` name one architecture (a base and its ``*_dec`` twin or alias do; tags aside)."""
+    return _arch_key(a) == _arch_key(b)
+
+
+def _checked_architecture(ckpt: TrainingCheckpoint, model_name: Optional[str]) -> str:
+    """The architecture to rebuild: ``model_name``, which must be the one ``ckpt`` records (or its base / twin), else
+    the recorded one.
+
+    Another architecture is refused even when the weights would fit it (vit_tiny's fit deit_tiny, and recorded
+    ``embed_dim``/``depth`` make vit_small's entrypoint build a vit_tiny): it would read the weights with its own
+    preprocessing and publish them under its name.
+    """
+    what = ckpt.description
+    if model_name and ckpt.architecture and not _same_arch(model_name, ckpt.architecture):
+        raise ValueError(
+            f"{what} is a checkpoint of {ckpt.architecture}, not of {model_name}: under another architecture its "
+            f"weights would be read with that model's settings (and published under its name); leave --model out "
+            f"(model_name=None) to rebuild {ckpt.architecture}, or name it (or its base / *_dec twin)")
+    arch = model_name or ckpt.architecture
+    if not arch:
+        raise ValueError(f"{what} does not record its architecture; pass model_name (--model NAME)")
+    return _check_architecture(arch, f"{what} (model {arch!r})" if not model_name else f"model {arch!r}")
+
+
+def _recorded_preprocessing(ckpt: TrainingCheckpoint, arch: str) -> dict[str, Any]:
+    """The checkpoint's preprocessing, as a ``pretrained_cfg_overlay``; said once (stderr) where ``arch`` (a
+    pretrained tag of the same architecture) would have used another."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    own = _preprocessing(cfg.to_dict() if cfg is not None else {})
+    differ = [k for k, v in ckpt.preprocessing.items() if k in own and not _same_value(own[k], v)]
+    if differ:
+        print(f"note: {ckpt.description} records the preprocessing its weights were trained with "
+              f"({', '.join(f'{k}={ckpt.preprocessing[k]}' for k in differ)}); it is used instead of {arch}'s "
+              f"({', '.join(f'{k}={own[k]}' for k in differ)})", file=sys.stderr)
+    return dict(ckpt.preprocessing)
 
 
 def _load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, arch: str,
@@ -420,9 +461,9 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
                 f"{model_dec}: use the base name {base_model_name(arch)!r}, or fine-tune {arch} first (timm-dec "
                 f"eval accepts it with the DEC at the identity)")
         if ckpt_dec and ckpt_dec != model_dec:
-            raise ValueError(
-                f"the DEC options do not match: {what} holds DEC parameters for blocks {ckpt_dec}, but {arch} was "
-                f"built with DEC on blocks {model_dec} (set dec_blocks={ckpt_dec})")
+            raise DECOptionError(mismatch_message(
+                "dec_blocks", model_dec, ckpt_dec, what,
+                f"set dec_blocks={ckpt_dec}"))
     elif dec_blocks_in(list(state_dict)) and not _dec_models_in(model):
         raise ValueError(
             f"{what} holds DEC parameters for blocks {dec_blocks_in(list(state_dict))}, but {arch} has no DEC; use "

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer
 
 from ._compat import native_conv2d
+from ._options import DECOptionError, decode_options, encode_options, mismatch_message, same_dec_option
 from .ops import identity_logits, knots_from_logits, monotone_warp
 from .ops.folds import fold_free_knots
 from .ops.layout import LAYOUTS, spatial_size
@@ -390,6 +391,7 @@ class DEC(nn.Module):
             self.act2 = act()
         self.head = nn.Conv2d(c2, 2, 1, bias=False)
         self.reset_head()
+        self.set_weight_context()
 
     @property
     def grid(self) -> int:
@@ -546,7 +548,9 @@ class DEC(nn.Module):
             (B, 2, G+1, G) z*, in the parameters' dtype; zero (the identity) for a sample whose solve went non-finite.
         """
         p = self.reduce_input(x, layout, grid_size, num_prefix_tokens)
-        if p.device.type == "meta":  # shapes only (models built on the meta device before loading or sharding)
+        # shapes only (models built on the meta device before loading or sharding); an empty batch, as the base
+        # takes one (the batch size is static: no host sync)
+        if p.device.type == "meta" or p.shape[0] == 0:
             return identity_logits(p.shape[0], self.grid, device=p.device, dtype=p.dtype)
         # the differentiable path whenever autograd needs it, in eval mode too (saliency maps, robustness attacks)
         needs_graph = torch.is_grad_enabled() and (p.requires_grad or any(q.requires_grad for q in self.parameters()))
@@ -621,6 +625,36 @@ class DEC(nn.Module):
             dtype.
         """
         return self.knots(self.equilibrium(x, layout=layout, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens))
+
+    # The options that shape or interpret H's weights travel in the state dict (key ``<prefix>options``), so that
+    # weights trained with others are refused on load; state dicts written before they did load as before.
+    def weight_options(self) -> dict[str, Any]:
+        """The ``dec_*`` options that H's weights were trained with and only mean under, with the model's context."""
+        names = ("grid", "input", "update", "act_layer", "logit_bound", "min_jacobian", "beta") + (
+            ("image_widths", "image_size") if self.reads_image else ("widths", "proj_chans", "pool_size"))
+        values = {f"dec_{n}": list(v) if isinstance(v, tuple) else v for n in names for v in [getattr(self.cfg, n)]}
+        return {**values, **self._weight_context}
+
+    def set_weight_context(self, **context: Any) -> None:
+        """Record model-level options (``dec_mode=...``) among the `weight_options`, in the ``options`` buffer."""
+        self._weight_context = {**getattr(self, "_weight_context", {}), **context}
+        old = getattr(self, "options", None)
+        self.register_buffer("options", encode_options(self.weight_options()).to(
+            old.device if old is not None else self.head.weight.device))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        key = prefix + "options"
+        if key in state_dict:
+            where = f"the state dict for {prefix.rstrip('.') or self.name}"
+            recorded = decode_options(state_dict[key], where)
+            own = self.weight_options()
+            for name in [k for k in own if k in recorded and not same_dec_option(own[k], recorded[k])]:
+                raise DECOptionError(mismatch_message(
+                    name, own[name], recorded[name], where, f"create the model with {name}={recorded[name]!r}"))
+        # this DEC's own (absent: written before the options were recorded, nothing to compare); a real tensor for a
+        # model built on the meta device and loaded with assign=True
+        state_dict[key] = encode_options(self.weight_options()) if self.options.is_meta else self.options
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         c = self.cfg

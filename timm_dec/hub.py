@@ -53,7 +53,7 @@ from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     read_training_checkpoint,
     save_checkpoint,
 )
-from .models import base_model_name, same_dec_option
+from .models import base_model_name, check_dec_options
 from .models._base import INPUT, DECModelMixin, dec_options
 
 __all__ = [
@@ -449,14 +449,15 @@ def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
     Args:
         source: ``"hf-hub:ORG/NAME"`` (downloads or reads huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` works),
             ``"local-dir:FOLDER"`` or a folder path.
-        **kwargs: passed to ``timm.create_model`` (e.g. ``cache_dir``); DEC options come from the config (one
-            given here must equal the saved one).
+        **kwargs: passed to ``timm.create_model`` (e.g. ``cache_dir``); DEC options come from the config: one given
+            here must equal the saved one, except the solve budget (`timm_dec._options.OVERRIDABLE`: ``dec_max_iter``,
+            ``dec_tol``, ...), which may differ (said once, as a warning).
 
     Returns:
         The model, in eval mode, with the saved weights (loaded strictly, from safetensors only).
 
     Raises:
-        TypeError: a ``dec_*`` kwarg that differs from the saved option.
+        DECOptionError: a ``dec_*`` kwarg that shapes or interprets the weights and differs from the saved option.
         OSError: an ``hf-hub:`` model that is not cached, offline (see `check_pretrained_source`).
     """
     source = os.fspath(source)
@@ -464,14 +465,8 @@ def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
     config = check_pretrained(folder)
     if offline or not source.startswith("hf-hub:"):
         source = f"local-dir:{folder}"  # offline, the cached copy (timm's hf-hub: loader would retry the network)
-    saved = dict(config.get("model_args") or {})
-    for key in [k for k in kwargs if k.startswith("dec_")]:
-        if key in saved and same_dec_option(saved[key], kwargs[key]):
-            kwargs.pop(key)
-            continue
-        raise TypeError(
-            f"{key} cannot be changed when loading a saved model: it was saved with "
-            f"{key}={saved.get(key, '(the default)')!r}, and its DEC options come from config.json")
+    # before anything is built; timm passes the saved model_args on, and create_dec_model says what was overridden
+    check_dec_options(kwargs, dict(config.get("model_args") or {}), f"the saved model {source}", say=False)
     return timm.create_model(source, pretrained=True, **kwargs).eval()
 
 

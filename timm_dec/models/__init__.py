@@ -9,8 +9,9 @@ import importlib
 from ._registry import (
     CHECKPOINT_METADATA_KEY,
     DEC_MODULES,
+    DECOptionError,
     base_model_name,
-    check_recorded_dec_options,
+    check_dec_options,
     create_dec_model,
     dec_checkpoint_filter,
     list_dec_models,
@@ -25,7 +26,7 @@ for _family in DEC_MODULES:
     importlib.import_module(f".{_family}", __name__)  # registers the family's models
 
 __all__ = [
-    "CHECKPOINT_METADATA_KEY", "DEC_MODULES", "base_model_name", "check_recorded_dec_options", "create_dec_model",
-    "dec_checkpoint_filter", "list_dec_models", "load_dec_state_dict", "read_checkpoint_record",
+    "CHECKPOINT_METADATA_KEY", "DEC_MODULES", "DECOptionError", "base_model_name", "check_dec_options",
+    "create_dec_model", "dec_checkpoint_filter", "list_dec_models", "load_dec_state_dict", "read_checkpoint_record",
     "register_dec_models", "same_dec_option", "supported_base_names",
 ]

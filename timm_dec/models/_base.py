@@ -233,8 +233,11 @@ def _attach(model: nn.Module, cfg: AdaptConfig) -> None:
     def make(position: Union[str, int]) -> DEC:
         if position == INPUT or cfg.options.input == "image":
             options = dataclasses.replace(cfg.options, input="image")
-            return DEC(model.dec_image_chans(), options, name=f"dec.{position}")
-        return DEC(model.dec_in_chans(position), cfg.options, name=f"dec.{position}")
+            dec = DEC(model.dec_image_chans(), options, name=f"dec.{position}")
+        else:
+            dec = DEC(model.dec_in_chans(position), cfg.options, name=f"dec.{position}")
+        dec.set_weight_context(dec_mode=cfg.mode)  # the mode interprets its weights too: kept in its state dict
+        return dec
 
     decs = nn.ModuleDict({str(b): make(b) for b in cfg.blocks})
     if ref is not None:

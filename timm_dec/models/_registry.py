@@ -27,11 +27,12 @@ from timm.models import build_model_with_cfg, get_arch_pretrained_cfgs, list_mod
 from torch import nn
 
 from .._compat import DefaultCfg, capture_build_arguments
+from .._options import DECOptionError, check_dec_options, overridable, same_dec_option
 from ._base import DEC_PREFIX, INPUT, DECModelMixin, dec_class_for, dec_options, parse_dec_options, pop_dec_kwargs
 from ._features import DECFeaturesMixin, dec_feature_class
 
 __all__ = [
-    "DEC_MODULES", "CHECKPOINT_METADATA_KEY", "check_recorded_dec_options", "read_checkpoint_record",
+    "DEC_MODULES", "CHECKPOINT_METADATA_KEY", "DECOptionError", "check_dec_options", "read_checkpoint_record",
     "same_dec_option", "create_dec_model", "dec_checkpoint_filter", "load_dec_state_dict", "list_dec_models",
     "register_dec_models", "supported_base_names", "base_model_name",
 ]
@@ -47,6 +48,8 @@ _TIMM_FAMILY_MODULES = (
 _BASE_OF: Dict[str, str] = {}  # <name>_dec -> base name
 # the key of the safetensors metadata under which `timm_dec.checkpoint.save_checkpoint` records how to rebuild a model
 CHECKPOINT_METADATA_KEY = "timm_dec"
+# a DEC's options buffer (`timm_dec.dec.DEC.weight_options`; its own load hook compares it), under any prefix
+_OPTIONS_KEY = re.compile(r"(^|\.)dec\.(input|\d+)\.options$")
 
 
 def _capture_base_build(base_name: str, pretrained: bool, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -100,7 +103,8 @@ def dec_checkpoint_filter(
             f"{' ...' if len(unexpected) > 6 else ''} unexpected; missing "
             f"{', '.join(sorted(k for k in own_dec if k not in dec_state)[:6])} (another dec_input: the image H and "
             f"the latent H have different layers)")
-    missing = sorted(k for k in own_dec if k not in dec_state)
+    # the options buffer of each DEC (`timm_dec.dec.DEC.weight_options`): absent from checkpoints written before it
+    missing = sorted(k for k in own_dec if k not in dec_state and not _OPTIONS_KEY.match(k))
     if dec_state and missing:
         # some DEC weights but not all: filling the rest with the identity start would load silently wrong
         raise ValueError(
@@ -163,9 +167,9 @@ def load_dec_state_dict(
             filtered = dec_checkpoint_filter(inner, dec_model)
         except ValueError as e:
             raise ValueError(f"{source} does not fit {target or type(model).__name__}: {e}") from None
-        if not any(k.startswith("dec.") for k in inner):  # a base checkpoint: the DEC modules keep their weights
-            new = [k for k in filtered if k not in inner]
-            state.update({prefix + k: filtered[k] for k in new})
+        new = [k for k in filtered if k not in inner]  # a DEC options buffer absent from an older checkpoint, ...
+        state.update({prefix + k: filtered[k] for k in new})
+        if not any(k.startswith("dec.") for k in inner):  # ... or a base checkpoint: the DECs keep their weights
             kept += [prefix + k for k in new]
     _check_fit(model.state_dict(), state, source, target or type(model).__name__)
     model.load_state_dict(state, strict=True)
@@ -177,7 +181,7 @@ def _check_fit(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+              for k in own if k in state and state[k].shape != own[k].shape and not _OPTIONS_KEY.search(k)]
     if not (missing or unexpected or shapes):
         return
     parts = []
@@ -190,12 +194,6 @@ def _check_fit(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
     dec_hint = " (DEC parameters differ: check the dec_* options)" if any(
         ".dec." in f".{k}" for k in missing + unexpected + [s.split(":")[0] for s in shapes]) else ""
     raise ValueError(f"{source} does not fit {target}{dec_hint}: " + "; ".join(parts))
-
-
-def same_dec_option(a: Any, b: Any) -> bool:
-    """Whether two values of a DEC option are the same, lists and tuples alike (JSON gives lists)."""
-    norm = (lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
-    return norm(a) == norm(b)
 
 
 def read_checkpoint_record(path: Path) -> Dict[str, Any]:
@@ -233,35 +231,14 @@ def _recorded_model_args(kwargs: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]
     return "", {}
 
 
-def check_recorded_dec_options(requested: Mapping[str, Any], recorded: Mapping[str, Any], source: str) -> None:
-    """Refuse ``dec_*`` options that contradict the ones the weights were trained with.
-
-    Args:
-        requested: the keyword arguments asked for (only ``dec_*`` ones are checked).
-        recorded: the options the weights record (a saved ``model_args``).
-        source: names the weights in the message.
-
-    Raises:
-        TypeError: an option whose value differs from the recorded one; both values are named.
-    """
-    for key, value in requested.items():
-        if key.startswith("dec_") and key in recorded and not same_dec_option(value, recorded[key]):
-            raise TypeError(
-                f"{key}={value!r} contradicts {source}, whose DEC weights were trained with {key}={recorded[key]!r}; "
-                f"leave {key} out to use the recorded one (or pretrained=False for a new, untrained model)")
-
-
 def _check_built_dec_options(model: nn.Module, recorded: Mapping[str, Any], source: str) -> None:
     """Refuse a model whose DEC options differ from the recorded ones (an option left out that the weights record
     with another value than the default)."""
     dec_model = next((getattr(m, "dec_model", m) for m in model.modules()
                       if isinstance(m, (DECModelMixin, DECFeaturesMixin))), None)
     built = dec_options(dec_model) if dec_model is not None else {}
-    for key, value in recorded.items():
-        if key in built and not same_dec_option(built[key], value):
-            raise TypeError(
-                f"{source} records {key}={value!r}, but the model was built with {key}={built[key]!r} (the "
-                f"default, or a value given): pass {key}={value!r}, or leave it out where the saved config is read")
+    check_dec_options(built, recorded, source, say=False, fix="pass the recorded value, or leave the option out "
+                      "where the saved config is read")
 
 
 def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -277,12 +254,17 @@ def create_dec_model(dec_name: str, base_name: str, pretrained: bool = False, **
         The model (or its feature wrapper for ``features_only=True``).
 
     Raises:
-        TypeError: with ``pretrained=True``, a ``dec_*`` option that contradicts the one the weights record (a
-            ``local-dir:`` / ``hf-hub:`` config, or a ``timm_dec`` ``.safetensors`` file as the pretrained file).
+        DECOptionError: with ``pretrained=True``, a ``dec_*`` option that shapes or interprets the weights and
+            contradicts the one they record (a ``local-dir:`` / ``hf-hub:`` config, a ``timm_dec`` ``.safetensors``
+            file as the pretrained file, or the options buffer of each DEC in the state dict). Solve-budget options
+            (`timm_dec._options.OVERRIDABLE`) may differ; the model says so once (a warning).
     """
     if pretrained:
         source, recorded = _recorded_model_args(kwargs)
-        check_recorded_dec_options(kwargs, recorded, source)
+        check_dec_options(kwargs, recorded, source, fix="leave it out to use the recorded one (or pretrained=False "
+                          "for a new, untrained model)")
+        # the solve budget the weights were trained with, unless another is asked for (`timm_dec._options`)
+        kwargs.update({k: v for k, v in recorded.items() if overridable(k) and k not in kwargs})
     dec_parsed = parse_dec_options(pop_dec_kwargs(kwargs), DEC_PREFIX)  # checked once, here
     arguments = _capture_base_build(base_name, pretrained, kwargs)
     dec_cls = dec_class_for(arguments.pop("model_cls"))

@@ -68,7 +68,8 @@ def monotone_warp(
             (DEC's solve loop, knots straight from `knots_from_logits`).
 
     Returns:
-        The warped map, with the layout, shape, dtype and device of ``x`` (an empty tensor for meta ``x``).
+        The warped map, with the layout, shape, dtype and device of ``x`` (an empty tensor for meta ``x``; a
+        clone of an empty batch).
 
     Example:
         >>> x = torch.randn(2, 1 + 16, 8)
@@ -83,6 +84,8 @@ def monotone_warp(
     if x.is_meta:
         # shapes only (a model built with device="meta", before its weights are loaded or sharded)
         return torch.empty_like(x)
+    if x.shape[0] == 0:  # an empty batch (the batch size is static: no host sync)
+        return x.clone()
     if resolve_backend(backend, x.device) == "triton":
         from .triton_warp import monotone_warp_triton  # imports Triton on first use only
         return monotone_warp_triton(x, knots, inverse, layout, height, width, num_prefix_tokens, sweeps, check=False)
