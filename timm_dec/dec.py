@@ -115,8 +115,7 @@ class DECConfig:
         backward: ``"implicit"`` (adjoint fixed point) or ``"phantom"`` (unrolled steps from the solution).
         phantom_steps: unrolled applications of f in phantom mode.
         backward_max_iter: most iterations of the adjoint solve (implicit mode).
-        backward_tol: relative residual at which the adjoint solve stops (implicit mode); like ``tol``: a tighter
-            adjoint does not make the gradient closer to the true one while the forward stops at ``tol``.
+        backward_tol: relative residual at which the adjoint solve stops (implicit mode).
         backward_solver: solver of the adjoint fixed point; None uses ``solver``.
         jac_reg: weight of the Jacobian regulariser (Bai et al., ICML 2021) in training mode: a one-sample
             Hutchinson estimate of ||J||_F^2 / dim at z*, averaged over the batch, whose gradient the backward adds
@@ -148,7 +147,7 @@ class DECConfig:
     backward: str = "implicit"
     phantom_steps: int = 1
     backward_max_iter: int = 12
-    backward_tol: float = 1e-3
+    backward_tol: float = 1e-4
     backward_solver: Optional[str] = None
     jac_reg: float = 3.0
     logit_bound: float = 1.5
