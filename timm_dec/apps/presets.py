@@ -21,9 +21,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_samples=8000, test_samples=2000, batch_size=64, lr=2e-3, finetune_lr=5e-4,
         plain_steps=2000, aug_steps=600, finetune_steps=250, dec_warmup_steps=100, dec_lr_mult=10.0,
         canon_energy_size=16, canon_energy_widths=(8, 16),
-        # H reads the 48 px canvas at 24 px (digits 3-12 px there): a quarter of the cost of reading it at full
-        # resolution, with the lead kept (README "Defaults")
-        dec_blocks=("input",), dec_widths=(16, 32), dec_max_iter=16, dec_image_size=24,
+        dec_blocks=("input",), dec_widths=(16, 32), dec_max_iter=16,
         scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_bins=((0.5, 1.0), (1.0, 2.0)),
         prob_scales=tuple(round(0.5 + 0.1 * i, 2) for i in range(16)), prob_images=4, grid_images=6,
         stretch_images=500, eval_batch=250,

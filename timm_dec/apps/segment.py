@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                           global_pool="avg", in_chans=1, num_classes=0),
         train_samples=6000, test_samples=1000, batch_size=32, start="shipped", plain_steps=4000, aug_steps=1000,
         finetune_steps=250,
-        dec_warmup_steps=100, dec_kwargs=dict(dec_widths=(16, 32), dec_image_widths=(8, 16), dec_image_size=24),
+        dec_warmup_steps=100, dec_kwargs=dict(dec_widths=(16, 32), dec_image_widths=(8, 16), dec_image_size=48),
         scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_images=300, equ_images=500, eval_batch=100, figure_images=3),
     "smoke": dict(
         _COMMON, model="vit_tiny_patch16_224", canvas=32, digit_size=8,
@@ -346,7 +346,11 @@ def segmenter(cfg: dict[str, Any]) -> DigitSegmenter:
 
 
 def _dec_model(start: DigitSegmenter, cfg: dict[str, Any]) -> DigitSegmenter:
-    """The start with its backbone replaced by the ``*_dec`` twin (the start's weights, the DEC at the identity)."""
+    """The start with its backbone replaced by the ``*_dec`` twin (the start's weights, the DEC at the identity).
+
+    The DEC's initial weights come from the run's fine-tuning seed, not from whatever the methods before it drew, so
+    ``--methods aug,dec`` trains the DEC of the full run."""
+    torch.manual_seed(cfg["finetune_seed"])
     twin = timm.create_model(cfg["model"] + "_dec", **cfg["model_kwargs"], **_DEC_FIXED, **cfg["dec_kwargs"])
     load_dec_state_dict(twin, start.backbone.state_dict(), source="the shared start")
     model = copy.deepcopy(start)
