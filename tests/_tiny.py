@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 TinyModel = tuple[str, dict[str, Any], int]
 
 _VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
@@ -39,3 +41,18 @@ SMALL_DEC_KWARGS = {f"dec_{k}": v for k, v in SMALL_DEC.items()}
 def tiny_table(*families: str) -> dict[str, TinyModel]:
     """The rows of ``families`` (in that order), each a fresh copy of its kwargs."""
     return {f: (TINY_MODELS[f][0], dict(TINY_MODELS[f][1]), TINY_MODELS[f][2]) for f in families}
+
+
+def off_identity(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """``model`` in eval mode with every parameter moved by ``scale`` N(0, 1) (the DECs off the identity, so that
+    their weights change the logits); draws from the global generator."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+def logits_of(model: torch.nn.Module) -> torch.Tensor:
+    """``model``'s eval logits of two fixed random 32 px RGB images."""
+    with torch.no_grad():
+        return model.eval()(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))

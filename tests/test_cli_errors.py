@@ -18,6 +18,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from _tiny import logits_of, off_identity
 from PIL import Image
 
 import timm_dec  # noqa: F401
@@ -32,16 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def tiny_model(seed: int = 0, **kwargs: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_dec", **{**TINY, **DEC, **kwargs})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return off_identity(timm.create_model("vit_tiny_dec", **{**TINY, **DEC, **kwargs}))
 
 
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+logits = logits_of
 
 
 @pytest.fixture(scope="module")
@@ -374,17 +369,9 @@ def test_model_kwargs_errors_name_the_kwarg(ckpt: Path, tmp_path: Path, capsys: 
             f"keyword argument name (e.g. img_size=64)")
 
 
-def test_push_offline_says_the_hub_cannot_be_reached(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_push_offline_says_the_hub_cannot_be_reached(unreachable_hub: None, ckpt: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
-    def refuse(*args: Any, **kwargs: Any) -> socket.socket:
-        raise OSError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "o"
     rc, _, err = run_cli(["push", "--checkpoint", str(ckpt), "--repo-id", "org/name", "--output", str(out)], capsys)
     assert_one_line_error(rc, err, "push", r"--repo-id org/name: cannot push, the Hub cannot be reached \(https://"

@@ -4,17 +4,13 @@ lines are what works. Offline; tiny models."""
 from __future__ import annotations
 
 import re
-import socket
 import time
 from pathlib import Path
-from typing import Any
 
-import httpx2
 import huggingface_hub
 import pytest
 import timm
 import torch
-from huggingface_hub.utils import _http
 
 import timm_dec  # noqa: F401
 from timm_dec import cli, hub
@@ -152,23 +148,6 @@ def test_checkpoint_of_another_architecture_says_so(ckpt: Path, capsys: pytest.C
 # hf-hub: names offline
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _no_request(request: httpx2.Request) -> httpx2.Response:
-    raise AssertionError(f"a request was made while offline: {request.method} {request.url}")
-
-
-@pytest.fixture
-def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No network: the connection itself fails (as with no route or no DNS), and no HTTP request may be made."""
-    def refuse(*args: Any, **kwargs: Any) -> socket.socket:
-        raise OSError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(_no_request)))
-    yield
-    _http.set_client_factory(_http.default_client_factory)
 
 
 def test_hf_hub_name_offline_fails_at_once_in_one_line(unreachable_hub: None, tmp_path: Path,

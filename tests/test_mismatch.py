@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import timm
 import torch
-from _tiny import SMALL_DEC, SMALL_DEC_KWARGS, tiny_table
+from _tiny import SMALL_DEC, SMALL_DEC_KWARGS, logits_of, off_identity, tiny_table
 
 import timm_dec  # noqa: F401
 from timm_dec.dec import DEC
@@ -83,16 +83,10 @@ VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_cl
 def vit(seed: int = 0, **dec: Any) -> torch.nn.Module:
     """A tiny vit_tiny_dec whose DEC is off the identity (so its weights change the logits)."""
     torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224_dec", **{**VIT, **dec})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return off_identity(timm.create_model("vit_tiny_patch16_224_dec", **{**VIT, **dec}))
 
 
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+logits = logits_of
 
 
 def old_format(state: dict) -> dict:
