@@ -389,8 +389,9 @@ def _methods(s: _Setup, starts: dict[str, dict[str, torch.Tensor]]) -> dict[str,
     models: dict[str, nn.Module] = {}
     for method in cfg["methods"]:
         if method == "dec":
-            # the DEC's initial weights from the run's seed, not from what the methods before it drew: the DEC of
-            # `--methods aug,dec` is the full run's
+            # the DEC's initial weights from the run's seed, not from what the methods before it drew (its
+            # augmentation still comes from the generator the methods share, so a subset of methods trains it on other
+            # warps)
             torch.manual_seed(seed)
             model = s.create(cfg["model"] + "_dec", **dec_kwargs(cfg))
             load_dec_state_dict(model, starts["aug"], source="the Aug start", target=f"{cfg['model']}_dec")

@@ -346,11 +346,7 @@ def segmenter(cfg: dict[str, Any]) -> DigitSegmenter:
 
 
 def _dec_model(start: DigitSegmenter, cfg: dict[str, Any]) -> DigitSegmenter:
-    """The start with its backbone replaced by the ``*_dec`` twin (the start's weights, the DEC at the identity).
-
-    The DEC's initial weights come from the run's fine-tuning seed, not from whatever the methods before it drew, so
-    ``--methods aug,dec`` trains the DEC of the full run."""
-    torch.manual_seed(cfg["finetune_seed"])
+    """The start with its backbone replaced by the ``*_dec`` twin (the start's weights, the DEC at the identity)."""
     twin = timm.create_model(cfg["model"] + "_dec", **cfg["model_kwargs"], **_DEC_FIXED, **cfg["dec_kwargs"])
     load_dec_state_dict(twin, start.backbone.state_dict(), source="the shared start")
     model = copy.deepcopy(start)
@@ -391,6 +387,8 @@ def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDig
         model.load_state_dict(starts["plain" if method == "base" else "aug"])
         bar = _bar(progress, LABELS[method])
         if method == "dec":
+            # the DEC's initial weights from the fine-tuning seed, not from what the methods before it drew
+            torch.manual_seed(seed)
             model = _dec_model(model, cfg)
             warm = train(model, train_set, cfg["dec_warmup_steps"], lr, cfg, augment=True, only_dec=True, seed=seed,
                          desc=_bar(progress, "DEC warm-up"))
