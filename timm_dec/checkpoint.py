@@ -27,7 +27,7 @@ from torch import nn
 from . import __version__
 from ._compat import timm_model_args
 from ._format import plain
-from ._options import mismatch_message
+from ._options import mismatch_message, same_dec_option
 from .models import (
     CHECKPOINT_METADATA_KEY,
     DECOptionError,
@@ -192,11 +192,6 @@ PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
 def _preprocessing(cfg: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     """The `PREPROCESSING` entries of a pretrained cfg (or train.py args) that are set."""
     return {k: cfg[k] for k in PREPROCESSING if (cfg or {}).get(k) is not None}
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    as_list = (lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v)  # noqa: E731
-    return as_list(a) == as_list(b)
 
 
 def checkpoint_record(model: nn.Module, data: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
@@ -384,7 +379,7 @@ def model_from_checkpoint(
             f"{what} has DEC options ({', '.join(dec_kwargs)}), but {arch} has no DEC; use its '*_dec' name")
     model = timm.create_model(arch, pretrained=False, **kwargs)
     options = dec_options(model)
-    check_dec_options(options, recorded, what, say=False, keys=[k for k in recorded if k in options])
+    check_dec_options(options, recorded, what, say=False)
     unnamed = [k for k in requested if k.startswith("dec_") and k not in recorded]
     if unnamed and ckpt.architecture and _same_arch(arch, ckpt.architecture):
         # the checkpoint was trained with the options it records and the defaults (DECConfig's) for the others
@@ -442,7 +437,7 @@ def _recorded_preprocessing(ckpt: TrainingCheckpoint, arch: str) -> dict[str, An
 
     cfg = get_pretrained_cfg(arch)
     own = _preprocessing(cfg.to_dict() if cfg is not None else {})
-    differ = [k for k, v in ckpt.preprocessing.items() if k in own and not _same_value(own[k], v)]
+    differ = [k for k, v in ckpt.preprocessing.items() if k in own and not same_dec_option(own[k], v)]
     if differ:
         print(f"note: {ckpt.description} records the preprocessing its weights were trained with "
               f"({', '.join(f'{k}={ckpt.preprocessing[k]}' for k in differ)}); it is used instead of {arch}'s "

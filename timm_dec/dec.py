@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from timm.layers import get_act_layer
 
 from ._compat import native_conv2d
-from ._options import DECOptionError, decode_options, encode_options, mismatch_message, same_dec_option
+from ._options import OVERRIDABLE, DECOptionError, decode_options, encode_options, mismatch_message, same_dec_option
 from .ops import identity_logits, knots_from_logits, monotone_warp
 from .ops.folds import fold_free_knots
 from .ops.layout import LAYOUTS, spatial_size
@@ -318,6 +318,11 @@ def _max_pool2(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The module
+
+
+# the DECConfig fields of one form of H only (`DEC.weight_options` records those of the form a DEC has)
+_IMAGE_H_FIELDS = ("image_widths", "image_size")
+_LATENT_H_FIELDS = ("widths", "proj_chans", "pool_size")
 
 
 class DEC(nn.Module):
@@ -629,8 +634,8 @@ class DEC(nn.Module):
     # weights trained with others are refused on load; state dicts written before they did load as before.
     def weight_options(self) -> dict[str, Any]:
         """The ``dec_*`` options that H's weights were trained with and only mean under, with the model's context."""
-        names = ("grid", "input", "update", "act_layer", "logit_bound", "min_jacobian", "beta") + (
-            ("image_widths", "image_size") if self.reads_image else ("widths", "proj_chans", "pool_size"))
+        other_h = _LATENT_H_FIELDS if self.reads_image else _IMAGE_H_FIELDS  # the layers this DEC does not have
+        names = [n for n in DECConfig.option_names() if n not in OVERRIDABLE and n not in other_h]
         values = {f"dec_{n}": list(v) if isinstance(v, tuple) else v for n in names for v in [getattr(self.cfg, n)]}
         return {**values, **self._weight_context}
 
