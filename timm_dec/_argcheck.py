@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Any, Mapping, Union
 
-__all__ = ["OUTPUT_FOLDER_RULE", "check_output_folder", "check_output_file", "check_checkpoint_path"]
+__all__ = ["OUTPUT_FOLDER_RULE", "check_output_folder", "check_output_file", "check_checkpoint_path", "named_kwarg"]
 
 OUTPUT_FOLDER_RULE = "created if missing, in a parent folder that must exist"
 
@@ -99,3 +99,13 @@ def check_checkpoint_path(path: PathLike, flag: str = "--checkpoint") -> Path:
         raise ValueError(f"{flag} {ckpt} could not be read as a checkpoint: it is not a safetensors file, a torch "
                          f"checkpoint (.pth, .pth.tar) or a checkpoint folder (it begins with {shown!r})")
     return ckpt
+
+
+def named_kwarg(kwargs: Mapping[str, Any], error: BaseException) -> str:
+    """``KEY=VALUE`` of the ``--model-kwargs`` item an error of ``timm.create_model`` is about (its name quoted, or its
+    string value, in the message), or '' (timm's lookups, e.g. ``act_layer=...``, name only the value they missed)."""
+    text = str(error)
+    for key, value in kwargs.items():
+        if f"'{key}'" in text or (isinstance(value, str) and value and value in text):
+            return f"{key}={value!r}"
+    return ""

@@ -36,7 +36,7 @@ from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
-from ._argcheck import OUTPUT_FOLDER_RULE, check_checkpoint_path, check_output_folder
+from ._argcheck import OUTPUT_FOLDER_RULE, check_checkpoint_path, check_output_folder, named_kwarg
 from ._compat import hf_split
 from ._format import format_scale, jsonable
 from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
@@ -614,10 +614,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
     except KeyError as e:  # timm's lookups (act_layer=..., norm_layer=...) say only the value they did not find
-        refused = [f"{k}={v!r}" for k, v in args.model_kwargs.items() if isinstance(v, str) and v in str(e)]
+        refused = named_kwarg(args.model_kwargs or {}, e)
         if not refused:
             raise
-        raise ValueError(f"--model-kwargs {refused[0]}: the model refuses it (KeyError: {e})") from None
+        raise ValueError(f"--model-kwargs {refused}: the model refuses it (KeyError: {e})") from None
     if ckpt.data:
         save_kwargs["data"] = ckpt.data
     if args.output:

@@ -15,12 +15,13 @@ import timm
 import torch
 
 from .. import hub
+from .._argcheck import named_kwarg
 from ..dec import DECConfig
 
 __all__ = ["parse_scales", "parse_bins", "scales_arg", "bins_arg", "normalize_transform", "resolve_device",
            "warmup_cosine_schedule", "measure_step_costs", "equal_compute_steps", "calibrate_equal_time",
-           "calibration_line", "check_number", "check_dec_config", "check_model_build", "meta_build_error",
-           "check_pretrained_offline", "hub_offline"]
+           "calibration_line", "check_number", "check_scale_range", "check_dec_config", "check_model_build",
+           "meta_build_error", "check_pretrained_offline", "hub_offline"]
 
 
 def parse_scales(text: str) -> list[float]:
@@ -37,6 +38,17 @@ def parse_scales(text: str) -> list[float]:
     return scales
 
 
+def _scale_interval(low: float, high: float) -> bool:
+    """Whether [low, high] is a finite interval of positive scales."""
+    return math.isfinite(low) and math.isfinite(high) and 0 < low <= high
+
+
+def check_scale_range(low: float, high: float) -> None:
+    """``--scale-range LOW HIGH``: a finite interval of positive scales, else a `ValueError` naming the flag."""
+    if not _scale_interval(low, high):
+        raise ValueError(f"--scale-range needs 0 < LOW <= HIGH, got {low} {high}")
+
+
 def parse_bins(text: str) -> list[tuple[float, float]]:
     """``"0.4-1.0,1.0-2.0"`` -> [(0.4, 1.0), (1.0, 2.0)]; each bin 0 < low <= high."""
     bins = []
@@ -48,7 +60,7 @@ def parse_bins(text: str) -> list[tuple[float, float]]:
             low, high = (float(v) for v in pieces)
         except ValueError:
             raise ValueError(f"a scale bin is LOW-HIGH, e.g. 0.4-1.0; got {part!r} in {text!r}") from None
-        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+        if not _scale_interval(low, high):
             raise ValueError(f"a scale bin needs 0 < LOW <= HIGH, got {part!r}")
         bins.append((low, high))
     if not bins:
@@ -103,15 +115,6 @@ def check_dec_config(options: Mapping[str, Any]) -> DECConfig:
         raise ValueError(f"the --dec-* options: {e}") from None
 
 
-def _named_kwarg(kwargs: Mapping[str, Any], error: BaseException) -> str:
-    """``KEY=VALUE`` of the kwarg an error of ``create_model`` is about (its name or value in the message), or ''."""
-    text = str(error)
-    for key, value in kwargs.items():
-        if f"'{key}'" in text or (isinstance(value, str) and value and value in text):
-            return f"{key}={value!r}"
-    return ""
-
-
 def check_model_build(name: str, kwargs: Mapping[str, Any], what: str = "--model-kwargs") -> None:
     """``timm.create_model(name, **kwargs)`` on the meta device (no memory, no weights): the name and kwargs checked
     before any work; an error names the kwarg (and its value) that the model refuses. ``what`` says where the kwargs
@@ -124,7 +127,7 @@ def check_model_build(name: str, kwargs: Mapping[str, Any], what: str = "--model
     if e is None:
         return
     message = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
-    key = _named_kwarg(kwargs, e)
+    key = named_kwarg(kwargs, e)
     if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
         raise ValueError(f"{what}: {name} does not take {key or message}")
     raise ValueError(f"{what} {key + ': ' if key else ''}{name} refuses it ({message})")

@@ -5,7 +5,6 @@ digits settings, Canon's options and timm's weights offline. Each error names th
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 import timm
@@ -19,6 +18,7 @@ from ._common import (
     check_model_build,
     check_number,
     check_pretrained_offline,
+    check_scale_range,
     meta_build_error,
     resolve_device,
 )
@@ -51,9 +51,7 @@ def check_values(cfg: dict[str, Any]) -> None:
     for key in ("weight_decay", "aug_strength", "invl_weight"):
         check_number(f"--{key.replace('_', '-')}", cfg[key], strict=False)
     check_number("--aug-p", cfg["aug_p"], strict=False, high=1.0)
-    low, high = cfg["scale_range"]
-    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
-        raise ValueError(f"--scale-range needs 0 < LOW <= HIGH, got {low} {high}")
+    check_scale_range(*cfg["scale_range"])
     if cfg["digit_size"] is not None and cfg["digit_size"] < 1:
         raise ValueError(f"--digit-size must be >= 1, got {cfg['digit_size']}")
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -57,6 +56,7 @@ from ._common import (
     bins_arg,
     check_model_build,
     check_number,
+    check_scale_range,
     normalize_transform,
     parse_bins,
     parse_scales,
@@ -409,9 +409,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if not (args.data in ("digits", "mnist") or args.data.startswith("folder:")):
         raise ValueError(f"--data must be 'digits', 'mnist' or 'folder:PATH', got {args.data!r}")
     if args.scale_range is not None:
-        low, high = args.scale_range
-        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
-            raise ValueError(f"--scale-range needs 0 < LOW <= HIGH, got {low} {high}")
+        check_scale_range(*args.scale_range)
     if args.canon:
         for flag, value, low in (("--canon-warps", args.canon_warps, 1), ("--canon-grid", args.canon_grid, 1),
                                  ("--canon-energy-size", args.canon_energy_size, 4)):
