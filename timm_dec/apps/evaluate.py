@@ -38,7 +38,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import safetensors
 import timm
 import torch
 import torch.nn as nn
@@ -430,12 +429,13 @@ def _refuse_segmenter(path: str) -> None:
     """A checkpoint of ``timm-dec segment`` (a segmenter, not a classifier) is said to be one, with what reads it."""
     if not (Path(path).is_file() and path.endswith(".safetensors")):
         return
+    from .segment import checkpoint_record  # the segment app, only when a .safetensors file is named
+
     try:
-        with safetensors.safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
+        record = checkpoint_record(path)
     except Exception:  # noqa: BLE001  (not a valid file: the checkpoint reader says so)
         return
-    if "timm_dec_segment" in meta:
+    if record is not None:
         raise ValueError(f"--checkpoint {path} is a timm-dec segment checkpoint (a segmenter, not a classifier), which "
                          f"timm-dec eval does not evaluate; load it with timm_dec.apps.segment.load_checkpoint(PATH) "
                          f"(its numbers are in the run's summary.json)")

@@ -52,7 +52,8 @@ from . import _start
 from ._common import calibrate_equal_time, calibration_line, warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
-           "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint"]
+           "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint", "checkpoint_record",
+           "CHECKPOINT_KEY"]
 
 METHODS = ("base", "aug", "augl", "canon", "dec", "aug_time")
 LABELS = {"base": "Base", "aug": "Aug", "augl": "AugL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
@@ -80,6 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 _INT_OPTIONS = ("plain_steps", "aug_steps", "finetune_steps", "dec_warmup_steps", "train_samples", "test_samples")
 START_DIR = _start.PACKAGE_DIR / "segment_start"
+CHECKPOINT_KEY = "timm_dec_segment"  # the safetensors metadata key of a segment checkpoint's record
 # the configuration values that determine the shared start (a shipped start must have been made with these)
 START_KEYS = ("model", "model_kwargs", "num_digits", "canvas", "digit_size", "scale_range", "train_samples",
               "plain_steps", "aug_steps", "batch_size", "lr", "finetune_lr", "weight_decay", "warmup_frac",
@@ -328,6 +330,20 @@ def _solver_summary(stats: SolverStats) -> Optional[dict[str, float]]:
                 mean_iterations=stats.mean_iterations, fallbacks=stats.total_fallbacks)
 
 
+def _canon(num_warps: int, seed: int = 0) -> InputCanonicalizer:
+    """The Canon bank of the segmenter (identity model inside: the segmenter runs the canonical image itself)."""
+    return InputCanonicalizer(nn.Identity(), num_warps=num_warps, in_chans=1, energy_size=16, energy_widths=(8, 16),
+                              seed=seed)
+
+
+def checkpoint_record(path: Union[str, Path]) -> Optional[dict[str, Any]]:
+    """The record (backbone, kwargs, Canon bank) a ``timm-dec segment`` checkpoint keeps in its safetensors metadata
+    under `CHECKPOINT_KEY`; None for a safetensors file without one."""
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[CHECKPOINT_KEY]) if CHECKPOINT_KEY in meta else None
+
+
 def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: str) -> str:
     """``model``'s weights as safetensors, with the configuration that rebuilds it in the metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +352,7 @@ def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: 
                                                           else {})},
                 canon_warps=cfg["canon_warps"] if method == "canon" else None)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(tensors, str(path), metadata={"timm_dec_segment": json.dumps(meta, default=list)})
+    safetensors.torch.save_file(tensors, str(path), metadata={CHECKPOINT_KEY: json.dumps(meta, default=list)})
     return str(path)
 
 
@@ -404,8 +420,7 @@ def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDig
                                       desc=bar), calibration=calibration)
         else:
             if method == "canon":
-                model.canon = InputCanonicalizer(nn.Identity(), num_warps=cfg["canon_warps"], in_chans=1,
-                                                 energy_size=16, energy_widths=(8, 16), seed=seed)
+                model.canon = _canon(cfg["canon_warps"], seed=seed)
             runs[method] = train(model, train_set, steps, lr, cfg, augment=method != "base",
                                  augl=cfg["augl_weight"] if method == "augl" else 0.0, seed=seed, desc=bar)
         models[method] = model
@@ -595,15 +610,12 @@ def run(args: argparse.Namespace) -> int:
 def load_checkpoint(path: Union[str, Path]) -> DigitSegmenter:
     """A segmenter that ``timm-dec segment`` saved (``checkpoints/<method>.safetensors``), rebuilt from the backbone,
     kwargs and Canon bank its metadata records and loaded strictly, in eval mode."""
-    with safetensors.safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "timm_dec_segment" not in meta:
-        raise ValueError(f"{path} is not a checkpoint of timm-dec segment (no timm_dec_segment metadata)")
-    info = json.loads(meta["timm_dec_segment"])
+    info = checkpoint_record(path)
+    if info is None:
+        raise ValueError(f"{path} is not a checkpoint of timm-dec segment (no {CHECKPOINT_KEY} metadata)")
     kwargs = dict(info["model_kwargs"])
     model = DigitSegmenter(timm.create_model(info["model"], **kwargs), kwargs["patch_size"])
     if info.get("canon_warps"):
-        model.canon = InputCanonicalizer(nn.Identity(), num_warps=info["canon_warps"], in_chans=1, energy_size=16,
-                                         energy_widths=(8, 16))
+        model.canon = _canon(info["canon_warps"])
     model.load_state_dict(safetensors.torch.load_file(str(path)))
     return model.eval()
