@@ -104,7 +104,7 @@ def dec_checkpoint_filter(
             f"{', '.join(sorted(k for k in own_dec if k not in dec_state)[:6])} (another dec_input: the image H and "
             f"the latent H have different layers)")
     # the options buffer of each DEC (`timm_dec.dec.DEC.weight_options`): absent from checkpoints written before it
-    missing = sorted(k for k in own_dec if k not in dec_state and not _OPTIONS_KEY.match(k))
+    missing = sorted(k for k in own_dec if k not in dec_state and not _OPTIONS_KEY.search(k))
     if dec_state and missing:
         # some DEC weights but not all: filling the rest with the identity start would load silently wrong
         raise ValueError(
