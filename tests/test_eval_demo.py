@@ -88,6 +88,18 @@ class TestDemo:
             state = load_file(s["methods"][method]["checkpoint"])
             model.load_state_dict(state, strict=True)
 
+    def test_a_subset_of_methods_trains_them_as_the_full_run_does(self, demo_out: Path, tmp_path: Path):
+        """Each method draws its own augmentation and initial weights: `--methods aug,dec` trains the same models."""
+        out = tmp_path / "subset"
+        assert cli.main(["demo", "--preset", "smoke", "--out", str(out), "--no-progress", "--methods", "aug,dec",
+                         "--no-equal-time"]) == 0
+        for method in ("aug", "dec"):
+            full = load_file(demo_out / "checkpoints" / f"{method}.safetensors")
+            subset = load_file(out / "checkpoints" / f"{method}.safetensors")
+            assert full.keys() == subset.keys()
+            for key in full:
+                assert torch.equal(full[key], subset[key]), (method, key)
+
     def test_smoke_run_warns_that_its_numbers_mean_nothing(self, tmp_path: Path, capsys: pytest.CaptureFixture):
         parser = argparse.ArgumentParser()
         demo_arguments(parser)

@@ -352,6 +352,13 @@ class _Setup:
             return timm.create_model(name, pretrained=pretrained, **self.cfg["model_kwargs"], **extra,
                                      num_classes=num_outputs(self.cfg["label"], self.cfg["num_digits"]))
 
+    def augmenter(self) -> RandomMonotoneScale:
+        """A fresh Aug augmentation with its own generator: every method's steps see the same warps, whichever other
+        methods run (the shared start's ``augment`` is drawn from once, before them)."""
+        cfg = self.cfg
+        return RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"],
+                                   generator=torch.Generator().manual_seed(cfg["seed"] + 5))
+
     def classifier(self, model: nn.Module) -> nn.Module:
         """``model`` scored on the whole number (`DigitwiseClassifier` for the ``digits`` label rule)."""
         return DigitwiseClassifier(model, self.cfg["num_digits"]) if self.cfg["label"] == "digits" else model
@@ -389,9 +396,7 @@ def _methods(s: _Setup, starts: dict[str, dict[str, torch.Tensor]]) -> dict[str,
     models: dict[str, nn.Module] = {}
     for method in cfg["methods"]:
         if method == "dec":
-            # the DEC's initial weights from the run's seed, not from what the methods before it drew (its
-            # augmentation still comes from the generator the methods share, so a subset of methods trains it on other
-            # warps)
+            # the DEC's initial weights from the run's seed, not from what the methods before it drew
             torch.manual_seed(seed)
             model = s.create(cfg["model"] + "_dec", **dec_kwargs(cfg))
             load_dec_state_dict(model, starts["aug"], source="the Aug start", target=f"{cfg['model']}_dec")
@@ -426,14 +431,14 @@ def _train_methods(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor
 
     stages = {
         "base": [Stage("Base", n, lr, seed=seed + 3)],
-        "aug": [Stage("Aug", n, lr, augment=s.augment, seed=seed + 3)],
-        "invl": [Stage("InvL", n, lr, augment=s.augment, invl=InvarianceLoss(cfg["invl_weight"]),
+        "aug": [Stage("Aug", n, lr, augment=s.augmenter(), seed=seed + 3)],
+        "invl": [Stage("InvL", n, lr, augment=s.augmenter(), invl=InvarianceLoss(cfg["invl_weight"]),
                        invl_scale=invl_scale, seed=seed + 3)],
-        "canon": [Stage("Canon", n, lr, augment=s.augment, new_prefixes=("energy.",), new_lr_mult=mult,
+        "canon": [Stage("Canon", n, lr, augment=s.augmenter(), new_prefixes=("energy.",), new_lr_mult=mult,
                         aux_loss=canon_rank if cfg["canon_rank_weight"] > 0 else None, seed=seed + 3)],
-        "dec": [Stage("DEC warm-up", cfg["dec_warmup_steps"], lr, augment=s.augment, new_prefixes=("dec.",),
+        "dec": [Stage("DEC warm-up", cfg["dec_warmup_steps"], lr, augment=s.augmenter(), new_prefixes=("dec.",),
                       new_lr_mult=mult, only_new=True, seed=seed + 4),
-                Stage("DEC", n, lr, augment=s.augment, new_prefixes=("dec.",), new_lr_mult=mult, seed=seed + 3)],
+                Stage("DEC", n, lr, augment=s.augmenter(), new_prefixes=("dec.",), new_lr_mult=mult, seed=seed + 3)],
     }
     timings = {}
     for method, model in models.items():
@@ -475,8 +480,8 @@ def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], c
     cfg = s.cfg
     model = s.create(cfg["model"])
     model.load_state_dict(starts["aug"])
-    run = s.fit(s.classifier(model), images, labels,
-                Stage("Aug+time", calibration["steps"], cfg["finetune_lr"], augment=s.augment, seed=cfg["seed"] + 3))
+    stage = Stage("Aug+time", calibration["steps"], cfg["finetune_lr"], augment=s.augmenter(), seed=cfg["seed"] + 3)
+    run = s.fit(s.classifier(model), images, labels, stage)
     return model, dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] +
                        calibration["steps"], dec_only_steps=0, calibration_noisy=calibration["noisy"],
                        calibration_uncertainty=calibration["uncertainty"])
