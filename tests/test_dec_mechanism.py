@@ -72,6 +72,19 @@ class TestFolds:
         dx, dy = mapped.diff(dim=2)[:, :-1], mapped.diff(dim=1)[:, :, :-1]
         assert (dx[..., 0] * dy[..., 1] - dy[..., 0] * dx[..., 1] > 0).all()
 
+    def test_guard_blends_exactly_to_the_first_touch_of_min_det(self):
+        """lam is the largest blend on whose whole path det J stays >= min_det: at lam the warp touches min_det."""
+        gen = torch.Generator().manual_seed(1)
+        knots = knots_from_logits(4.0 * torch.randn(500, 2, 5, 4, generator=gen, dtype=torch.float64))
+        guarded, lam = fold_free_knots(knots, 0.2)
+        hit = lam < 1
+        assert hit.float().mean() > 0.5
+        torch.testing.assert_close(min_jacobian_det(guarded[hit]), torch.full_like(lam[hit], 0.2), atol=1e-9, rtol=0)
+        identity = torch.linspace(0, 1, 5, dtype=torch.float64)
+        for frac in (0.25, 0.5, 0.9, 0.999):  # no earlier crossing: every blend on the way keeps det J above min_det
+            on_path = identity + (frac * lam[hit]).view(-1, 1, 1, 1) * (knots[hit] - identity)
+            assert (min_jacobian_det(on_path) > 0.2 - 1e-12).all()
+
     def test_guard_keeps_unfolded_warps_exactly(self):
         knots = knots_from_logits(0.2 * torch.randn(8, 2, 5, 4))
         assert (min_jacobian_det(knots) > 0.05).all()

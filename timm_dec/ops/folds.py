@@ -30,14 +30,15 @@ __all__ = ["jacobian_det_corners", "min_jacobian_det", "fold_free_knots", "local
 
 
 def _slopes(knots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The four slope factors at the cell corners, each (B, G, G, 2): indices [m, n, corner along t or s]."""
+    """The four slope factors at the cell corners, each (B, G, G, 2): indices [m, n, corner along t or s]; views of
+    the knots' differences (``unfold`` pairs neighbours without copying)."""
     k0, k1 = knots[:, 0], knots[:, 1]
     w0, w1 = k0.diff(dim=-1), k1.diff(dim=-1)        # (B, G+1, G): [row r, segment n], [column q, segment m]
     dk0, dk1 = k0.diff(dim=-2), k1.diff(dim=-2)      # (B, G, G+1): [segment m, knot q], [segment n, knot r]
-    a = torch.stack((w0[:, :-1], w0[:, 1:]), dim=-1)                                   # [m, n, t]
-    d = torch.stack((w1[:, :-1].transpose(1, 2), w1[:, 1:].transpose(1, 2)), dim=-1)   # [m, n, s]
-    b = torch.stack((dk0[:, :, :-1], dk0[:, :, 1:]), dim=-1)                           # [m, n, s]
-    c = torch.stack((dk1[:, :, :-1].transpose(1, 2), dk1[:, :, 1:].transpose(1, 2)), dim=-1)  # [m, n, t]
+    a = w0.unfold(1, 2, 1)                           # [m, n, t] = w0[m + t, n]
+    d = w1.unfold(1, 2, 1).transpose(1, 2)           # [m, n, s] = w1[n + s, m]
+    b = dk0.unfold(2, 2, 1)                          # [m, n, s] = dK0[m, n + s]
+    c = dk1.unfold(2, 2, 1).transpose(1, 2)          # [m, n, t] = dK1[n, m + t]
     return a, b, c, d
 
 
@@ -61,17 +62,15 @@ def min_jacobian_det(knots: torch.Tensor) -> torch.Tensor:
     return jacobian_det_corners(knots).flatten(1).amin(dim=1)
 
 
-def _first_crossing(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-    """Smallest positive root of c2 u^2 + c1 u + c0 (c0 > 0), +inf where there is none; float64, no host reads."""
-    disc = c1 * c1 - 4 * c2 * c0
-    root = torch.sqrt(disc.clamp_min(0))
-    q = -0.5 * (c1 + torch.where(c1 >= 0, root, -root))
-    inf = torch.full_like(c0, float("inf"))
-    r1 = torch.where(c2 != 0, q / torch.where(c2 != 0, c2, 1.0), inf)
-    r2 = torch.where(q != 0, c0 / torch.where(q != 0, q, 1.0), inf)
-    r1 = torch.where(r1 > 0, r1, inf)
-    r2 = torch.where(r2 > 0, r2, inf)
-    return torch.where(disc >= 0, torch.minimum(r1, r2), inf)
+def _first_crossing(c0: float, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """Smallest positive root of c2 u^2 + c1 u + c0 (c0 > 0), +inf where there is none; no host reads.
+
+    With c0 > 0 every positive root is 2 c0 / (sqrt(c1^2 - 4 c2 c0) - c1) (the cancellation-free form): for c2 < 0
+    the one positive root, for c2 > 0 and c1 < 0 the smaller of two, for c2 = 0 the root -c0 / c1 of the line. A
+    denominator <= 0 (both roots negative, or none for c2 = 0) or NaN (complex roots) means no positive root.
+    """
+    denom = torch.sqrt(c1 * c1 - (4 * c0) * c2) - c1
+    return torch.where(denom > 0, (2 * c0) / denom, torch.inf)
 
 
 def fold_free_knots(knots: torch.Tensor, min_det: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +91,11 @@ def fold_free_knots(knots: torch.Tensor, min_det: float = 0.05) -> tuple[torch.T
         raise ValueError(f"min_det must be in (0, 1), got {min_det}")
     grid = knots.shape[-1] - 1
     with torch.no_grad():
-        a, b, c, d = (t.double() for t in _slopes(knots))
+        a, b, c, d = _slopes(knots.double())
         a1, d1 = grid * a - 1, grid * d - 1   # slope excess over the identity's, normalised
         c1 = a1[..., :, None] + d1[..., None, :]
         c2 = a1[..., :, None] * d1[..., None, :] - grid ** 2 * c[..., :, None] * b[..., None, :]
-        c0 = torch.full_like(c2, 1.0 - min_det)
-        lam = _first_crossing(c0, c1, c2).flatten(1).amin(dim=1).clamp(max=1.0)
-        lam = torch.where(torch.isfinite(lam), lam, torch.ones_like(lam)).to(knots.dtype)
+        lam = _first_crossing(1.0 - min_det, c1, c2).flatten(1).amin(dim=1).clamp(max=1.0).to(knots.dtype)
     identity = torch.linspace(0, 1, grid + 1, device=knots.device, dtype=knots.dtype)
     blended = identity + lam.view(-1, 1, 1, 1) * (knots - identity)
     guarded = torch.where((lam < 1).view(-1, 1, 1, 1), blended, knots)
