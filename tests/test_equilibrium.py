@@ -168,6 +168,35 @@ def test_jacobian_regulariser_adds_exactly_its_gradient_and_leaves_the_loss(beta
     torch.testing.assert_close(_grads(reg), _grads(plain), atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_jacobian_regulariser_on_a_fraction_of_the_batch_reads_its_first_samples(backward):
+    """jac_reg_fraction 0.4 of 5 samples: the added gradient is the penalty's of samples 0 and 1 alone, their mean."""
+    x = torch.randn(5, 3, 5, 6, dtype=torch.float64)
+    weight = torch.randn(5, 2, 3, 2, dtype=torch.float64)
+    opts = dict(max_iter=200, tol=1e-12, beta=0.5, backward=backward)
+    plain = _float64_dec(**opts)
+    part = _float64_dec(jac_reg=0.5, jac_reg_fraction=0.4, **opts)
+    (plain.equilibrium(x, layout="nchw") * weight).sum().backward()
+    out = part.equilibrium(x, layout="nchw")
+    torch.testing.assert_close(out, plain.equilibrium(x, layout="nchw"), atol=0, rtol=0)
+    (out * weight).sum().backward()
+    with torch.no_grad():
+        z_star = plain.equilibrium(x[:2], layout="nchw")
+    z = z_star.detach().requires_grad_()
+    fz = plain.update(z, plain.reduce_input(x[:2], "nchw"))
+    v = hutchinson_probe(fz)
+    (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)
+    penalty = 0.5 * (0.5 * vjp + 0.5 * v).pow(2).flatten(1).mean(1).mean()
+    penalty_grads = torch.autograd.grad(penalty, list(plain.parameters()), allow_unused=True)
+    expected = _grads(plain) + torch.cat([
+        (g if g is not None else torch.zeros_like(q)).flatten() for g, q in zip(penalty_grads, plain.parameters())])
+    torch.testing.assert_close(_grads(part), expected, atol=1e-10, rtol=1e-8)
+    with pytest.raises(ValueError, match="jac_reg_fraction"):
+        _float64_dec(jac_reg_fraction=1.5)
+    with pytest.raises(ValueError, match="jac_reg_fraction"):
+        _float64_dec(jac_reg_fraction=0.0)
+
+
 class Readout(nn.Module):
     """A fixed linear read of a DEC's knots (nchw input): a smooth objective of its equilibrium."""
 

@@ -124,6 +124,10 @@ class DECConfig:
             regulariser keeps that map contractive (one equilibrium per input, reached in few iterations) while
             J_f itself may restore strongly (J_f = 1 - 1/beta at no cost): a canonicaliser needs a restoring H, and
             Bai et al.'s undamped form (beta = 1) pulls H's gain to zero. 0 turns it off; eval never pays for it.
+        jac_reg_fraction: the share of each training batch the regulariser's estimate reads, in (0, 1]: its first
+            ceil(fraction * B) samples (a static slice: no host sync), whose f is evaluated once more with the graph
+            the penalty needs. Training batches are shuffled, so the slice's mean estimates the batch's at a fraction
+            of the cost (the regulariser's double backward is the costliest part of a DEC's training step).
         logit_bound: the logits of the knots are ``bound * tanh(z / bound)``: a segment is at least
             ``1 / (1 + (G-1) exp(2 bound))`` of its row, at most ``1 / (1 + (G-1) exp(-2 bound))``.
         min_jacobian: the fold guard keeps det J of the warp at least this everywhere (`timm_dec.ops.folds`).
@@ -150,6 +154,7 @@ class DECConfig:
     backward_tol: float = 1e-4
     backward_solver: Optional[str] = None
     jac_reg: float = 3.0
+    jac_reg_fraction: float = 1.0
     logit_bound: float = 1.5
     min_jacobian: float = 0.05
 
@@ -180,13 +185,13 @@ class DECConfig:
         if isinstance(self.jac_reg, bool) or not isinstance(self.jac_reg, (int, float)) or not (
                 0 <= self.jac_reg < float("inf")):
             raise ValueError(f"dec jac_reg must be a finite number >= 0, got {self.jac_reg!r}")
-        for field in ("tol", "backward_tol", "logit_bound", "beta", "min_jacobian"):
+        for field in ("tol", "backward_tol", "logit_bound", "beta", "min_jacobian", "jac_reg_fraction"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"dec {field} must be a positive finite number, got {value!r}")
-        if self.beta > 1 or self.min_jacobian >= 1:
-            raise ValueError(f"dec beta must be in (0, 1] and min_jacobian in (0, 1), got {self.beta}, "
-                             f"{self.min_jacobian}")
+        if self.beta > 1 or self.min_jacobian >= 1 or self.jac_reg_fraction > 1:
+            raise ValueError(f"dec beta and jac_reg_fraction must be in (0, 1] and min_jacobian in (0, 1), got "
+                             f"{self.beta}, {self.jac_reg_fraction}, {self.min_jacobian}")
         self._check_choices()
 
     def _check_choices(self) -> None:
@@ -583,7 +588,7 @@ class DEC(nn.Module):
             for _ in range(c.phantom_steps - 1):
                 out = self.update(out, p)
             if self._regularised:
-                out = self._jacobian_penalty(out, first, z_leaf)
+                out = self._jacobian_penalty(out, first, z_leaf, p)
         return torch.where(failed, z0, out)
 
     @property
@@ -599,20 +604,26 @@ class DEC(nn.Module):
         z_leaf = z_start.detach().requires_grad_()
         fz = self.update(z_leaf, p)
         out = _ImplicitGrad.apply(fz, self._adjoint(fz, z_leaf, near))
-        return self._jacobian_penalty(out, fz, z_leaf) if self._regularised else out
+        return self._jacobian_penalty(out, fz, z_leaf, p) if self._regularised else out
 
     @torch.compiler.disable  # torch.autograd.grad(create_graph=True) is not traceable: one graph break when training
-    def _jacobian_penalty(self, out: torch.Tensor, fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _jacobian_penalty(self, out: torch.Tensor, fz: torch.Tensor, z: torch.Tensor, p: torch.Tensor
+                          ) -> torch.Tensor:
         """``out``, whose backward also adds the gradient of ``jac_reg`` * mean over samples of ||v^T J||^2 / dim, with
         J = beta J_f(z) + (1 - beta) I the Jacobian of the damped map the solver iterates and v `hutchinson_probe`
-        (a one-sample Hutchinson estimate of ||J||_F^2 / dim)."""
+        (a one-sample Hutchinson estimate of ||J||_F^2 / dim); the mean over the first ``jac_reg_fraction`` of the
+        samples, whose f(z) is evaluated again from ``p`` when that is not all of them."""
+        c = self.cfg
+        n = math.ceil(c.jac_reg_fraction * z.shape[0])
+        if n < z.shape[0]:
+            z = z.detach()[:n].requires_grad_()
+            fz = self.update(z, p[:n])
         v = hutchinson_probe(fz)
         (vjp,) = torch.autograd.grad(fz, z, v, create_graph=True)
-        beta = self.cfg.beta
-        if beta < 1:
-            vjp = beta * vjp + (1 - beta) * v
+        if c.beta < 1:
+            vjp = c.beta * vjp + (1 - c.beta) * v
         penalty = vjp.pow(2).flatten(1).mean(dim=1)
-        return _AddLossGradient.apply(out, self.cfg.jac_reg * _LOSS_SCALE.get() * penalty.mean())
+        return _AddLossGradient.apply(out, c.jac_reg * _LOSS_SCALE.get() * penalty.mean())
 
     def forward(
             self,

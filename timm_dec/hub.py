@@ -196,7 +196,8 @@ def _card_dec_prose(cfg: Any, unit: str) -> dict[str, str]:
     solver = {"anderson": "Anderson acceleration", "fixed_point": "plain fixed-point iteration"}.get(o.solver, o.solver)
     damping = f", damped by {o.beta:g}" if o.beta < 1 else ""
     if o.jac_reg > 0:
-        backward += f"; trained with a Jacobian regulariser of the damped map (weight {o.jac_reg:g})"
+        share = f", on {o.jac_reg_fraction:.0%} of each batch" if o.jac_reg_fraction < 1 else ""
+        backward += f"; trained with a Jacobian regulariser of the damped map (weight {o.jac_reg:g}{share})"
     return dict(dec_where=" and ".join(where), dec_update=f"{o.update} update, `{update}`",
                 dec_solve=f"{solver}{damping} (up to {o.max_iter} iterations, relative tolerance {o.tol:g})",
                 dec_backward=backward)

@@ -163,6 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dec-beta", type=float, default=None, help="damping of the DEC's solver (DECConfig.beta)")
     g.add_argument("--dec-jac-reg", type=float, default=None,
                    help="weight of the DEC's Jacobian regulariser in training (DECConfig.jac_reg; 0: off)")
+    g.add_argument("--dec-jac-reg-fraction", type=float, default=None,
+                   help="share of each batch the Jacobian regulariser reads (DECConfig.jac_reg_fraction, in (0, 1])")
     g.add_argument("--dec-image-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"),
                    help="channels of the image H (the input DEC's)")
     g.add_argument("--dec-image-size", type=int, default=None,
