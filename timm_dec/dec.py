@@ -83,9 +83,8 @@ class DECConfig:
     f(z) = z + H(S^{-1}(F; z)) (paper eq. 16-18, the gradient step Phi - grad E) is the one whose fixed points follow
     a rescaled input along its orbit (the absolute form's z* = H(C) depends on the canonical map C alone, so for
     F' = S(F; g) it returns the same warp), but from H = 0 its equilibrium drifts by ``max_iter`` times H's output
-    before H has learned anything: on the demo its DEC-only phase blew the loss up, at the input (1.10 -> 1.99 in
-    100 steps, then 11.65 points below Aug) and on the token map (0.92 -> 6.3). It stays an option
-    (``update="residual"``), trained with phantom gradients: its Jacobian I + dH/dz is the identity where dH/dz is 0
+    before H has learned anything, which raised the training loss of the demo's DEC-only phase (README,
+    "Defaults"). It stays an option (``update="residual"``), trained with phantom gradients: its Jacobian I + dH/dz is the identity where dH/dz is 0
     (at initialisation), so the implicit adjoint g = J^T g + v has no solution there, and asking for the implicit
     backward with it is an error.
 
