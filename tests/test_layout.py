@@ -1,6 +1,6 @@
 """The package's shape: the layers (library, data, I/O, benchmarks, applications) import only downwards, no import
-cycle among the timm_dec modules, no ``import timm_dec`` inside the package, no module over 700 lines and no function
-over 80 lines (tests aside).
+cycle among the timm_dec modules, no ``import timm_dec`` inside the package, no module outside a package importing
+that package's ``_private`` modules, no module over 700 lines and no function over 80 lines (tests aside).
 
 Every import counts, function-local ones too: deferring an import hides an edge from a reader, not from the layering.
 """
@@ -116,6 +116,40 @@ def test_no_import_of_timm_dec_inside_the_package():
             elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("timm_dec"):
                 offenders.append(f"{name}:{node.lineno}")
     assert not offenders, f"absolute imports of timm_dec inside the package (use relative imports): {offenders}"
+
+
+def private_owner(module: str) -> str | None:
+    """The package that ``module`` is private to (``timm_dec.models`` for ``timm_dec.models._base``; ``timm_dec`` for
+    ``timm_dec._format``), or None for a public module: the package above its first ``_name`` part."""
+    parts = module.split(".")
+    for index in range(1, len(parts)):
+        if parts[index].startswith("_"):
+            return ".".join(parts[:index])
+    return None
+
+
+def private_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    """The edges of ``graph`` from a module outside a package P into a ``_private`` module of P."""
+    return [f"{name} -> {target}" for name, targets in sorted(graph.items()) for target in sorted(targets)
+            if (owner := private_owner(target)) is not None and name != owner and not name.startswith(owner + ".")]
+
+
+def test_the_private_import_check_sees_a_reach_into_another_package():
+    graph = {"timm_dec.apps.demo": {"timm_dec.models._base", "timm_dec.models", "timm_dec._format"},
+             "timm_dec.models.vit_dec": {"timm_dec.models._base"}, "timm_dec.models": {"timm_dec.models._registry"},
+             "timm_dec.data.digits": {"timm_dec.ops.random"}, "timm_dec.apps._common": {"timm_dec.apps._start"}}
+    assert private_imports(graph) == ["timm_dec.apps.demo -> timm_dec.models._base"]
+    tree = ast.parse("def f():\n    from ..models import _base\n")
+    assert [n for node in _all_imports(tree) for n in _imported("timm_dec.apps.demo", node)] == [
+        "timm_dec.models", "timm_dec.models._base"]
+
+
+def test_no_module_imports_the_private_modules_of_another_package():
+    """Other layers import a package's public names (its ``__init__``), never its ``_private`` modules; a top-level
+    ``timm_dec._name`` module is private to ``timm_dec`` and open to every module in it."""
+    offenders = private_imports(import_graph())
+    assert not offenders, "imports of another package's private modules (import its public names instead):\n" + (
+        "\n".join(offenders))
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

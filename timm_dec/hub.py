@@ -53,8 +53,7 @@ from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     read_training_checkpoint,
     save_checkpoint,
 )
-from .models import base_model_name, check_dec_options
-from .models._base import INPUT, DECModelMixin, dec_options
+from .models import INPUT, DECModelMixin, base_model_name, check_dec_options, dec_options
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
@@ -72,7 +71,7 @@ PathLike = Union[str, os.PathLike]
 
 
 def _dec_cfg(model: nn.Module) -> Any:
-    """The frozen DEC config of an adapted model (`timm_dec.models._base.AdaptConfig`), or None for a model without
+    """The frozen DEC config of an adapted model (`timm_dec.models.AdaptConfig`), or None for a model without
     DEC."""
     if isinstance(model, DECModelMixin):
         return model.dec_cfg
