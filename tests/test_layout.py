@@ -152,6 +152,38 @@ def test_no_module_imports_the_private_modules_of_another_package():
         "\n".join(offenders))
 
 
+def private_names(name: str, tree: ast.Module) -> List[str]:
+    """The ``_private`` names that module ``name`` imports (``from M import _x``) from a module M of a package it is
+    not in: a ``_name`` of a module of package P is private to P, as a ``_module`` of P is."""
+    found = []
+    for node in _all_imports(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        source = _resolve(name, node.level, node.module)
+        if source not in MODULES:
+            continue
+        owner = source if _is_package(source) else source.rpartition(".")[0]
+        if name == owner or name.startswith(owner + "."):
+            continue
+        found += [f"{name} -> {source}.{alias.name}" for alias in node.names if alias.name.startswith("_")
+                  and not alias.name.startswith("__") and f"{source}.{alias.name}" not in MODULES]
+    return found
+
+
+def test_the_private_name_check_sees_a_reach_into_another_package():
+    tree = ast.parse("from .ops.random import _check_int, random_knots\nfrom . import __version__\n"
+                     "from .checkpoint import _read_json\n")
+    assert private_names("timm_dec.data", tree) == ["timm_dec.data -> timm_dec.ops.random._check_int"]
+    assert private_names("timm_dec.ops.warp", tree) == []  # inside timm_dec.ops (and timm_dec)
+
+
+def test_no_module_imports_the_private_names_of_another_package():
+    offenders = [edge for name, path in MODULES.items()
+                 for edge in private_names(name, ast.parse(path.read_text(encoding="utf-8")))]
+    assert not offenders, "imports of another package's private names (make them public or move them):\n" + (
+        "\n".join(offenders))
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_module_size(name: str):
     lines = len(MODULES[name].read_text(encoding="utf-8").splitlines())
@@ -168,7 +200,7 @@ def test_function_size(name: str):
 
 
 # The layers, lowest first (README "Design", /work/shared/DESIGN.md "Layout"): a module may import its own layer and
-# those below it. `_compat`, `_format` and `_argcheck` (the command line's shared checks) are leaves that every layer
+# those below it. `_compat`, `_format` and `_argcheck` (the shared argument checks) are leaves that every layer
 # may use.
 LAYERS = (
     ("library", ("timm_dec._compat", "timm_dec._format", "timm_dec._argcheck", "timm_dec.ops", "timm_dec.solver",

@@ -31,8 +31,8 @@ from PIL import Image
 from timm.data import create_dataset
 from torch.utils.data import Dataset, get_worker_info
 
+from ._argcheck import check_float, check_int
 from .ops import monotone_warp, random_knots
-from .ops.random import _check_float, _check_int  # the argument checks of the random warps, shared
 
 __all__ = [
     "random_knots", "RandomMonotoneScale", "LocallyScaledDigits", "DigitSample", "rescale_object", "SOURCES",
@@ -98,16 +98,16 @@ class RandomMonotoneScale(nn.Module):
             seed: Optional[int] = None,
     ) -> None:
         super().__init__()
-        self.strength = _check_float("strength", strength)
-        self.grid = _check_int("grid", grid, 1)
-        self.p = _check_float("p", p)
+        self.strength = check_float("strength", strength)
+        self.grid = check_int("grid", grid, 1)
+        self.p = check_float("p", p)
         if self.p > 1:
             raise ValueError(f"p must be a probability in [0, 1], got {p}")
         if generator is not None and seed is not None:
             raise ValueError("pass either generator or seed, not both")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        self.seed = None if seed is None else _check_int("seed", seed, 0)
+        self.seed = None if seed is None else check_int("seed", seed, 0)
         self.generator = generator
         self._seeded: Optional[torch.Generator] = None
         self._seeded_for: Optional[tuple] = None
@@ -294,18 +294,18 @@ class LocallyScaledDigits(Dataset):
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         self.split, self.source = split, source
         num_samples = DEFAULT_NUM_SAMPLES[split] if num_samples is None else num_samples
-        self.num_samples = _check_int("num_samples", num_samples, 0)
-        self.num_digits = _check_int("num_digits", num_digits, 1)
-        self.canvas = _check_int("canvas", canvas, 1)
-        self.digit_size = _check_int("digit_size", canvas // 8 if digit_size is None else digit_size, 1)
+        self.num_samples = check_int("num_samples", num_samples, 0)
+        self.num_digits = check_int("num_digits", num_digits, 1)
+        self.canvas = check_int("canvas", canvas, 1)
+        self.digit_size = check_int("digit_size", canvas // 8 if digit_size is None else digit_size, 1)
         if not isinstance(scale_range, (tuple, list)) or len(scale_range) != 2:
             raise ValueError(f"scale_range must be a (low, high) pair, got {scale_range!r}")
-        low = _check_float("scale_range[0]", scale_range[0], strict=True)
-        high = _check_float("scale_range[1]", scale_range[1], strict=True)
+        low = check_float("scale_range[0]", scale_range[0], strict=True)
+        high = check_float("scale_range[1]", scale_range[1], strict=True)
         if low > high:
             raise ValueError(f"scale_range must have low <= high, got {scale_range!r}")
         self.scale_range = (low, high)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         if channels not in (1, 3) or isinstance(channels, bool):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         self.channels = channels
@@ -410,9 +410,9 @@ class LocallyScaledDigits(Dataset):
             if isinstance(s, Sequence) and not isinstance(s, (str, bytes)):
                 if len(s) != self.num_digits:
                     raise ValueError(f"a per-digit scale tuple needs {self.num_digits} entries, got {tuple(s)}")
-                out.append(tuple(_check_float("scale", v, strict=True) for v in s))
+                out.append(tuple(check_float("scale", v, strict=True) for v in s))
             else:
-                out.append((_check_float("scale", s, strict=True),) * self.num_digits)
+                out.append((check_float("scale", s, strict=True),) * self.num_digits)
         return out
 
     def _check_fits(self, scales: Sequence[float], what: str) -> list[int]:
@@ -492,8 +492,8 @@ def rescale_object(
         raise TypeError(f"mask must be bool or float with values in [0, 1], got {mask.dtype}")
     if mask.device != image.device or background.device != image.device:
         raise ValueError("image, mask and background must be on the same device")
-    factor = _check_float("factor", factor, strict=True)
-    feather = _check_float("feather", feather)
+    factor = check_float("factor", factor, strict=True)
+    feather = check_float("feather", feather)
     if center not in ("centroid", "bbox"):
         raise ValueError(f"center must be 'centroid' or 'bbox', got {center!r}")
     dtype = torch.promote_types(image.dtype, torch.float32)
