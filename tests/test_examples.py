@@ -20,6 +20,7 @@ import torch
 from timm.utils import ParseKwargs
 
 from timm_dec import hub
+from timm_dec.apps import push as push_app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -156,9 +157,9 @@ def test_train_with_timm_commands(in_tmp: Path) -> None:
     assert example("evaluate").main(evaluate[2:] + ["--num-samples", "4", "--scales", "1.0"]) == 0
     assert json.loads((in_tmp / evaluate[evaluate.index("--results-file") + 1]).read_text())["num_samples"] == 4
     parser = argparse.ArgumentParser()
-    hub.add_arguments(parser)
+    push_app.add_arguments(parser)
     push_args = parser.parse_args(push[2:] + ["--dry-run"])
-    assert hub.run(push_args) == 0
+    assert push_app.run(push_args) == 0
     saved = safetensors.torch.load_file(str(in_tmp / push_args.output / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     card = (in_tmp / push_args.output / "README.md").read_text()

@@ -19,6 +19,7 @@ from huggingface_hub.utils import _http
 
 import timm_dec
 from timm_dec import hub
+from timm_dec.apps import push as push_app
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, dec_widths=(8, 16),
             dec_proj_chans=8)
@@ -428,8 +429,8 @@ def test_bare_safetensors_needs_a_model_name(model: torch.nn.Module, tmp_path: P
 def push_cli(argv: list[str]) -> int:
     """``timm-dec push ARGV`` (the subcommand's own parser and run, as timm_dec.cli wires them)."""
     parser = argparse.ArgumentParser(prog="timm-dec push")
-    hub.add_arguments(parser)
-    return hub.run(parser.parse_args(argv))
+    push_app.add_arguments(parser)
+    return push_app.run(parser.parse_args(argv))
 
 
 def test_cli_push_from_a_timm_checkpoint(model: torch.nn.Module, timm_ckpt: Path, tmp_path: Path,

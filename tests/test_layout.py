@@ -1,6 +1,6 @@
 """The package's shape: the layers (library, data, I/O, benchmarks, applications) import only downwards, no import
-cycle among the timm_dec modules, no ``import timm_dec`` inside the package, no module over 700 lines and no function
-over 80 lines (tests aside).
+cycle among the timm_dec modules, no ``import timm_dec`` inside the package, no module outside a package importing
+that package's ``_private`` modules, no module over 700 lines and no function over 80 lines (tests aside).
 
 Every import counts, function-local ones too: deferring an import hides an edge from a reader, not from the layering.
 """
@@ -118,6 +118,72 @@ def test_no_import_of_timm_dec_inside_the_package():
     assert not offenders, f"absolute imports of timm_dec inside the package (use relative imports): {offenders}"
 
 
+def private_owner(module: str) -> str | None:
+    """The package that ``module`` is private to (``timm_dec.models`` for ``timm_dec.models._base``; ``timm_dec`` for
+    ``timm_dec._format``), or None for a public module: the package above its first ``_name`` part."""
+    parts = module.split(".")
+    for index in range(1, len(parts)):
+        if parts[index].startswith("_"):
+            return ".".join(parts[:index])
+    return None
+
+
+def private_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    """The edges of ``graph`` from a module outside a package P into a ``_private`` module of P."""
+    return [f"{name} -> {target}" for name, targets in sorted(graph.items()) for target in sorted(targets)
+            if (owner := private_owner(target)) is not None and name != owner and not name.startswith(owner + ".")]
+
+
+def test_the_private_import_check_sees_a_reach_into_another_package():
+    graph = {"timm_dec.apps.demo": {"timm_dec.models._base", "timm_dec.models", "timm_dec._format"},
+             "timm_dec.models.vit_dec": {"timm_dec.models._base"}, "timm_dec.models": {"timm_dec.models._registry"},
+             "timm_dec.data.digits": {"timm_dec.ops.random"}, "timm_dec.apps._common": {"timm_dec.apps._start"}}
+    assert private_imports(graph) == ["timm_dec.apps.demo -> timm_dec.models._base"]
+    tree = ast.parse("def f():\n    from ..models import _base\n")
+    assert [n for node in _all_imports(tree) for n in _imported("timm_dec.apps.demo", node)] == [
+        "timm_dec.models", "timm_dec.models._base"]
+
+
+def test_no_module_imports_the_private_modules_of_another_package():
+    """Other layers import a package's public names (its ``__init__``), never its ``_private`` modules; a top-level
+    ``timm_dec._name`` module is private to ``timm_dec`` and open to every module in it."""
+    offenders = private_imports(import_graph())
+    assert not offenders, "imports of another package's private modules (import its public names instead):\n" + (
+        "\n".join(offenders))
+
+
+def private_names(name: str, tree: ast.Module) -> List[str]:
+    """The ``_private`` names that module ``name`` imports (``from M import _x``) from a module M of a package it is
+    not in: a ``_name`` of a module of package P is private to P, as a ``_module`` of P is."""
+    found = []
+    for node in _all_imports(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        source = _resolve(name, node.level, node.module)
+        if source not in MODULES:
+            continue
+        owner = source if _is_package(source) else source.rpartition(".")[0]
+        if name == owner or name.startswith(owner + "."):
+            continue
+        found += [f"{name} -> {source}.{alias.name}" for alias in node.names if alias.name.startswith("_")
+                  and not alias.name.startswith("__") and f"{source}.{alias.name}" not in MODULES]
+    return found
+
+
+def test_the_private_name_check_sees_a_reach_into_another_package():
+    tree = ast.parse("from .ops.random import _check_int, random_knots\nfrom . import __version__\n"
+                     "from .checkpoint import _read_json\n")
+    assert private_names("timm_dec.metrics", tree) == ["timm_dec.metrics -> timm_dec.ops.random._check_int"]
+    assert private_names("timm_dec.ops.warp", tree) == []  # inside timm_dec.ops (and timm_dec)
+
+
+def test_no_module_imports_the_private_names_of_another_package():
+    offenders = [edge for name, path in MODULES.items()
+                 for edge in private_names(name, ast.parse(path.read_text(encoding="utf-8")))]
+    assert not offenders, "imports of another package's private names (make them public or move them):\n" + (
+        "\n".join(offenders))
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_module_size(name: str):
     lines = len(MODULES[name].read_text(encoding="utf-8").splitlines())
@@ -134,7 +200,7 @@ def test_function_size(name: str):
 
 
 # The layers, lowest first (README "Design", /work/shared/DESIGN.md "Layout"): a module may import its own layer and
-# those below it. `_compat`, `_format` and `_argcheck` (the command line's shared checks) are leaves that every layer
+# those below it. `_compat`, `_format` and `_argcheck` (the shared argument checks) are leaves that every layer
 # may use.
 LAYERS = (
     ("library", ("timm_dec._compat", "timm_dec._format", "timm_dec._argcheck", "timm_dec.ops", "timm_dec.solver",

@@ -1,18 +1,23 @@
-"""Checks of command-line arguments that every subcommand shares, made before any work: an output location (a folder
-or a file) that can be written, and a ``--checkpoint`` that is a checkpoint at all. A leaf: the standard library only,
-so that every layer with a command line (``hub``'s push, ``bench``, ``apps``) uses the same checks and words.
+"""Checks of arguments that several layers share, made before any work: an output location (a folder or a file) that
+can be written and a ``--checkpoint`` that is a checkpoint at all (every command line: ``apps``, ``bench``), and the
+int and float arguments of the library's functions and classes (`check_int`, `check_float`: ``ops.random_knots``,
+``timm_dec.data``). A leaf: the standard library and numpy only, so that every layer uses the same checks and words.
 
 The rule for output folders: the named folder is created if missing, inside a parent folder that must exist; nothing
 above the named folder is ever created. An output file goes into an existing folder (none is created).
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-__all__ = ["OUTPUT_FOLDER_RULE", "check_output_folder", "check_output_file", "check_checkpoint_path", "named_kwarg"]
+import numpy as np
+
+__all__ = ["OUTPUT_FOLDER_RULE", "check_output_folder", "check_output_file", "check_checkpoint_path", "named_kwarg",
+           "check_int", "check_float"]
 
 OUTPUT_FOLDER_RULE = "created if missing, in a parent folder that must exist"
 
@@ -109,3 +114,24 @@ def named_kwarg(kwargs: Mapping[str, Any], error: BaseException) -> str:
         if f"'{key}'" in text or (isinstance(value, str) and value and value in text):
             return f"{key}={value!r}"
     return ""
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int: an int (numpy's too, not a bool) of at least ``minimum``; `TypeError` or `ValueError`
+    naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_float(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a float: a finite number (numpy's too, not a bool) of at least ``minimum`` (above it with
+    ``strict``); `TypeError` or `ValueError` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
+    return value

@@ -4,9 +4,9 @@ A DEC reads and warps what its unit sees, in that unit's layout: the (B, C, H, W
 (B, P + H*W, C) tokens (``tokens``; ViT, DeiT, BEiT, Eva, relpos ViT blocks; the P prefix tokens pass through),
 (B, H, W, C) maps (``nhwc``; Swin v1 and V2 stages) or (B, C, H, W) maps (``nchw``; Swin V2 cr stages).
 
-The instance's class is switched to its family's DEC subclass (`timm_dec.models._base.dec_class_for`) and the DEC
+The instance's class is switched to its family's DEC subclass (`timm_dec.models.dec_class_for`) and the DEC
 modules are attached; the machinery itself (`DECModelMixin`, the options, the family registry) lives in
-`timm_dec.models._base`, whose names this module re-exports for existing callers.
+`timm_dec.models` (its ``_base`` module), whose names this module re-exports for existing callers.
 """
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
-from .models._base import (  # noqa: F401  (re-exported: the adapt API before the models/_base.py split)
+from .models import (  # noqa: F401  (re-exported: the adapt API before the models/_base.py split)
     DEFAULT_MODE,
     INPUT,
     MODES,
     AdaptConfig,
     DECModelMixin,
-    _attach,
-    _make_config,
+    attach_decs,
     dec_class_for,
     dec_options,
     parse_dec_options,
@@ -89,7 +88,7 @@ def adapt(
     # class switch first: the options are checked with the family hooks; a rejected adapt leaves the model as it was
     model.__class__ = dec_cls
     try:
-        _attach(model, _make_config(model, parse_dec_options({"blocks": blocks, "mode": mode, **options})))
+        attach_decs(model, parse_dec_options({"blocks": blocks, "mode": mode, **options}))
     except Exception:
         model.__class__ = base_cls
         raise

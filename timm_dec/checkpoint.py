@@ -30,14 +30,16 @@ from ._format import plain
 from ._options import mismatch_message, same_dec_option
 from .models import (
     CHECKPOINT_METADATA_KEY,
+    DECModelMixin,
     DECOptionError,
     base_model_name,
     check_dec_options,
+    dec_blocks_in,
+    dec_options,
+    default_dec_options,
     load_dec_state_dict,
     read_checkpoint_record,
 )
-from .models._base import DECModelMixin, dec_options, default_dec_options
-from .models._registry import dec_blocks_in
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "TRAINING_STATE_NAME", "CHECKPOINT_METADATA_KEY", "TrainingCheckpoint",

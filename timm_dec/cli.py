@@ -26,7 +26,7 @@ SUBCOMMANDS = {
     "eval": ("timm_dec.apps.evaluate", "accuracy, InvE and per-scale accuracy of any timm model"),
     "bench": ("timm_dec.bench", "benchmarks: 'warp' (the warp op), 'overhead' (base vs *_dec models) or 'gpu' "
                                 "(the one-shot GPU check)"),
-    "push": ("timm_dec.hub", "save a checkpoint as a Hub folder with a model card and push it"),
+    "push": ("timm_dec.apps.push", "save a checkpoint as a Hub folder with a model card and push it"),
 }
 DESCRIPTION = ("timm-dec: local scale consistency for timm vision transformers with the Deep Equilibrium "
                "Canonicalizer (DEC). Run 'timm-dec COMMAND --help' for the options of a command.")

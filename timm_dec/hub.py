@@ -12,17 +12,16 @@ A saved folder is what timm's own Hub loader reads (`timm.models.save_for_hf` wr
 
 After ``import timm_dec``, ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` or
 ``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the saved model back; `load_pretrained` does the
-same after checking the folder, with clear errors. ``timm-dec push`` turns a training checkpoint (timm's
-``train.py`` output, a `timm_dec.finetune` checkpoint folder or a ``.safetensors`` file) into such a folder and
-uploads it; reading checkpoints and rebuilding the model they record is `timm_dec.checkpoint` (re-exported here).
+same after checking the folder, with clear errors. ``timm-dec push`` (`timm_dec.apps.push`) turns a training
+checkpoint (timm's ``train.py`` output, a `timm_dec.finetune` checkpoint folder or a ``.safetensors`` file) into such a
+folder and uploads it with these functions; reading checkpoints and rebuilding the model they record is
+`timm_dec.checkpoint` (its loading API re-exported here for existing callers).
 Nothing here unpickles arbitrary objects: safetensors are read as tensors, and timm's ``.pth.tar`` with
 ``torch.load(weights_only=True)`` (argparse's ``Namespace`` of the training args allowed as plain data).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.resources
-import json
 import os
 import re
 import socket
@@ -32,20 +31,20 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 import timm
-from timm.utils import ParseKwargs
 from torch import nn
 
 from . import __version__
-from ._argcheck import OUTPUT_FOLDER_RULE, check_checkpoint_path, check_output_folder, named_kwarg
 from ._compat import hf_split
 from ._format import format_scale, jsonable
-from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
+
+# CONFIG_NAME, WEIGHTS_NAME and check_pretrained are used here; the other names are re-exported only for backward
+# compatibility: callers import this loading API from timm_dec.hub (examples/publish.py, tests); it lives in checkpoint
+from .checkpoint import (  # noqa: F401
     CHECKPOINT_METADATA_KEY,
     CONFIG_NAME,
     TRAINING_STATE_NAME,
     WEIGHTS_NAME,
     TrainingCheckpoint,
-    _read_json,
     check_pretrained,
     checkpoint_record,
     load_training_checkpoint,
@@ -53,15 +52,13 @@ from .checkpoint import (  # noqa: F401  (re-exported: the hub's loading API)
     read_training_checkpoint,
     save_checkpoint,
 )
-from .models import base_model_name, check_dec_options
-from .models._base import INPUT, DECModelMixin, dec_options
+from .models import INPUT, DECModelMixin, base_model_name, check_dec_options, dec_options
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
     "normalize_metrics", "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
     "load_training_checkpoint", "read_training_checkpoint", "model_from_checkpoint", "TrainingCheckpoint",
     "save_checkpoint", "prepare_output_folder", "check_repo_id", "hub_reachable", "check_pretrained_source",
-    "add_arguments", "run",
 ]
 
 README_NAME = "README.md"
@@ -72,7 +69,7 @@ PathLike = Union[str, os.PathLike]
 
 
 def _dec_cfg(model: nn.Module) -> Any:
-    """The frozen DEC config of an adapted model (`timm_dec.models._base.AdaptConfig`), or None for a model without
+    """The frozen DEC config of an adapted model (`timm_dec.models.AdaptConfig`), or None for a model without
     DEC."""
     if isinstance(model, DECModelMixin):
         return model.dec_cfg
@@ -521,112 +518,3 @@ def _pretrained_folder(source: str, cache_dir: Optional[PathLike]) -> tuple[Path
         raise OSError(f"{source} is not in huggingface_hub's cache and {why}: load a downloaded folder with "
                       f"local-dir:FOLDER, or a weights file with --checkpoint FILE") from None
     return Path(paths[0]).parent, offline
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# timm-dec push
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _read_metrics_arg(text: Optional[str]) -> Optional[dict[str, Any]]:
-    if text is None:
-        return None
-    if text.lstrip().startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--metrics is not valid JSON: {e}") from e
-    else:
-        data = _read_json(Path(text), "metrics file")
-    if "metrics" in data and isinstance(data["metrics"], Mapping) and "acc" not in data:
-        data = data["metrics"]
-    return normalize_metrics(data)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``timm-dec push``."""
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="timm train.py checkpoint (.pth.tar), timm_dec.finetune checkpoint folder, "
-                             "save_pretrained folder or .safetensors file")
-    parser.add_argument("--repo-id", metavar="ORG/NAME", help="Hub repo to push to (created if missing)")
-    parser.add_argument("--model", metavar="NAME", help="architecture; default the one the checkpoint records")
-    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
-                        help="create_model kwargs as timm's train.py parses them, e.g. num_classes=10 dec_grid=8 "
-                             "(must agree with the checkpoint)")
-    parser.add_argument("--metrics", metavar="JSON",
-                        help="measured metrics: a JSON file from timm-dec eval / evaluate_scale_consistency, or "
-                             "inline JSON")
-    parser.add_argument("--dataset", help="name of the fine-tuning / evaluation data, for the card")
-    parser.add_argument("--datasets", nargs="+", default=[], metavar="ID",
-                        help="Hub dataset ids for the card's metadata, e.g. imagenet-1k")
-    parser.add_argument("--label-names", metavar="FILE", help="text file with one class name per line")
-    parser.add_argument("--use-ema", action="store_true", help="publish timm's EMA weights (state_dict_ema)")
-    parser.add_argument("--output", metavar="DIR", help=f"also keep the Hub folder here ({OUTPUT_FOLDER_RULE})")
-    parser.add_argument("--dry-run", action="store_true", help="write the folder (--output) without pushing")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--token", help="Hub token; default the saved login or $HF_TOKEN")
-    parser.add_argument("--commit-message", default="Add timm_dec model")
-
-
-def _read_label_names(path: str) -> list[str]:
-    """``--label-names``: one class name per non-empty line."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--label-names file {file} does not exist")
-    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _check_hub_reachable(repo_id: str) -> None:
-    """Before anything is read: the Hub can be reached (else one line at once, not huggingface_hub's retries)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        why = "HF_HUB_OFFLINE is set: huggingface_hub is offline"
-    elif not hub_reachable():
-        why = f"{constants.ENDPOINT} cannot be reached (offline? a proxy in HTTPS_PROXY?)"
-    else:
-        return
-    raise OSError(f"--repo-id {repo_id}: cannot push, the Hub cannot be reached ({why}); write the folder only with "
-                  f"--dry-run --output DIR and push it later")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``timm-dec push``: checkpoint -> Hub folder with a model card -> one commit on the Hub.
-
-    Every argument is checked before anything is loaded or written; the folder records what the checkpoint records
-    (DEC options and data settings), so ``timm-dec eval --model local-dir:FOLDER`` evaluates what ``--checkpoint``
-    does.
-    """
-    if not args.dry_run and not args.repo_id:
-        raise ValueError("--repo-id is required (or --dry-run with --output)")
-    if args.dry_run and not args.output:
-        raise ValueError("--dry-run needs --output DIR")
-    if args.repo_id:
-        check_repo_id(args.repo_id)
-    check_checkpoint_path(args.checkpoint)
-    if args.output:
-        check_output_folder(args.output, "--output")
-    if not args.dry_run:
-        _check_hub_reachable(args.repo_id)
-    save_kwargs: dict[str, Any] = {"metrics": _read_metrics_arg(args.metrics), "dataset": args.dataset,
-                                   "datasets": args.datasets}
-    if args.label_names:
-        save_kwargs["label_names"] = _read_label_names(args.label_names)
-    ckpt = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    try:
-        model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
-    except KeyError as e:  # timm's lookups (act_layer=..., norm_layer=...) say only the value they did not find
-        refused = named_kwarg(args.model_kwargs or {}, e)
-        if not refused:
-            raise
-        raise ValueError(f"--model-kwargs {refused}: the model refuses it (KeyError: {e})") from None
-    if ckpt.data:
-        save_kwargs["data"] = ckpt.data
-    if args.output:
-        folder = save_pretrained(model, args.output, repo_id=args.repo_id, **save_kwargs)
-        print(f"saved {hub_architecture(model)} to {folder}")
-    if args.dry_run:
-        return 0
-    info = push_to_hub(model, args.repo_id, private=args.private, token=args.token,
-                       commit_message=args.commit_message, **save_kwargs)
-    print(f"pushed {hub_architecture(model)} to {getattr(info, 'commit_url', args.repo_id)}")
-    return 0

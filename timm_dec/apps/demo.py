@@ -55,8 +55,7 @@ from ..checkpoint import save_checkpoint
 from ..data import LocallyScaledDigits, RandomMonotoneScale
 from ..dec import BACKWARD_MODES, UPDATE_FORMS
 from ..metrics import evaluate_scale_consistency
-from ..models import load_dec_state_dict
-from ..models._base import INPUT
+from ..models import INPUT, load_dec_state_dict
 from ..ops import monotone_warp, random_knots
 from . import _start
 from ._common import (

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .._format import format_per_scale_table, format_scale, format_table
 from ..data import LocallyScaledDigits
 from ..metrics import paired_bootstrap
-from ..models._base import INPUT
+from ..models import INPUT
 from ..ops.folds import local_magnification
 from .plots import plot_per_scale, plot_prob_correct, plot_warp_grids
 from .presets import dec_kwargs

@@ -59,7 +59,7 @@ from ..data import ImageFolderSplit, ImageFolderVariants, LocallyScaledDigits
 from ..dec import loss_scale
 from ..hub import push_to_hub, save_pretrained
 from ..metrics import evaluate_scale_consistency
-from ..models._base import dec_options
+from ..models import dec_options
 from ._common import normalize_transform
 
 __all__ = ["TABLE_A1", "build_parser", "add_arguments", "main", "run", "weights_digest"]

@@ -45,8 +45,7 @@ from ..baselines import InputCanonicalizer
 from ..data import LocallyScaledDigits
 from ..dec import SolverStats, solver_stats
 from ..metrics import equi_error_from_outputs, paired_bootstrap
-from ..models import load_dec_state_dict
-from ..models._base import DECModelMixin
+from ..models import DECModelMixin, load_dec_state_dict
 from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
 from ._common import calibrate_equal_time, calibration_line, warmup_cosine_schedule

@@ -30,7 +30,7 @@ from ..ops import monotone_warp
 __all__ = [
     "AdaptConfig", "DECModelMixin", "MODES", "INPUT", "register_dec_family", "dec_class_for",
     "split_dec_kwargs", "dec_options", "supported_families", "DECOptions", "DEFAULT_MODE", "DEC_PREFIX",
-    "MODEL_OPTIONS", "dec_option_names", "parse_dec_options", "pop_dec_kwargs", "default_dec_options",
+    "MODEL_OPTIONS", "dec_option_names", "parse_dec_options", "pop_dec_kwargs", "default_dec_options", "attach_decs",
 ]
 
 MODES = ("equivariant", "invariant")
@@ -247,6 +247,11 @@ def _attach(model: nn.Module, cfg: AdaptConfig) -> None:
     model.dec_cfg = cfg
 
 
+def attach_decs(model: nn.Module, options: DECOptions) -> None:
+    """Check ``options`` against ``model`` (an instance of a DEC family class) and add its DEC modules and config."""
+    _attach(model, _make_config(model, options))
+
+
 def _warped_block(
         block: nn.Module,
         x: torch.Tensor,
@@ -295,7 +300,7 @@ class DECModelMixin:
         options = dec_parsed if dec_parsed is not None else parse_dec_options(pop_dec_kwargs(kwargs), DEC_PREFIX)
         super().__init__(*args, **kwargs)
         type(self).dec_check_adaptable(self)
-        _attach(self, _make_config(self, options))
+        attach_decs(self, options)
 
     @classmethod
     def dec_check_adaptable(cls, model: nn.Module) -> None:

@@ -1,32 +1,14 @@
 """Random monotone scalings: the knots of a random warp, for augmentation, the Aug baseline and the metrics."""
 from __future__ import annotations
 
-import math
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 
+from .._argcheck import check_float, check_int
 from .knots import identity_knots, knots_from_logits
 
 __all__ = ["random_knots"]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_float(name: str, value: Any, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
-    return value
 
 
 def random_knots(
@@ -59,9 +41,9 @@ def random_knots(
         >>> knots.shape
         torch.Size([2, 2, 5, 5])
     """
-    batch = _check_int("batch", batch, 0)
-    grid = _check_int("grid", grid, 1)
-    strength = _check_float("strength", strength)
+    batch = check_int("batch", batch, 0)
+    grid = check_int("grid", grid, 1)
+    strength = check_float("strength", strength)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
     draw_device = generator.device if generator is not None else torch.device("cpu")
