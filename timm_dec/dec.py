@@ -84,9 +84,9 @@ class DECConfig:
     a rescaled input along its orbit (the absolute form's z* = H(C) depends on the canonical map C alone, so for
     F' = S(F; g) it returns the same warp), but from H = 0 its equilibrium drifts by ``max_iter`` times H's output
     before H has learned anything, which raised the training loss of the demo's DEC-only phase (README,
-    "Defaults"). It stays an option (``update="residual"``), trained with phantom gradients: its Jacobian I + dH/dz is the identity where dH/dz is 0
-    (at initialisation), so the implicit adjoint g = J^T g + v has no solution there, and asking for the implicit
-    backward with it is an error.
+    "Defaults"). It stays an option (``update="residual"``), trained with phantom gradients: its Jacobian I + dH/dz
+    is the identity where dH/dz is 0 (at initialisation), so the implicit adjoint g = J^T g + v has no solution
+    there, and asking for the implicit backward with it is an error.
 
     Attributes:
         grid: G, cells per side of the monotone-scaling grid.
