@@ -189,3 +189,20 @@ def test_zero_steps_end_and_aug_time_is_bounded(tmp_path, extra, monkeypatch):
     own = summary["config"]["finetune_steps"]
     assert summary["runs"]["aug_time"]["steps"] == 20 * max(own, 1)
     assert summary["runs"]["aug_time"]["calibration"]["extra_steps"] == 20 * max(own, 1) - own
+
+
+def test_param_groups_of_demo_and_segment():
+    """The one AdamW group builder of both experiments: no decay for biases and 1-D parameters, the new parameters at
+    the learning-rate multiple, alone with ``only_new``; groups in the order of their first parameter."""
+    from timm_dec.apps._common import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model.add_module("dec", torch.nn.Conv2d(2, 2, 3))
+    groups = param_groups(model, 1e-3, 0.05, new_prefixes=("dec.",), new_lr_mult=10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in groups] == [
+        (["0.weight"], 1e-3, 0.05), (["0.bias", "1.weight", "1.bias"], 1e-3, 0.0), (["dec.weight"], 1e-2, 0.05),
+        (["dec.bias"], 1e-2, 0.0)]
+    only = param_groups(model, 1e-3, 0.05, new_prefixes=("dec.",), new_lr_mult=10.0, only_new=True)
+    assert [[names[id(p)] for p in g["params"]] for g in only] == [["dec.weight"], ["dec.bias"]]
+    assert [g["lr"] for g in param_groups(model, 1e-3, 0.05)] == [1e-3, 1e-3]  # nothing new: two groups

@@ -1,7 +1,7 @@
 """What the applications share: the ``--scales`` / ``--scale-bins`` parsers, the checks made before any work (option
 values, a model's name and kwargs built on the meta device, DEC options, timm's pretrained weights offline), the input
-normalisation of a timm data config, the ``--device`` resolution, the learning-rate schedule, and the step-cost
-calibration of the equal-compute control (Aug+time)."""
+normalisation of a timm data config, the ``--device`` resolution, the AdamW parameter groups and learning-rate
+schedule, and the step-cost calibration of the equal-compute control (Aug+time)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import math
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import timm
 import torch
@@ -19,9 +19,9 @@ from .._argcheck import named_kwarg
 from ..dec import DECConfig
 
 __all__ = ["parse_scales", "parse_bins", "scales_arg", "bins_arg", "normalize_transform", "resolve_device",
-           "warmup_cosine_schedule", "measure_step_costs", "equal_compute_steps", "calibrate_equal_time",
-           "calibration_line", "check_number", "check_scale_range", "check_dec_config", "check_model_build",
-           "meta_build_error", "check_pretrained_offline", "hub_offline"]
+           "param_groups", "warmup_cosine_schedule", "measure_step_costs", "equal_compute_steps",
+           "calibrate_equal_time", "calibration_line", "check_number", "check_scale_range", "check_dec_config",
+           "check_model_build", "meta_build_error", "check_pretrained_offline", "hub_offline"]
 
 
 def parse_scales(text: str) -> list[float]:
@@ -223,6 +223,26 @@ def resolve_device(name: Optional[str]) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, *, new_prefixes: Sequence[str] = (),
+                 new_lr_mult: float = 1.0, only_new: bool = False) -> list[dict[str, Any]]:
+    """AdamW parameter groups of ``model``: no weight decay for biases and 1-D parameters (norms, scales; timm's habit),
+    the new parameters (whose names start with one of ``new_prefixes``, e.g. ``"dec."``) at ``new_lr_mult`` times
+    ``lr``; with ``only_new`` the others are left out, frozen for the run (the DEC's warm-up).
+
+    Returns:
+        Up to four groups, in the order of their first parameter in ``model.named_parameters()``, each with
+        ``params``, ``lr`` and ``weight_decay``.
+    """
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        new = name.startswith(tuple(new_prefixes))
+        if only_new and not new:
+            continue
+        groups.setdefault((new, p.ndim <= 1 or name.endswith(".bias")), []).append(p)
+    return [dict(params=ps, lr=lr * (new_lr_mult if new else 1.0), weight_decay=0.0 if no_decay else weight_decay)
+            for (new, no_decay), ps in groups.items()]
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total: int,

@@ -64,6 +64,7 @@ from ._common import (
     calibration_line,
     hub_offline,
     normalize_transform,
+    param_groups,
     resolve_device,
     scales_arg,
     warmup_cosine_schedule,
@@ -223,21 +224,6 @@ def _render(dataset: Any, disable: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.tensor(labels)
 
 
-def _param_groups(model: nn.Module, lr: float, weight_decay: float, new_prefixes: Sequence[str],
-                  new_lr_mult: float, only_new: bool) -> list[dict[str, Any]]:
-    """AdamW groups: no decay for 1-D parameters (timm's habit); ``new_lr_mult`` for the new modules; with
-    ``only_new`` the rest is frozen for the run (the DEC's warm-up)."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    inner = model.model if isinstance(model, DigitwiseClassifier) else model  # prefixes name the timm model's keys
-    for name, p in inner.named_parameters():
-        new = any(name.startswith(pref) for pref in new_prefixes)
-        if only_new and not new:
-            continue
-        groups.setdefault((new, p.ndim <= 1 or name.endswith(".bias")), []).append(p)
-    return [dict(params=ps, lr=lr * (new_lr_mult if new else 1.0), weight_decay=0.0 if no_decay else weight_decay)
-            for (new, no_decay), ps in groups.items()]
-
-
 @dataclass
 class Stage:
     """One training run: its length, learning rate and what it trains with."""
@@ -263,8 +249,9 @@ def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     Args: as `train`.
     """
     model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, stage.lr, weight_decay, stage.new_prefixes, stage.new_lr_mult,
-                                                stage.only_new), lr=stage.lr)
+    inner = model.model if isinstance(model, DigitwiseClassifier) else model  # prefixes name the timm model's keys
+    optimizer = torch.optim.AdamW(param_groups(inner, stage.lr, weight_decay, new_prefixes=stage.new_prefixes,
+                                               new_lr_mult=stage.new_lr_mult, only_new=stage.only_new), lr=stage.lr)
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = warmup_cosine_schedule(optimizer, max(1, stage.steps), warmup_frac)
     order = torch.Generator().manual_seed(stage.seed)

@@ -48,7 +48,7 @@ from ..metrics import equi_error_from_outputs, paired_bootstrap
 from ..models import DECModelMixin, load_dec_state_dict
 from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
-from ._common import calibrate_equal_time, calibration_line, warmup_cosine_schedule
+from ._common import calibrate_equal_time, calibration_line, param_groups, warmup_cosine_schedule
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint", "checkpoint_record",
@@ -204,24 +204,12 @@ def warp_masks(masks: torch.Tensor, knots: torch.Tensor, check: bool = True) -> 
     return monotone_warp(onehot, knots, inverse=True, check=check).argmax(1)
 
 
-def _optimizer(model: nn.Module, lr: float, cfg: dict[str, Any], only_dec: bool,
-               dec_mult: float) -> torch.optim.Optimizer:
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        new = name.startswith(("backbone.dec.", "canon."))
-        if only_dec and not new:
-            continue
-        groups.setdefault((new, p.ndim <= 1), []).append(p)
-    return torch.optim.AdamW([dict(params=ps, lr=lr * (dec_mult if new else 1.0),
-                                   weight_decay=0.0 if flat else cfg["weight_decay"])
-                              for (new, flat), ps in groups.items()])
-
-
 def training_step(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
                   augl: float = 0.0, only_dec: bool = False, seed: int = 0) -> Callable[[], float]:
     """One step of training ``model`` (AdamW, warm-up + cosine over ``steps``) per call; each call returns the loss."""
     model.train()
-    opt = _optimizer(model, lr, cfg, only_dec, cfg["dec_lr_mult"])
+    opt = torch.optim.AdamW(param_groups(model, lr, cfg["weight_decay"], new_prefixes=("backbone.dec.", "canon."),
+                                         new_lr_mult=cfg["dec_lr_mult"], only_new=only_dec))
     sched = warmup_cosine_schedule(opt, max(1, steps), cfg["warmup_frac"])
     weight = torch.ones(NUM_CLASSES)
     weight[0] = cfg["bg_weight"]
