@@ -1,7 +1,9 @@
-"""What the applications share: the ``--scales`` / ``--scale-bins`` parsers, the checks made before any work (option
-values, a model's name and kwargs built on the meta device, DEC options, timm's pretrained weights offline), the input
-normalisation of a timm data config, the ``--device`` resolution, the AdamW parameter groups and learning-rate
-schedule, and the step-cost calibration of the equal-compute control (Aug+time)."""
+"""What the applications share: the flags of the experiments (``timm-dec demo`` and ``segment``: ``--preset``,
+``--out``, ``--methods``, ``--seed``, ``--threads``) declared and checked once, the ``--scales`` / ``--scale-bins``
+parsers, the checks made before any work (option values, a model's name and kwargs built on the meta device, DEC
+options, timm's pretrained weights offline), the input normalisation of a timm data config, the ``--device``
+resolution, the AdamW parameter groups and learning-rate schedule, and the step-cost calibration of the equal-compute
+control (Aug+time)."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +17,71 @@ import timm
 import torch
 
 from .. import hub
-from .._argcheck import named_kwarg
+from .._argcheck import OUTPUT_FOLDER_RULE, named_kwarg
 from ..dec import DECConfig
 
-__all__ = ["parse_scales", "parse_bins", "scales_arg", "bins_arg", "normalize_transform", "resolve_device",
+__all__ = ["add_experiment_arguments", "method_list", "check_experiment_arguments", "set_threads",
+           "parse_scales", "parse_bins", "scales_arg", "bins_arg", "normalize_transform", "resolve_device",
            "param_groups", "warmup_cosine_schedule", "measure_step_costs", "equal_compute_steps",
            "calibrate_equal_time", "calibration_line", "check_number", "check_scale_range", "check_dec_config",
            "check_model_build", "meta_build_error", "check_pretrained_offline", "hub_offline"]
+
+
+def method_list(text: str) -> tuple[str, ...]:
+    """``--methods``: ``"aug, dec"`` -> ("aug", "dec"); the names are checked by `check_experiment_arguments`."""
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser, *, presets: Mapping[str, str], methods: Sequence[str],
+                             always: Sequence[str], out: str) -> None:
+    """The flags every experiment command (``timm-dec demo``, ``segment``) shares: ``--preset``, ``--out``,
+    ``--methods``, ``--seed`` and ``--threads``; check them with `check_experiment_arguments`.
+
+    Args:
+        presets: name -> what the preset is for (the first is the default).
+        methods: every method of the command, in the order they run (the default: all of them).
+        always: the reference methods that run whatever ``--methods`` says.
+        out: the default output folder.
+    """
+    first = next(iter(presets))
+    names = ", ".join(f"{name} ({text})" for name, text in presets.items())
+    parser.add_argument("--preset", choices=tuple(presets), default=first,
+                        help=f"the preset the options left out come from: {names}"
+                             + ("" if first == "default" else f"; default {first}"))
+    parser.add_argument("--out", default=out, help=f"output folder (default {out}/; {OUTPUT_FOLDER_RULE})")
+    verb = "runs" if len(always) == 1 else "run"
+    parser.add_argument("--methods", type=method_list, default=None,
+                        help=f"comma-separated methods to run, of {','.join(methods)} (default: all; "
+                             f"{' and '.join(always)} always {verb})")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the data, the shared start and the training "
+                                                               "(default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
+
+
+def check_experiment_arguments(args: argparse.Namespace, methods: Sequence[str],
+                               always: Sequence[str]) -> tuple[str, ...]:
+    """The shared flags of `add_experiment_arguments`, checked before any work: ``--threads`` >= 1, ``--seed`` >= 0,
+    every name of ``--methods`` one of ``methods``.
+
+    Returns:
+        The methods to run, in the order of ``methods``: those asked for (all without ``--methods``) and ``always``.
+    """
+    threads, seed = getattr(args, "threads", None), getattr(args, "seed", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    asked = tuple(methods) if getattr(args, "methods", None) is None else args.methods
+    unknown = list(dict.fromkeys(m for m in asked if m not in methods))
+    if unknown:
+        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(methods)}")
+    return tuple(m for m in methods if m in set(asked) | set(always))
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """``--threads``, when given: torch's CPU threads (`torch.set_num_threads`)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
 
 def parse_scales(text: str) -> list[float]:

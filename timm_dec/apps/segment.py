@@ -48,13 +48,23 @@ from ..metrics import equi_error_from_outputs, paired_bootstrap
 from ..models import DECModelMixin, load_dec_state_dict
 from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
-from ._common import calibrate_equal_time, calibration_line, param_groups, warmup_cosine_schedule
+from ._common import (
+    add_experiment_arguments,
+    calibrate_equal_time,
+    calibration_line,
+    check_experiment_arguments,
+    param_groups,
+    set_threads,
+    warmup_cosine_schedule,
+)
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint", "checkpoint_record",
            "CHECKPOINT_KEY"]
 
 METHODS = ("base", "aug", "augl", "canon", "dec", "aug_time")
+ALWAYS = ("aug",)  # the reference: it runs whatever --methods says
+PRESET_HELP = {"default": "the CPU-sized comparison", "smoke": "seconds, checks the pipeline only"}
 LABELS = {"base": "Base", "aug": "Aug", "augl": "AugL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
 NUM_CLASSES = 11  # background + 10 digits
 _COMMON = dict(lr=2e-3, finetune_lr=5e-4, weight_decay=0.05, warmup_frac=0.1, bg_weight=0.1, aug_strength=0.3,
@@ -498,17 +508,11 @@ def _figure(models: dict[str, DigitSegmenter], test: SegDigits, cfg: dict[str, A
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec segment`` options; those left out come from ``--preset``."""
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
-                        help="default: the CPU-sized comparison; smoke: seconds, checks the pipeline only")
-    parser.add_argument("--out", default="segment_out",
-                        help=f"output folder (default segment_out/; {OUTPUT_FOLDER_RULE})")
-    parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
-                        default=METHODS, help=f"comma-separated subset of {','.join(METHODS)} (aug always runs)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the data, start and training (default 0)")
+    add_experiment_arguments(parser, presets={name: PRESET_HELP[name] for name in PRESETS}, methods=METHODS,
+                             always=ALWAYS, out="segment_out")
     parser.add_argument("--finetune-seed", type=int, default=None,
                         help="seed of the methods' batches and warps only, so that the shipped start can serve several "
                              "training seeds (default: --seed + 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
     parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
                         help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
     parser.add_argument("--write-start", default=None, metavar="DIR",
@@ -522,22 +526,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """The preset with the options given on the command line; `ValueError` for a bad one."""
     cfg = copy.deepcopy(PRESETS[args.preset])
-    for key in ("seed",) + _INT_OPTIONS:
+    methods = check_experiment_arguments(args, METHODS, ALWAYS)  # --seed, --threads, --methods
+    if getattr(args, "seed", None) is not None:
+        cfg["seed"] = args.seed
+    for key in _INT_OPTIONS:
         value = getattr(args, key, None)
         if value is not None:
-            low = 0 if key.endswith("steps") or key == "seed" else 2
+            low = 0 if key.endswith("steps") else 2
             if value < low:
                 why = " (the paired bootstrap needs 2 test scenes)" if key == "test_samples" else ""
                 raise ValueError(f"--{key.replace('_', '-')} must be >= {low}{why}, got {value}")
             cfg[key] = value
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if getattr(args, "start", None):  # --from-scratch (--write-start trains its start whatever the preset says)
         cfg["start"] = args.start
-    cfg["methods"] = [m for m in METHODS if m in set(args.methods) | {"aug"}]
+    cfg["methods"] = list(methods)
     seed = getattr(args, "finetune_seed", None)
     if seed is not None and seed < 0:
         raise ValueError(f"--finetune-seed must be >= 0, got {seed}")
@@ -559,8 +561,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(args.out, "--out")
     if args.preset == "smoke":
         print("timm-dec segment: the smoke preset only checks that the pipeline runs; its numbers mean nothing")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     out, t0, progress = Path(args.out), time.perf_counter(), not getattr(args, "no_progress", False)
     print(f"timm-dec segment: preset {args.preset}, seed {cfg['seed']} (fine-tuning seed {cfg['finetune_seed']}), "
           f"{torch.get_num_threads()} CPU threads")
