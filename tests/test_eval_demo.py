@@ -193,6 +193,15 @@ class TestDemo:
         cfg = resolve_config(parser.parse_args(["--preset", "smoke", "--finetune-steps", "3", "--methods", "dec"]))
         assert cfg["finetune_steps"] == 3 and cfg["plain_steps"] == PRESETS["smoke"]["plain_steps"]
         assert cfg["methods"] == ("base", "aug", "dec")  # the references always run
+        # Aug+time is the method aug_time (as in segment), run by default; deprecated: --(no-)equal-time adds / drops it
+        assert resolve_config(parser.parse_args([]))["methods"] == METHODS + ("aug_time",)
+        assert resolve_config(parser.parse_args(["--no-equal-time"]))["methods"] == METHODS
+        assert resolve_config(parser.parse_args(["--methods", "dec", "--equal-time"]))["methods"] == (
+            "base", "aug", "dec", "aug_time")
+        assert resolve_config(parser.parse_args(["--methods", "aug_time,dec", "--no-equal-time"]))["methods"] == (
+            "base", "aug", "dec")
+        assert resolve_config(parser.parse_args(["--methods", "dec,aug_time"]))["methods"] == (
+            "base", "aug", "dec", "aug_time")
         assert resolve_config(parser.parse_args(["--from-scratch"]))["start"] == "scratch"
         assert resolve_config(parser.parse_args([]))["start"] == "shipped"
         paper = resolve_config(parser.parse_args(["--preset", "paper", "--model", "swin_tiny_patch4_window7_224"]))
@@ -355,6 +364,10 @@ SMOKE = ["demo", "--preset", "smoke", "--no-progress", "--from-scratch"]
     (["--model-kwargs", "img_size=32", "act_layer=nonexistent_act"],
      r"--model-kwargs act_layer='nonexistent_act': vit_tiny_patch16_224 refuses it \(KeyError"),
     (["--model-kwargs", "img_sz=32"], r"--model-kwargs: vit_tiny_patch16_224 does not take img_sz=32"),
+    (["--methods", "aug,foo,augl"], r"--methods: unknown method\(s\) \['foo', 'augl'\]; choose from base, aug, invl, "
+                                    r"canon, dec, aug_time$"),
+    (["--seed", "-1"], r"--seed must be >= 0, got -1$"),
+    (["--threads", "0"], r"--threads must be >= 1, got 0$"),
 ])
 def test_demo_options_are_checked_before_any_work(extra: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:

@@ -13,6 +13,8 @@ energy also learns, by ``energy_loss``, which warps the classifier reads best); 
 ``<model>_dec`` twin (the Aug weights, DEC at identity), which first trains its DEC alone for ``dec_warmup_steps``
 (backbone frozen, as the authors do) and then trains everything with the DEC at ``dec_lr_mult`` times the backbone's
 learning rate. Every method ends with the same number of backbone steps; all are evaluated on the same test images.
+**Aug+time** (the method ``aug_time``), the equal-compute control, is Aug from the same start given the DEC's training
+cost in Aug steps (measured side by side); without the DEC, Aug's own steps.
 
 The shared start costs more than the rest of the demo on a CPU, so the default preset ships it: the weights in
 ``timm_dec/demo_start/`` were made by this command (``timm-dec demo --write-start DIR``, seeded; their SHA-256 and
@@ -59,14 +61,17 @@ from ..models import INPUT, load_dec_state_dict
 from ..ops import monotone_warp, random_knots
 from . import _start
 from ._common import (
+    add_experiment_arguments,
     bins_arg,
     calibrate_equal_time,
     calibration_line,
+    check_experiment_arguments,
     hub_offline,
     normalize_transform,
     param_groups,
     resolve_device,
     scales_arg,
+    set_threads,
     warmup_cosine_schedule,
 )
 from .demo_checks import check_before_work, check_values
@@ -78,7 +83,9 @@ from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 __all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train",
            "training_step"]
 
-METHODS = ("base", "aug", "invl", "canon", "dec")
+METHODS = ("base", "aug", "invl", "canon", "dec", "aug_time")
+ALWAYS = ("base", "aug")  # the references: they run whatever --methods says
+PRESET_HELP = {"default": "~8 min on 2 idle cores", "paper": "the paper's setting for a GPU", "smoke": "seconds"}
 LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
 START_DIR = _start.PACKAGE_DIR / "demo_start"
 # the configuration values that determine the shared start (a shipped start must have been made with these)
@@ -109,16 +116,9 @@ def _positions(text: str) -> tuple[Union[str, int], ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec demo`` options; those left out come from ``--preset``."""
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="default",
-                        help="default: ~8 min on 2 idle cores; paper: the paper's setting for a GPU; smoke: seconds")
-    parser.add_argument("--out", default="demo_out", help=f"output folder (default demo_out/; {OUTPUT_FOLDER_RULE})")
-    parser.add_argument("--methods", type=lambda s: tuple(m.strip() for m in s.split(",") if m.strip()),
-                        default=METHODS,
-                        help=f"comma-separated subset of {','.join(METHODS)} (base and aug always run)")
-    parser.add_argument("--seed", type=int, default=0)
+    add_experiment_arguments(parser, presets={name: PRESET_HELP[name] for name in PRESETS}, methods=METHODS,
+                             always=ALWAYS, out="demo_out")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
                         help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
@@ -170,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dec-image-size", type=int, default=None,
                    help="the image H reads the image resized to at most this side (0: full resolution)")
     g.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train Aug+time: Aug given as many more steps as the DEC's extra training time buys")
+                   help="deprecated: use --methods (--equal-time adds aug_time, --no-equal-time leaves it out)")
     g.add_argument("--dec-update", choices=UPDATE_FORMS, default=None, help="the DEC's update form (DECConfig)")
     g.add_argument("--dec-backward", choices=BACKWARD_MODES, default=None, help="the DEC's backward (DECConfig)")
     g.add_argument("--dec-widths", type=int, nargs=2, default=None, metavar=("C1", "C2"))
@@ -195,14 +195,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg["lr"] = paper_lr(cfg["model"])
     if cfg["finetune_lr"] is None:
         cfg["finetune_lr"] = cfg["lr"] * FINETUNE_LR_RATIO
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
-    cfg["methods"] = tuple(m for m in METHODS if m in set(args.methods) | {"base", "aug"})
+    cfg["methods"] = check_experiment_arguments(args, METHODS, ALWAYS)
+    equal_time = getattr(args, "equal_time", None)  # deprecated: --equal-time adds aug_time, --no-equal-time drops it
+    if equal_time is not None:  # (aug_time is the last method)
+        cfg["methods"] = tuple(m for m in cfg["methods"] if m != "aug_time") + (("aug_time",) if equal_time else ())
     check_values(cfg)
-    cfg["seed"] = args.seed
+    cfg["seed"] = 0 if args.seed is None else args.seed
     return cfg
 
 
@@ -382,7 +380,7 @@ def _methods(s: _Setup, starts: dict[str, dict[str, torch.Tensor]]) -> dict[str,
     """Every method's model at the start of its steps: Base from the plain start, the rest from the Aug start."""
     cfg, seed = s.cfg, s.cfg["seed"]
     models: dict[str, nn.Module] = {}
-    for method in cfg["methods"]:
+    for method in (m for m in cfg["methods"] if m != "aug_time"):  # Aug+time trains once the DEC's cost is known
         if method == "dec":
             # the DEC's initial weights from the run's seed, not from what the methods before it drew
             torch.manual_seed(seed)
@@ -461,18 +459,22 @@ def _calibrate_equal_time(s: _Setup, models: dict[str, nn.Module], images: torch
     return calibrate_equal_time(steps, cfg["dec_warmup_steps"], cfg["finetune_steps"])
 
 
-def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], calibration: dict[str, Any],
+def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], calibration: Optional[dict[str, Any]],
                         images: torch.Tensor, labels: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
     """Aug+time: Aug from the same start trained for ``calibration["steps"]`` steps (one schedule over all of them),
-    the cost of the DEC's training in Aug steps, so that a gain of the DEC is not only a gain of compute."""
+    the cost of the DEC's training in Aug steps, so that a gain of the DEC is not only a gain of compute; without a
+    calibration (no DEC to match), Aug's own ``finetune_steps``."""
     cfg = s.cfg
+    steps = cfg["finetune_steps"] if calibration is None else calibration["steps"]
     model = s.create(cfg["model"])
     model.load_state_dict(starts["aug"])
-    stage = Stage("Aug+time", calibration["steps"], cfg["finetune_lr"], augment=s.augmenter(), seed=cfg["seed"] + 3)
+    stage = Stage("Aug+time", steps, cfg["finetune_lr"], augment=s.augmenter(), seed=cfg["seed"] + 3)
     run = s.fit(s.classifier(model), images, labels, stage)
-    return model, dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] +
-                       calibration["steps"], dec_only_steps=0, calibration_noisy=calibration["noisy"],
-                       calibration_uncertainty=calibration["uncertainty"])
+    timing = dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] + steps,
+                  dec_only_steps=0)
+    if calibration is not None:
+        timing.update(calibration_noisy=calibration["noisy"], calibration_uncertainty=calibration["uncertainty"])
+    return model, timing
 
 
 def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],
@@ -520,8 +522,7 @@ def _summary(args: argparse.Namespace, s: _Setup, results: dict[str, dict[str, A
 
 def _setup(args: argparse.Namespace, cfg: dict[str, Any],
            offline: bool = False) -> tuple[_Setup, LocallyScaledDigits]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     device = resolve_device(args.device)
     channels = int(cfg["model_kwargs"].get("in_chans", 3))
     data_kw = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], scale_range=tuple(cfg["scale_range"]),
@@ -557,9 +558,10 @@ def run(args: argparse.Namespace) -> int:
     models = _methods(s, starts)
     timings = _train_methods(s, models, images, labels)
     calibration: Optional[dict[str, Any]] = None
-    if cfg["equal_time"] and "dec" in models:
-        calibration = _calibrate_equal_time(s, models, images, labels)
-        print(calibration_line(calibration))
+    if "aug_time" in cfg["methods"]:
+        if "dec" in models:
+            calibration = _calibrate_equal_time(s, models, images, labels)
+            print(calibration_line(calibration))
         models["aug_time"], timings["aug_time"] = _equal_time_control(s, starts, calibration, images, labels)
     prob_idx = list(range(min(cfg["prob_images"], len(s.test_set))))
     results, curves = _evaluate(s, models, timings, prob_idx)
@@ -571,7 +573,7 @@ def run(args: argparse.Namespace) -> int:
         evidence["gradient_check"]["seconds"] = time.perf_counter() - start
         models["dec"].to(s.device)
     paired = paired_rows(results, seed=cfg["seed"])
-    if "aug_time" in results:
+    if "aug_time" in results and "dec" in results:
         paired["dec_vs_aug_time"] = paired_rows(results, seed=cfg["seed"], reference="aug_time", methods=["dec"])["dec"]
     text = tables(cfg, results, paired, evidence, LABELS)
     print("\n" + text)
