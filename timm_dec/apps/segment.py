@@ -15,7 +15,8 @@ written by ``timm-dec segment --write-start DIR`` (its configuration and SHA-256
 - **Canon**: Aug with an input canonicaliser over a bank of warps (`InputCanonicalizer`), its mask un-warped;
 - **DEC**: the ``<model>_dec`` twin of the start with the input DEC (equivariant: S(M(S^{-1}(I))), the mask
   un-warped at full resolution), ``dec_warmup_steps`` DEC-only steps, then ``finetune_steps`` joint steps;
-- **Aug+time**: Aug given the DEC's wall time (more backbone steps), the equal-time control.
+- **Aug+time**: Aug given the DEC's training cost in Aug steps (step costs measured side by side), the equal-compute
+  control.
 
 Reported on the same test images: mIoU (per image, and over the test set's pixels), EquE (eq. 23) over random
 monotone scalings on the soft masks (class probabilities) and on the hard ones (the fraction of pixels whose
