@@ -72,16 +72,15 @@ from ._common import (
     resolve_device,
     scales_arg,
     set_threads,
-    warmup_cosine_schedule,
 )
+from ._train import Batches, LossFn, train, training_step
 from .demo_checks import check_before_work, check_values
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 
-__all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "train",
-           "training_step"]
+__all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr"]
 
 METHODS = ("base", "aug", "invl", "canon", "dec", "aug_time")
 ALWAYS = ("base", "aug")  # the references: they run whatever --methods says
@@ -238,25 +237,21 @@ class Stage:
     seed: int = 0
 
 
-def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, batch_size: int,
-                  weight_decay: float, warmup_frac: float, normalize: Callable[[torch.Tensor], torch.Tensor],
-                  channels: int, device: torch.device) -> Callable[[], float]:
-    """One step of ``stage``'s training of ``model`` (AdamW, warm-up + cosine over ``stage.steps``, gradient norm
-    clipped at 1) per call, on pre-rendered images in a seeded order; each call returns the step's loss.
+def _batches(images: torch.Tensor, labels: torch.Tensor, stage: Stage, batch_size: int, channels: int,
+             device: torch.device) -> Batches:
+    """The demo's batch source: ``batch_size`` pre-rendered images at a time, in a permutation per epoch drawn from a
+    generator seeded with ``stage.seed`` (an epoch's last incomplete batch left out), warped by ``stage.augment`` if
+    the stage has one, expanded to ``channels`` and moved to ``device``; the images stay in [0, 1] (not normalised).
 
-    Args: as `train`.
+    Args:
+        images: (N, C, H, W) training images in [0, 1].
+        labels: (N,) class indices.
     """
-    model.to(device).train()
-    inner = model.model if isinstance(model, DigitwiseClassifier) else model  # prefixes name the timm model's keys
-    optimizer = torch.optim.AdamW(param_groups(inner, stage.lr, weight_decay, new_prefixes=stage.new_prefixes,
-                                               new_lr_mult=stage.new_lr_mult, only_new=stage.only_new), lr=stage.lr)
-    trained = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = warmup_cosine_schedule(optimizer, max(1, stage.steps), warmup_frac)
     order = torch.Generator().manual_seed(stage.seed)
     per_epoch = max(1, len(images) // batch_size)
     state = dict(step=0, perm=torch.empty(0, dtype=torch.long))
 
-    def step() -> float:
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         k = state["step"] % per_epoch
         if k == 0:
             state["perm"] = torch.randperm(len(images), generator=order)
@@ -265,52 +260,26 @@ def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         x, y = images[idx], labels[idx].to(device)
         if stage.augment is not None:
             x = stage.augment(x)
-        x = x.expand(-1, channels, -1, -1).to(device)
+        return x.expand(-1, channels, -1, -1).to(device), y
+
+    return next_batch
+
+
+def _loss(stage: Stage, normalize: Callable[[torch.Tensor], torch.Tensor]) -> LossFn:
+    """The demo's loss of (classifier, images in [0, 1], labels): cross-entropy on the normalised images, plus the
+    stage's InvL (eq. 25, against the logits of a random warp ``stage.invl_scale`` of the images) and its auxiliary
+    loss (Canon's energy ranking) if it has them."""
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(normalize(x))
         loss = F.cross_entropy(logits, y)
         if stage.invl is not None and stage.invl_scale is not None:
             loss = loss + stage.invl(logits, model(normalize(stage.invl_scale(x))))
         if stage.aux_loss is not None:
             loss = loss + stage.aux_loss(normalize(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        if state["step"] <= stage.steps:
-            scheduler.step()
-        return loss.item()
+        return loss
 
-    return step
-
-
-def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage, *, batch_size: int,
-          weight_decay: float, warmup_frac: float, normalize: Callable[[torch.Tensor], torch.Tensor],
-          channels: int, device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Train ``model`` in place for ``stage.steps`` steps of AdamW with warm-up + cosine, on pre-rendered images.
-
-    Args:
-        model: a classifier returning (B, K) logits (or log-probabilities) for K classes.
-        images: (N, C, H, W) training images in [0, 1]; expanded per batch to ``channels``.
-        labels: (N,) class indices.
-        stage: steps, learning rate, augmentation, InvL, and which parameters are new (or alone trained).
-        normalize: applied to each batch after the augmentation.
-
-    Returns:
-        ``steps``, ``seconds`` and ``final_loss`` (mean of the last 20 steps).
-    """
-    if stage.steps == 0:
-        return dict(steps=0, seconds=0.0, final_loss=float("nan"))
-    step = training_step(model, images, labels, stage, batch_size=batch_size, weight_decay=weight_decay,
-                         warmup_frac=warmup_frac, normalize=normalize, channels=channels, device=device)
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = _progress(range(stage.steps), stage.name, not progress)
-    for i in bar:
-        losses.append(step())
-        if i % 10 == 0 or i == stage.steps - 1:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    return dict(steps=stage.steps, seconds=time.perf_counter() - start,
-                final_loss=sum(losses[-20:]) / len(losses[-20:]))
+    return loss_fn
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -349,11 +318,22 @@ class _Setup:
         """``model`` scored on the whole number (`DigitwiseClassifier` for the ``digits`` label rule)."""
         return DigitwiseClassifier(model, self.cfg["num_digits"]) if self.cfg["label"] == "digits" else model
 
-    def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage) -> dict[str, float]:
+    def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage) -> Callable[[], float]:
+        """One step of ``stage``'s training of ``model`` (a classifier of `classifier`) per call (`training_step`):
+        AdamW on the stage's parameter groups, warm-up + cosine over ``stage.steps``, the gradient norm clipped at 1,
+        on `_batches` of the pre-rendered ``images`` with the stage's `_loss`."""
         cfg = self.cfg
-        return train(model, images, labels, stage, batch_size=cfg["batch_size"], weight_decay=cfg["weight_decay"],
-                     warmup_frac=cfg["warmup_frac"], normalize=self.normalize, channels=self.channels,
-                     device=self.device, progress=self.progress)
+        model.to(self.device)
+        inner = model.model if isinstance(model, DigitwiseClassifier) else model  # prefixes name the timm model's keys
+        groups = param_groups(inner, stage.lr, cfg["weight_decay"], new_prefixes=stage.new_prefixes,
+                              new_lr_mult=stage.new_lr_mult, only_new=stage.only_new)
+        batches = _batches(images, labels, stage, cfg["batch_size"], self.channels, self.device)
+        return training_step(model, batches, _loss(stage, self.normalize), groups, steps=stage.steps,
+                             warmup_frac=cfg["warmup_frac"], clip_norm=1.0)
+
+    def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage) -> dict[str, float]:
+        """Train ``model`` in place for ``stage.steps`` steps (`train`): ``steps``, ``seconds``, ``final_loss``."""
+        return train(self.step(model, images, labels, stage), stage.steps, stage.name, self.progress)
 
 
 def _train_start(s: _Setup, images: torch.Tensor, labels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
@@ -450,12 +430,8 @@ def _calibrate_equal_time(s: _Setup, models: dict[str, nn.Module], images: torch
     """Aug+time's step count (`calibrate_equal_time`), timed on copies of the trained Aug and DEC models; the trained
     DEC's solves are the training's most expensive, so this errs toward more Aug+time steps."""
     cfg = s.cfg
-    steps = {}
-    for kind, stage in _calibration_stages(s).items():
-        model = copy.deepcopy(models["aug" if kind == "aug" else "dec"])
-        steps[kind] = training_step(s.classifier(model), images, labels, stage, batch_size=cfg["batch_size"],
-                                    weight_decay=cfg["weight_decay"], warmup_frac=cfg["warmup_frac"],
-                                    normalize=s.normalize, channels=s.channels, device=s.device)
+    steps = {kind: s.step(s.classifier(copy.deepcopy(models["aug" if kind == "aug" else "dec"])), images, labels,
+                          stage) for kind, stage in _calibration_stages(s).items()}
     return calibrate_equal_time(steps, cfg["dec_warmup_steps"], cfg["finetune_steps"])
 
 

@@ -38,7 +38,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._argcheck import OUTPUT_FOLDER_RULE, check_output_folder
 from .._format import json_default
@@ -56,8 +55,8 @@ from ._common import (
     check_experiment_arguments,
     param_groups,
     set_threads,
-    warmup_cosine_schedule,
 )
+from ._train import Batches, LossFn, train, training_step
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint", "checkpoint_record",
@@ -215,23 +214,28 @@ def warp_masks(masks: torch.Tensor, knots: torch.Tensor, check: bool = True) -> 
     return monotone_warp(onehot, knots, inverse=True, check=check).argmax(1)
 
 
-def training_step(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
-                  augl: float = 0.0, only_dec: bool = False, seed: int = 0) -> Callable[[], float]:
-    """One step of training ``model`` (AdamW, warm-up + cosine over ``steps``) per call; each call returns the loss."""
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, lr, cfg["weight_decay"], new_prefixes=("backbone.dec.", "canon."),
-                                         new_lr_mult=cfg["dec_lr_mult"], only_new=only_dec))
-    sched = warmup_cosine_schedule(opt, max(1, steps), cfg["warmup_frac"])
-    weight = torch.ones(NUM_CLASSES)
-    weight[0] = cfg["bg_weight"]
-    gen = torch.Generator().manual_seed(seed)
-    done = [0]
+def _batches(data: SegDigits, cfg: dict[str, Any], augment: bool, gen: torch.Generator) -> Batches:
+    """Segment's batch source: ``batch_size`` training scenes and their masks drawn with replacement (``randint``)
+    from ``gen``, each pair warped by Aug (`_warp_pair`, its warps from ``gen`` too) if ``augment``."""
 
-    def step() -> float:
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, data.images.shape[0], (cfg["batch_size"],), generator=gen)
         x, y = data.images[idx], data.masks[idx]
         if augment:
             x, y = _warp_pair(x, y, cfg["aug_strength"], cfg["aug_p"], gen)
+        return x, y
+
+    return next_batch
+
+
+def _loss(cfg: dict[str, Any], augl: float, gen: torch.Generator) -> LossFn:
+    """Segment's loss of (segmenter, images, masks): cross-entropy with the background at ``bg_weight``, plus with
+    ``augl`` that weight times the EquE loss ||S(M(I)) - M(S(I))||^2 of the class probabilities under a random
+    monotone scaling S drawn from ``gen`` (AugL)."""
+    weight = torch.ones(NUM_CLASSES)
+    weight[0] = cfg["bg_weight"]
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)
         loss = F.cross_entropy(logits, y, weight=weight)
         if augl:
@@ -239,44 +243,40 @@ def training_step(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg:
             probs_of_warped = model(monotone_warp(x, knots, inverse=True, check=False)).softmax(1)
             warped_probs = monotone_warp(logits.softmax(1), knots, inverse=True, check=False)
             loss = loss + augl * equi_error_from_outputs(warped_probs, probs_of_warped)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        done[0] += 1
-        if done[0] <= steps:
-            sched.step()
-        return loss.item()
+        return loss
 
-    return step
+    return loss_fn
 
 
-def train(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
-          augl: float = 0.0, only_dec: bool = False, seed: int = 0, budget_s: Optional[float] = None,
-          desc: Optional[str] = None) -> dict:
-    """Train ``model`` for ``steps`` steps (or until ``budget_s`` seconds, then ``steps`` is a cap), with a progress
-    bar named ``desc`` (None: no bar).
+def _step(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, augment: bool,
+          augl: float = 0.0, only_dec: bool = False, seed: int = 0) -> Callable[[], float]:
+    """One step of training ``model`` per call (`training_step`): AdamW (the DEC's H and Canon's energy at
+    ``dec_lr_mult``; with ``only_dec`` they alone), warm-up + cosine over ``steps``, no gradient clipping, on
+    `_batches` with the `_loss`, both drawing from one generator seeded with ``seed``."""
+    groups = param_groups(model, lr, cfg["weight_decay"], new_prefixes=("backbone.dec.", "canon."),
+                          new_lr_mult=cfg["dec_lr_mult"], only_new=only_dec)
+    gen = torch.Generator().manual_seed(seed)
+    return training_step(model, _batches(data, cfg, augment, gen), _loss(cfg, augl, gen), groups, steps=steps,
+                         warmup_frac=cfg["warmup_frac"])
+
+
+def _fit(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str, Any], *, name: str,
+         progress: bool, **options: Any) -> dict[str, float]:
+    """Train ``model`` for ``steps`` steps of `_step` (``options``: its ``augment``, ``augl``, ``only_dec``,
+    ``seed``) with a progress bar named ``name`` (`train`); the model is left in eval mode.
 
     Returns:
-        ``steps`` run, ``seconds``, the last 20 steps' mean ``loss``.
+        ``steps``, ``seconds`` and ``final_loss`` (the last 20 steps' mean).
     """
-    step_fn = training_step(model, data, steps, lr, cfg, augment=augment, augl=augl, only_dec=only_dec, seed=seed)
-    losses, start, step = [], time.perf_counter(), 0
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=desc is None or steps == 0, dynamic_ncols=True)
-    for step in bar:
-        losses.append(step_fn())
-        if step % 10 == 0 or step == steps:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        if budget_s is not None and time.perf_counter() - start >= budget_s:
-            break
+    result = train(_step(model, data, steps, lr, cfg, **options), steps, name, progress)
     model.eval()
-    return dict(steps=step, seconds=time.perf_counter() - start, loss=sum(losses[-20:]) / max(1, len(losses[-20:])))
+    return result
 
 
 def _calibrate_equal_time(models: dict[str, nn.Module], train_set: SegDigits, cfg: dict[str, Any]) -> dict[str, Any]:
     """Aug+time's step count (`calibrate_equal_time`), timed on copies of the trained Aug and DEC models."""
-    steps = {kind: training_step(copy.deepcopy(models["aug" if kind == "aug" else "dec"]), train_set, 1,
-                                 cfg["finetune_lr"], cfg, augment=True, only_dec=kind == "dec_only",
-                                 seed=cfg["finetune_seed"])
+    steps = {kind: _step(copy.deepcopy(models["aug" if kind == "aug" else "dec"]), train_set, 1, cfg["finetune_lr"],
+                         cfg, augment=True, only_dec=kind == "dec_only", seed=cfg["finetune_seed"])
              for kind in ("aug", "dec_only", "dec")}
     return calibrate_equal_time(steps, cfg["dec_warmup_steps"], cfg["finetune_steps"])
 
@@ -368,24 +368,20 @@ def _dec_model(start: DigitSegmenter, cfg: dict[str, Any]) -> DigitSegmenter:
     return model
 
 
-def _bar(progress: bool, name: str) -> Optional[str]:
-    return name if progress else None
-
-
 def train_start(train_set: SegDigits, cfg: dict[str, Any], log: Callable[[str], None],
                 progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """The shared start, as the demo makes its own: ``plain_steps`` plain at ``lr``; from there ``aug_steps`` with Aug
     at ``finetune_lr`` (the start of Aug, AugL, Canon, DEC and Aug+time) and ``aug_steps`` more plain (the start of
     Base, so that Base has had as many steps)."""
     model = segmenter(cfg)
-    r = train(model, train_set, cfg["plain_steps"], cfg["lr"], cfg, augment=False, seed=cfg["seed"],
-              desc=_bar(progress, "start: plain"))
-    log(f"  start: plain  {r['steps']:>5} steps  {r['seconds']:6.1f} s  loss {r['loss']:.3f}")
+    r = _fit(model, train_set, cfg["plain_steps"], cfg["lr"], cfg, name="start: plain", progress=progress,
+             augment=False, seed=cfg["seed"])
+    log(f"  start: plain  {r['steps']:>5} steps  {r['seconds']:6.1f} s  loss {r['final_loss']:.3f}")
     plain = copy.deepcopy(model)
     for name, m, augment in (("plain+", plain, False), ("Aug", model, True)):
-        r = train(m, train_set, cfg["aug_steps"], cfg["finetune_lr"], cfg, augment=augment, seed=cfg["seed"] + 1,
-                  desc=_bar(progress, f"start: {name}"))
-        log(f"  start: {name:<6} {r['steps']:>5} steps  {r['seconds']:6.1f} s  loss {r['loss']:.3f}")
+        r = _fit(m, train_set, cfg["aug_steps"], cfg["finetune_lr"], cfg, name=f"start: {name}", progress=progress,
+                 augment=augment, seed=cfg["seed"] + 1)
+        log(f"  start: {name:<6} {r['steps']:>5} steps  {r['seconds']:6.1f} s  loss {r['final_loss']:.3f}")
     return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in (("plain", plain),
                                                                                                ("aug", model))}
 
@@ -399,31 +395,31 @@ def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDig
     for method in [m for m in ("base", "aug", "augl", "canon", "dec", "aug_time") if m in methods]:
         model = segmenter(cfg)
         model.load_state_dict(starts["plain" if method == "base" else "aug"])
-        bar = _bar(progress, LABELS[method])
+        bar = dict(name=LABELS[method], progress=progress)
         if method == "dec":
             # the DEC's initial weights from the fine-tuning seed, not from what the methods before it drew
             torch.manual_seed(seed)
             model = _dec_model(model, cfg)
-            warm = train(model, train_set, cfg["dec_warmup_steps"], lr, cfg, augment=True, only_dec=True, seed=seed,
-                         desc=_bar(progress, "DEC warm-up"))
-            joint = train(model, train_set, steps, lr, cfg, augment=True, seed=seed, desc=bar)
-            runs[method] = dict(steps=joint["steps"], dec_only_steps=warm["steps"], loss=joint["loss"],
+            warm = _fit(model, train_set, cfg["dec_warmup_steps"], lr, cfg, name="DEC warm-up", progress=progress,
+                        augment=True, only_dec=True, seed=seed)
+            joint = _fit(model, train_set, steps, lr, cfg, **bar, augment=True, seed=seed)
+            runs[method] = dict(steps=joint["steps"], dec_only_steps=warm["steps"], final_loss=joint["final_loss"],
                                 seconds=warm["seconds"] + joint["seconds"])
         elif method == "aug_time" and "dec" not in models:  # nothing to match: Aug's own steps
-            runs[method] = train(model, train_set, steps, lr, cfg, augment=True, seed=seed, desc=bar)
+            runs[method] = _fit(model, train_set, steps, lr, cfg, **bar, augment=True, seed=seed)
         elif method == "aug_time":
             calibration = _calibrate_equal_time(models, train_set, cfg)
             log("  " + calibration_line(calibration))
-            runs[method] = dict(train(model, train_set, calibration["steps"], lr, cfg, augment=True, seed=seed,
-                                      desc=bar), calibration=calibration)
+            runs[method] = dict(_fit(model, train_set, calibration["steps"], lr, cfg, **bar, augment=True, seed=seed),
+                                calibration=calibration)
         else:
             if method == "canon":
                 model.canon = _canon(cfg["canon_warps"], seed=seed)
-            runs[method] = train(model, train_set, steps, lr, cfg, augment=method != "base",
-                                 augl=cfg["augl_weight"] if method == "augl" else 0.0, seed=seed, desc=bar)
+            runs[method] = _fit(model, train_set, steps, lr, cfg, **bar, augment=method != "base",
+                                augl=cfg["augl_weight"] if method == "augl" else 0.0, seed=seed)
         models[method] = model
         log(f"  {LABELS[method]:<9} {runs[method]['steps']:>4} steps  {runs[method]['seconds']:6.1f} s  "
-            f"loss {runs[method]['loss']:.3f}")
+            f"loss {runs[method]['final_loss']:.3f}")
     return models, runs
 
 
