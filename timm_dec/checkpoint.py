@@ -44,7 +44,7 @@ from .models import (
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "TRAINING_STATE_NAME", "CHECKPOINT_METADATA_KEY", "TrainingCheckpoint",
     "check_pretrained", "checkpoint_record", "save_checkpoint", "read_training_checkpoint", "model_from_checkpoint",
-    "load_training_checkpoint",
+    "load_training_checkpoint", "write_safetensors",
 ]
 
 CONFIG_NAME = "config.json"
@@ -215,6 +215,23 @@ def checkpoint_record(model: nn.Module, data: Optional[Mapping[str, Any]] = None
     return record
 
 
+def write_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Write ``tensors`` (detached, on the CPU, contiguous) to a ``.safetensors`` file with ``metadata``, creating
+    its parent folder: the one place timm_dec writes weights (the demo's and the segmenter's checkpoints, the shared
+    starts; tests/test_layout.py keeps it so). Without ``metadata`` the file has no metadata header, so its bytes
+    (and a shared start's recorded SHA-256) depend on the tensors alone.
+
+    Returns:
+        The path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
+                                metadata=None if metadata is None else dict(metadata))
+    return path
+
+
 def save_checkpoint(model: nn.Module, path: PathLike, *, data: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``model``'s weights to a ``.safetensors`` file that records how to rebuild it.
 
@@ -226,12 +243,8 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, data: Optional[Mapping[
     Returns:
         The path.
     """
-    path = Path(path)
     record = checkpoint_record(model, data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(tensors, str(path), metadata={CHECKPOINT_METADATA_KEY: json.dumps(record)})
-    return path
+    return write_safetensors(path, model.state_dict(), {CHECKPOINT_METADATA_KEY: json.dumps(record)})
 
 
 def _finetune_data(args: Mapping[str, Any]) -> dict[str, Any]:

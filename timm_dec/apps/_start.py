@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 
 from .._format import json_default
+from ..checkpoint import write_safetensors
 
 __all__ = ["PACKAGE_DIR", "start_record", "write_start", "load_start", "shared_start"]
 
@@ -48,7 +49,7 @@ def write_start(folder: Path, prefix: str, record: dict[str, Any], states: Mappi
     meta: dict[str, Any] = {"config": record, "files": {}, "made_with": made_with}
     for name, state in states.items():
         path = folder / f"{prefix}_{name}.safetensors"
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+        write_safetensors(path, state)  # no metadata: the file's hash depends on the weights alone
         meta["files"][name] = {"file": path.name, "sha256": _sha256(path)}
     out = folder / f"{prefix}_start.json"
     out.write_text(json.dumps(meta, indent=2, default=json_default) + "\n", encoding="utf-8")

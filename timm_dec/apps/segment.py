@@ -42,6 +42,7 @@ from torch import nn
 from .._argcheck import OUTPUT_FOLDER_RULE, check_output_folder
 from .._format import json_default
 from ..baselines import InputCanonicalizer
+from ..checkpoint import write_safetensors
 from ..data import LocallyScaledDigits
 from ..dec import SolverStats, solver_stats
 from ..metrics import equi_error_from_outputs, paired_bootstrap
@@ -344,14 +345,11 @@ def checkpoint_record(path: Union[str, Path]) -> Optional[dict[str, Any]]:
 
 def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: str) -> str:
     """``model``'s weights as safetensors, with the configuration that rebuilds it in the metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(method=method, model=cfg["model"] + ("_dec" if method == "dec" else ""),
                 model_kwargs={**cfg["model_kwargs"], **(dict(_DEC_FIXED, **cfg["dec_kwargs"]) if method == "dec"
                                                           else {})},
                 canon_warps=cfg["canon_warps"] if method == "canon" else None)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(tensors, str(path), metadata={CHECKPOINT_KEY: json.dumps(meta, default=list)})
-    return str(path)
+    return str(write_safetensors(path, model.state_dict(), {CHECKPOINT_KEY: json.dumps(meta, default=list)}))
 
 
 def segmenter(cfg: dict[str, Any]) -> DigitSegmenter:
