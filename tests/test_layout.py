@@ -240,3 +240,41 @@ def test_the_layer_check_sees_function_local_imports():
     tree = ast.parse("def f():\n    from .. import hub\n")
     imported = [n for node in _all_imports(tree) for n in _imported("timm_dec.apps.evaluate", node)]
     assert imported == ["timm_dec", "timm_dec.hub"]
+
+
+# The one function that writes safetensors files (issue 23): every saved model goes through it.
+SAFETENSORS_WRITER = ("timm_dec.checkpoint", "write_safetensors")
+
+
+def save_file_calls(name: str, tree: ast.Module) -> List[str]:
+    """The calls to ``save_file`` (``safetensors.torch.save_file``, however imported) in module ``name``, each as
+    ``module:function:line`` (``<module>`` outside any function)."""
+    found = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Call):
+                func = child.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if called == "save_file":
+                    found.append(f"{name}:{function}:{child.lineno}")
+            visit(child, child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function)
+
+    visit(tree, "<module>")
+    return found
+
+
+def test_the_save_file_check_sees_every_kind_of_call():
+    tree = ast.parse("import safetensors.torch\nfrom safetensors.torch import save_file\n"
+                     "def f(t):\n    safetensors.torch.save_file(t, 'a')\n"
+                     "def g(t):\n    save_file(t, 'b')\n    x = [save_file]\n")
+    assert save_file_calls("timm_dec.m", tree) == ["timm_dec.m:f:4", "timm_dec.m:g:6"]
+
+
+def test_one_function_writes_safetensors():
+    """``grep save_file timm_dec/`` finds one call: `timm_dec.checkpoint.write_safetensors`, which every saved model
+    (the demo's and the segmenter's checkpoints, the shared starts) goes through."""
+    calls = [c for name, path in MODULES.items() for c in save_file_calls(name, ast.parse(path.read_text("utf-8")))]
+    module, function = SAFETENSORS_WRITER
+    assert len(calls) == 1 and calls[0].startswith(f"{module}:{function}:"), (
+        f"safetensors files must be written only by {module}.{function} (one save_file call); found: {calls}")
