@@ -11,15 +11,30 @@ Three JSON rules, one per use, each for its own reason:
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 
-__all__ = ["jsonable", "plain", "json_default", "format_scale", "format_table", "format_per_scale_table"]
+__all__ = ["jsonable", "plain", "json_default", "read_json_object", "format_scale", "format_table",
+           "format_per_scale_table"]
 
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in the file ``path``; a `ValueError` naming it as ``what`` (e.g. "config") if it cannot be read,
+    is not JSON or holds something other than an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path} is not readable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 def jsonable(value: Any, what: str) -> Any:
     """``value`` as JSON data (tuples become lists); `ValueError` / `TypeError` naming ``what`` if it is not data."""

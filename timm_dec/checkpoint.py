@@ -26,7 +26,7 @@ from torch import nn
 
 from . import __version__
 from ._compat import timm_model_args
-from ._format import plain
+from ._format import plain, read_json_object
 from ._options import mismatch_message, same_dec_option
 from .models import (
     CHECKPOINT_METADATA_KEY,
@@ -61,15 +61,6 @@ def _is_dec_name(arch: str) -> bool:
     except ValueError:
         return False
     return True
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} {path} is not readable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _safetensors_keys(path: Path) -> list[str]:
@@ -121,7 +112,7 @@ def check_pretrained(folder: PathLike) -> dict[str, Any]:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a folder written by save_pretrained?")
-    config = _read_json(config_path, "config")
+    config = read_json_object(config_path, "config")
     _check_architecture(config.get("architecture"), f"{config_path}")
     keys = _safetensors_keys(folder / WEIGHTS_NAME)
     model_args = config.get("model_args") or {}
@@ -280,7 +271,7 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
             raise FileNotFoundError(
                 f"{path} is neither a timm_dec.finetune checkpoint ({TRAINING_STATE_NAME} + {WEIGHTS_NAME}) nor a "
                 f"save_pretrained folder ({CONFIG_NAME} + {WEIGHTS_NAME})")
-        state = _read_json(path / TRAINING_STATE_NAME, "training state")
+        state = read_json_object(path / TRAINING_STATE_NAME, "training state")
         return TrainingCheckpoint(
             _load_safetensors(path / WEIGHTS_NAME), state.get("model"), dict(state.get("model_kwargs") or {}),
             f"timm_dec.finetune checkpoint {path}", data=_finetune_data(state.get("args") or {}))
@@ -296,7 +287,7 @@ def read_training_checkpoint(path: PathLike, use_ema: bool = False) -> TrainingC
                 preprocessing=_preprocessing(record.get("pretrained_cfg")))
         sibling = path.parent / TRAINING_STATE_NAME
         if sibling.is_file():
-            state = _read_json(sibling, "training state")
+            state = read_json_object(sibling, "training state")
             return TrainingCheckpoint(state_dict, state.get("model"), dict(state.get("model_kwargs") or {}),
                                       f"safetensors file {path}", data=_finetune_data(state.get("args") or {}))
         return TrainingCheckpoint(state_dict, None, {}, f"safetensors file {path}")

@@ -15,7 +15,8 @@ from timm.utils import ParseKwargs
 
 from .. import hub
 from .._argcheck import OUTPUT_FOLDER_RULE, check_checkpoint_path, check_output_folder, named_kwarg
-from ..checkpoint import _read_json, model_from_checkpoint, read_training_checkpoint
+from .._format import read_json_object
+from ..checkpoint import model_from_checkpoint, read_training_checkpoint
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,7 +30,7 @@ def _read_metrics_arg(text: Optional[str]) -> Optional[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"--metrics is not valid JSON: {e}") from e
     else:
-        data = _read_json(Path(text), "metrics file")
+        data = read_json_object(Path(text), "metrics file")
     if "metrics" in data and isinstance(data["metrics"], Mapping) and "acc" not in data:
         data = data["metrics"]
     return hub.normalize_metrics(data)
