@@ -24,7 +24,6 @@ __all__ = ["jsonable", "plain", "json_default", "read_json_object", "format_scal
            "format_per_scale_table"]
 
 
-
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """The JSON object in the file ``path``; a `ValueError` naming it as ``what`` (e.g. "config") if it cannot be read,
     is not JSON or holds something other than an object."""
@@ -35,6 +34,7 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
     return data
+
 
 def jsonable(value: Any, what: str) -> Any:
     """``value`` as JSON data (tuples become lists); `ValueError` / `TypeError` naming ``what`` if it is not data."""

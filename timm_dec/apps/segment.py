@@ -390,7 +390,7 @@ def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDig
     """Every method from the shared start, in the order that lets Aug+time measure the trained DEC's step cost."""
     models, runs = {}, {}
     steps, lr, seed = cfg["finetune_steps"], cfg["finetune_lr"], cfg["finetune_seed"]
-    for method in [m for m in ("base", "aug", "augl", "canon", "dec", "aug_time") if m in methods]:
+    for method in [m for m in METHODS if m in methods]:
         model = segmenter(cfg)
         model.load_state_dict(starts["plain" if method == "base" else "aug"])
         bar = dict(name=LABELS[method], progress=progress)
