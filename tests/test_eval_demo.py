@@ -23,6 +23,8 @@ from timm_dec.data import ImageFolderVariants, rescale_object
 from timm_dec.ops import identity_knots
 
 METHODS = ("base", "aug", "invl", "canon", "dec")
+SUMMARY_KEYS = {"command", "preset", "config", "start", "methods", "paired", "equal_time_calibration", "tables",
+                "files", "task", "wall_seconds", "machine"}  # the runner's summary.json, demo's and segment's
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "patch_size=8", "embed_dim=16",
             "depth=1", "num_heads=2"]
 
@@ -41,39 +43,46 @@ class TestDemo:
         for m in METHODS + ("aug_time",):
             assert (demo_out / "checkpoints" / f"{m}.safetensors").is_file()
         s = json.loads((demo_out / "summary.json").read_text())
-        assert {"preset", "config", "num_classes", "model_kwargs", "methods", "prob_correct", "tables", "plots",
-                "wall_seconds", "machine", "start", "paired_vs_aug", "dec_evidence"} <= set(s)
-        assert s["preset"] == "smoke" and s["num_classes"] == 100  # 2-digit numbers, scored digit by digit
+        assert set(s) == SUMMARY_KEYS  # the runner's layout, as segment's
+        assert {"num_classes", "model_kwargs", "prob_correct", "dec_evidence"} == set(s["task"])
+        assert s["command"] == "demo" and s["preset"] == "smoke"
+        assert s["task"]["num_classes"] == 100  # 2-digit numbers, scored digit by digit
+        assert s["files"] == ["tables.txt", "per_scale_accuracy.png", "prob_correct.png", "warp_grids.png"]
+        assert s["machine"]["torch_threads"] >= 1 and len(s["machine"]["load_average"]) == 3
         for key in ("num_digits", "label", "digit_size", "canvas", "scale_range", "plain_steps", "aug_steps",
                     "finetune_steps", "dec_warmup_steps", "dec_lr_mult", "seed"):
             assert key in s["config"], key
         assert tuple(s["methods"]) == METHODS + ("aug_time",)  # + the equal-compute control
         n_scales = len(PRESETS["smoke"]["scales"])
-        for m, r in s["methods"].items():
-            assert {"acc", "inv_e", "per_scale_acc", "per_scale_prob_correct", "per_bin_acc", "scales", "checkpoint",
-                    "eval_command", "backbone_steps", "seconds"} <= set(r), m
+        for m, entry in s["methods"].items():
+            assert set(entry) == {"training", "results", "eval_seconds", "checkpoint", "eval_command"}, m
+            assert {"steps", "dec_only_steps", "backbone_steps", "seconds", "final_loss"} == set(entry["training"])
+            r = entry["results"]
+            assert {"acc", "inv_e", "per_scale_acc", "per_scale_prob_correct", "per_bin_acc", "scales"} <= set(r), m
             assert 0 <= r["acc"] <= 1 and r["inv_e"] >= 0 and len(r["per_scale_acc"]) == n_scales
             assert len(r["per_bin_acc"]) == len(PRESETS["smoke"]["scale_bins"])
         # The same budget: every method took the same number of backbone steps; the DEC also its DEC-only steps;
         # Aug+time the DEC's training cost in Aug steps, from step costs timed side by side.
-        steps = {r["backbone_steps"] for m, r in s["methods"].items() if m != "aug_time"}
+        training = {m: entry["training"] for m, entry in s["methods"].items()}
+        acc = {m: entry["results"]["acc"] for m, entry in s["methods"].items()}
+        steps = {t["backbone_steps"] for m, t in training.items() if m != "aug_time"}
         assert len(steps) == 1 and steps.pop() > 0
         calibration = s["equal_time_calibration"]
         sec, n = calibration["step_seconds"], PRESETS["smoke"]["finetune_steps"]
         expected = round((PRESETS["smoke"]["dec_warmup_steps"] * sec["dec_only"] + n * sec["dec"]) / sec["aug"])
         assert calibration["steps"] == min(max(expected, n), 20 * n)
-        extra = s["methods"]["aug_time"]["backbone_steps"] - s["methods"]["aug"]["backbone_steps"]
-        assert extra == calibration["steps"] - n >= 0
-        control = s["paired_vs_aug"]["dec_vs_aug_time"]
-        assert control["acc_points"] == pytest.approx(
-            100 * (s["methods"]["dec"]["acc"] - s["methods"]["aug_time"]["acc"]))
-        assert s["methods"]["dec"]["dec_only_steps"] == PRESETS["smoke"]["dec_warmup_steps"]
-        paired = s["paired_vs_aug"]["dec"]
-        assert paired["acc_points"] == pytest.approx(100 * (s["methods"]["dec"]["acc"] - s["methods"]["aug"]["acc"]))
+        extra = training["aug_time"]["backbone_steps"] - training["aug"]["backbone_steps"]
+        assert extra == calibration["steps"] - n == calibration["extra_steps"] >= 0
+        assert training["aug_time"]["steps"] == calibration["steps"]
+        control = s["paired"]["dec_vs_aug_time"]
+        assert control["acc_points"] == pytest.approx(100 * (acc["dec"] - acc["aug_time"]))
+        assert training["dec"]["dec_only_steps"] == PRESETS["smoke"]["dec_warmup_steps"]
+        paired = s["paired"]["dec"]
+        assert paired["acc_points"] == pytest.approx(100 * (acc["dec"] - acc["aug"]))
         assert paired["acc_low"] <= paired["acc_points"] <= paired["acc_high"]
-        assert set(s["paired_vs_aug"]) == {"base", "invl", "canon", "dec", "aug_time", "dec_vs_aug_time"}
-        assert -1 <= s["dec_evidence"]["pearson_log_scale_log_magnification"] <= 1
-        prob = np.asarray(s["prob_correct"]["dec"])
+        assert set(s["paired"]) == {"base", "invl", "canon", "dec", "aug_time", "dec_vs_aug_time"}
+        assert -1 <= s["task"]["dec_evidence"]["pearson_log_scale_log_magnification"] <= 1
+        prob = np.asarray(s["task"]["prob_correct"]["dec"])
         assert prob.shape == (PRESETS["smoke"]["prob_images"], len(PRESETS["smoke"]["prob_scales"]))
         assert ((prob >= 0) & (prob <= 1)).all()
         text = (demo_out / "tables.txt").read_text()
@@ -82,9 +91,10 @@ class TestDemo:
 
     def test_checkpoints_load_into_plain_timm_models(self, demo_out: Path):
         s = json.loads((demo_out / "summary.json").read_text())
-        for method, extra in (("base", {}), ("dec", s["model_kwargs"]["dec"])):
-            model = timm.create_model(s["config"]["model"] + ("_dec" if method == "dec" else ""),
-                                      **s["model_kwargs"]["base"], **extra)
+        kwargs = s["task"]["model_kwargs"]
+        for method, extra in (("base", {}), ("dec", kwargs["dec"])):
+            model = timm.create_model(s["config"]["model"] + ("_dec" if method == "dec" else ""), **kwargs["base"],
+                                      **extra)
             state = load_file(s["methods"][method]["checkpoint"])
             model.load_state_dict(state, strict=True)
 
@@ -114,10 +124,10 @@ class TestDemo:
     @pytest.mark.parametrize("method", ["dec", "canon"])
     def test_eval_reproduces_demo_metrics(self, demo_out: Path, tmp_path: Path, method: str):
         # `timm-dec eval` rebuilds the model by name, loads the checkpoint and must find the demo's numbers.
-        r = json.loads((demo_out / "summary.json").read_text())["methods"][method]
-        argv = shlex.split(r["eval_command"])[1:] + ["--json", str(tmp_path / "e.json"), "--no-progress"]
+        entry = json.loads((demo_out / "summary.json").read_text())["methods"][method]
+        argv = shlex.split(entry["eval_command"])[1:] + ["--json", str(tmp_path / "e.json"), "--no-progress"]
         assert cli.main(argv) == 0
-        e = json.loads((tmp_path / "e.json").read_text())
+        e, r = json.loads((tmp_path / "e.json").read_text()), entry["results"]
         for key in ("acc", "inv_e", "per_scale_acc", "per_scale_prob_correct", "per_bin_acc"):
             np.testing.assert_allclose(e[key], r[key], rtol=1e-5, atol=1e-7, err_msg=key)
         assert e["model"].endswith("_dec") == (method == "dec")
@@ -125,8 +135,8 @@ class TestDemo:
 
     def test_base_checkpoint_into_dec_model(self, demo_out: Path, tmp_path: Path):
         # A base checkpoint loads into the *_dec model with the DEC at identity: the base model's numbers again.
-        r = json.loads((demo_out / "summary.json").read_text())["methods"]["base"]
-        argv = shlex.split(r["eval_command"])[1:]
+        entry = json.loads((demo_out / "summary.json").read_text())["methods"]["base"]
+        argv, r = shlex.split(entry["eval_command"])[1:], entry["results"]
         argv[argv.index("--model") + 1] += "_dec"
         assert cli.main(argv + ["--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
         e = json.loads((tmp_path / "e.json").read_text())
@@ -184,7 +194,7 @@ class TestDemo:
                 "--prob-images", "1", "--grid-images", "1", "--stretch-images", "2", "--canon-warps", "2"]
         assert cli.main(argv) == 0
         s = json.loads((tmp_path / "summary.json").read_text())
-        assert s["num_classes"] == 1000 and s["config"]["label"] == "number" and s["config"]["canvas"] == 224
+        assert s["task"]["num_classes"] == 1000 and s["config"]["label"] == "number" and s["config"]["canvas"] == 224
         assert s["config"]["num_digits"] == 3 and tuple(s["methods"]) == METHODS + ("aug_time",)
 
     def test_config_overrides_preset(self):

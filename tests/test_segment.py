@@ -1,6 +1,8 @@
 """``timm-dec segment``: the smoke preset end to end, and the pieces whose meaning a run relies on."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 
@@ -14,33 +16,70 @@ from timm_dec.cli import main
 from timm_dec.data import random_knots
 from timm_dec.ops import monotone_warp
 
+SUMMARY_KEYS = {"command", "preset", "config", "start", "methods", "paired", "equal_time_calibration", "tables",
+                "files", "task", "wall_seconds", "machine"}  # the runner's summary.json, demo's and segment's
 
-def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(tmp_path, capsys):
-    assert main(["segment", "--preset", "smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
-    captured = capsys.readouterr()
-    text = captured.out
+
+@pytest.fixture(scope="module")
+def segment_run(tmp_path_factory):
+    """The smoke preset with every method: its output folder and what it printed (stdout, stderr)."""
+    out = tmp_path_factory.mktemp("segment") / "out"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert main(["segment", "--preset", "smoke", "--threads", "1", "--out", str(out)]) == 0
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(segment_run):
+    tmp_path, text, err = segment_run
     lines = text.strip().splitlines()
     assert "numbers mean nothing" in lines[0]  # said first, before any number
     # the last line lists every file written and what reads a checkpoint
     assert re.search(r"wrote .*: summary.json, tables.txt, masks.png, checkpoints/ .*timm-dec eval does not read"
                      r".*load_checkpoint\(PATH\)", lines[-1]), lines[-1]
-    assert "Aug+time: 100%" in captured.err  # a progress bar per training run, as the demo's
+    assert "Aug+time: 100%" in err  # a progress bar per training run, as the demo's
     for row in ("Base", "Aug", "AugL", "Canon", "DEC", "Aug+time", "bootstrap intervals", "EquE hard", "mIoU S",
                 "DEC - Aug+time"):
         assert row in text, row
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS and summary["command"] == "segment" and summary["task"] == {}
+    assert summary["files"] == ["tables.txt", "masks.png"] and summary["machine"]["torch_threads"] == 1
     assert set(summary["paired"]) == {"base", "augl", "canon", "dec", "aug_time", "dec_vs_aug_time"}
     assert summary["paired"]["dec"]["miou"]["low"] <= summary["paired"]["dec"]["miou"]["diff"]
     assert (tmp_path / "masks.png").stat().st_size > 0
-    solver = summary["results"]["dec"]["dec_solver"]  # the DEC's solves, reported beside its result
+    methods = summary["methods"]
+    assert list(methods) == ["base", "aug", "augl", "canon", "dec", "aug_time"]
+    for method, entry in methods.items():
+        assert set(entry) == {"training", "results", "eval_seconds", "checkpoint"}, method
+        assert {"steps", "dec_only_steps", "backbone_steps", "seconds", "final_loss"} == set(entry["training"])
+    own = summary["config"]["finetune_steps"]
+    assert methods["dec"]["training"]["dec_only_steps"] == PRESETS["smoke"]["dec_warmup_steps"]
+    assert methods["aug"]["training"]["steps"] == own and methods["aug"]["training"]["dec_only_steps"] == 0
+    assert methods["aug_time"]["training"]["steps"] == summary["equal_time_calibration"]["steps"] >= own
+    solver = methods["dec"]["results"]["dec_solver"]  # the DEC's solves, reported beside its result
     assert solver["solves"] == summary["config"]["test_samples"] and 0 <= solver["within_tol"] <= 1
-    assert "solves within tol" in text and summary["results"]["aug"]["dec_solver"] is None
+    assert "solves within tol" in text and methods["aug"]["results"]["dec_solver"] is None
     x = SegDigits("test", 2, PRESETS["smoke"]).images
-    for method, path in summary["checkpoints"].items():
+    for method, entry in methods.items():
+        path = entry["checkpoint"]
         keys = safetensors.torch.load_file(path).keys()
         assert any(k.startswith("backbone.dec.input.") for k in keys) == (method == "dec")
         with torch.no_grad():
             assert load_checkpoint(path)(x).shape == (2, 11, 32, 32)  # rebuilt from its metadata, loaded strictly
+
+
+def test_a_subset_of_methods_trains_them_as_the_full_run_does(segment_run, tmp_path):
+    """The runner builds the methods in order from the start, the DEC's H from the fine-tuning seed, each method's
+    batches and warps from a generator of its own: `--methods aug,dec` trains the full run's Aug and DEC bit for bit."""
+    full = segment_run[0]
+    assert main(["segment", "--preset", "smoke", "--threads", "1", "--no-progress", "--methods", "aug,dec",
+                 "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["methods"]) == ["aug", "dec"]  # Aug, the reference, always runs
+    for method in ("aug", "dec"):
+        a = safetensors.torch.load_file(full / "checkpoints" / f"{method}.safetensors")
+        b = safetensors.torch.load_file(tmp_path / "checkpoints" / f"{method}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
 
 
 def test_progress_bars_and_no_progress(tmp_path, capsys):
@@ -154,7 +193,7 @@ def test_write_start_then_a_run_from_it(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start"]["made_with"].startswith("timm-dec segment --preset smoke --write-start")
     for method, name in (("aug", "aug"), ("base", "plain")):
-        saved = safetensors.torch.load_file(summary["checkpoints"][method])
+        saved = safetensors.torch.load_file(summary["methods"][method]["checkpoint"])
         shipped = safetensors.torch.load_file(str(folder / f"smoke_{name}.safetensors"))
         assert saved.keys() == shipped.keys() and all(torch.equal(saved[k], shipped[k]) for k in saved)
     assert main(["segment", "--preset", "smoke", "--plain-steps", "3", "--out", str(out)]) == 2
@@ -191,8 +230,8 @@ def test_zero_steps_end_and_aug_time_is_bounded(tmp_path, extra, monkeypatch):
     assert main(["segment", "--preset", "smoke", "--threads", "1", "--out", str(tmp_path), *extra]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     own = summary["config"]["finetune_steps"]
-    assert summary["runs"]["aug_time"]["steps"] == 20 * max(own, 1)
-    assert summary["runs"]["aug_time"]["calibration"]["extra_steps"] == 20 * max(own, 1) - own
+    assert summary["methods"]["aug_time"]["training"]["steps"] == 20 * max(own, 1)
+    assert summary["equal_time_calibration"]["extra_steps"] == 20 * max(own, 1) - own
 
 
 def test_param_groups_of_demo_and_segment():

@@ -1,5 +1,6 @@
 """What the applications share: the flags of the experiments (``timm-dec demo`` and ``segment``: ``--preset``,
-``--out``, ``--methods``, ``--seed``, ``--threads``) declared and checked once, the ``--scales`` / ``--scale-bins``
+``--out``, ``--methods``, ``--seed``, ``--threads``, and the runner's ``--no-progress``, ``--from-scratch``,
+``--write-start``) declared and checked once, the ``--scales`` / ``--scale-bins``
 parsers, the checks made before any work (option values, a model's name and kwargs built on the meta device, DEC
 options, timm's pretrained weights offline), the input normalisation of a timm data config, the ``--device``
 resolution, the AdamW parameter groups and learning-rate schedule, and the step-cost calibration of the equal-compute
@@ -35,7 +36,9 @@ def method_list(text: str) -> tuple[str, ...]:
 def add_experiment_arguments(parser: argparse.ArgumentParser, *, presets: Mapping[str, str], methods: Sequence[str],
                              always: Sequence[str], out: str) -> None:
     """The flags every experiment command (``timm-dec demo``, ``segment``) shares: ``--preset``, ``--out``,
-    ``--methods``, ``--seed`` and ``--threads``; check them with `check_experiment_arguments`.
+    ``--methods``, ``--seed`` and ``--threads`` (check them with `check_experiment_arguments`), and those of the
+    runner (`timm_dec.apps.experiment`): ``--no-progress``, ``--from-scratch`` (``start="scratch"``) and
+    ``--write-start DIR``.
 
     Args:
         presets: name -> what the preset is for (the first is the default).
@@ -56,6 +59,12 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, *, presets: Mappin
     parser.add_argument("--seed", type=int, default=None, help="seed of the data, the shared start and the training "
                                                                "(default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
+                        help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
+    parser.add_argument("--write-start", default=None, metavar="DIR",
+                        help="only train the shared start and write it to DIR (how the shipped start was made; "
+                             f"{OUTPUT_FOLDER_RULE})")
 
 
 def check_experiment_arguments(args: argparse.Namespace, methods: Sequence[str],

@@ -21,10 +21,14 @@ The shared start costs more than the rest of the demo on a CPU, so the default p
 configuration are in ``default_start.json``), the way the paper starts from pretrained weights. ``--from-scratch``
 trains it in the run instead, identically.
 
-Outputs, in ``--out`` (default ``demo_out/``): ``summary.json`` (every configuration value, the shared start, per
-method the accuracy, InvE, per-scale and per-bin tables, the checkpoint and the ``timm-dec eval`` command that
-re-evaluates it, the paired comparisons with Aug, the DEC's solver statistics and scale-stretch correlation, the
-wall time); ``tables.txt``; ``per_scale_accuracy.png``; ``prob_correct.png`` (Fig. 8); ``warp_grids.png`` (Fig.
+The sequence (shared start, methods, one training loop, evaluation, paired comparisons, tables) is the experiment
+runner's (`timm_dec.apps.experiment`); this module is the task it runs: `DigitsClassification`.
+
+Outputs, in ``--out`` (default ``demo_out/``): ``summary.json`` (the runner's layout: every configuration value, the
+shared start, per method its training, its accuracy, InvE, per-scale and per-bin tables, its checkpoint and the
+``timm-dec eval`` command that re-evaluates it (``methods.<name>.eval_command``), the paired comparisons with Aug;
+in ``task``, the DEC's solver statistics and scale-stretch correlation and the ``create_model`` kwargs; the wall
+time); ``tables.txt``; ``per_scale_accuracy.png``; ``prob_correct.png`` (Fig. 8); ``warp_grids.png`` (Fig.
 A2); ``checkpoints/<method>.safetensors`` (each loads with ``timm.create_model(name, **model_kwargs)`` +
 ``load_state_dict(strict=True)``). Presets: ``default`` (CPU, about 8 minutes on 2 idle cores), ``paper`` (the paper's
 setting for a GPU: 224 px, 3 digits, pretrained ViT), ``smoke`` (seconds, for tests; its numbers mean nothing).
@@ -33,13 +37,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import timm
 import torch
@@ -49,8 +51,6 @@ from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 from tqdm.auto import tqdm
 
-from .._argcheck import OUTPUT_FOLDER_RULE
-from .._format import json_default
 from ..baselines import InputCanonicalizer, InvarianceLoss
 from ..bench.equilibrium import gradient_check
 from ..checkpoint import save_checkpoint
@@ -63,24 +63,23 @@ from . import _start
 from ._common import (
     add_experiment_arguments,
     bins_arg,
-    calibrate_equal_time,
-    calibration_line,
     check_experiment_arguments,
     hub_offline,
     normalize_transform,
     param_groups,
     resolve_device,
     scales_arg,
-    set_threads,
 )
 from ._train import Batches, LossFn, train, training_step
 from .demo_checks import check_before_work, check_values
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model
+from .experiment import ExperimentTask, Outcome, Run, run_experiment
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 
-__all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr"]
+__all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "load_start",
+           "DigitsClassification"]
 
 METHODS = ("base", "aug", "invl", "canon", "dec", "aug_time")
 ALWAYS = ("base", "aug")  # the references: they run whatever --methods says
@@ -118,12 +117,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_experiment_arguments(parser, presets={name: PRESET_HELP[name] for name in PRESETS}, methods=METHODS,
                              always=ALWAYS, out="demo_out")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
-                        help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
-    parser.add_argument("--write-start", default=None, metavar="DIR",
-                        help="only train the shared start and write it to DIR (how the shipped start was made; "
-                             f"{OUTPUT_FOLDER_RULE})")
     g = parser.add_argument_group("model and data (default from the preset)")
     g.add_argument("--model", default=None, help="timm base model name; DEC uses <model>_dec")
     g.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
@@ -283,21 +276,55 @@ def _loss(stage: Stage, normalize: Callable[[torch.Tensor], torch.Tensor]) -> Lo
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the shared start and the methods
+# the task: classification of locally scaled digits, run by `run_experiment`
 
 
-@dataclass
-class _Setup:
-    """What the steps of `run` share."""
-    cfg: dict[str, Any]
-    device: torch.device
-    progress: bool
-    out: Path
-    test_set: LocallyScaledDigits
-    channels: int
-    normalize: Callable[[torch.Tensor], torch.Tensor]
-    augment: RandomMonotoneScale
-    offline: bool = False  # timm's weights from huggingface_hub's cache, the Hub unreachable
+def load_start(cfg: dict[str, Any], preset: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The shipped shared start of ``preset`` (``demo_start/<preset>_start.json``), checked against ``cfg``."""
+    return _start.load_start(START_DIR, preset, _start.start_record(cfg, START_KEYS))
+
+
+class DigitsClassification(ExperimentTask):
+    """The demo's task for `run_experiment`: timm classifiers of locally scaled k-digit numbers, scored on the whole
+    number; accuracy, InvE, per-scale and per-bin accuracy; Tables 2 and 3 and the DEC's evidence."""
+    name = "demo"
+    labels = LABELS
+    start_keys = START_KEYS
+    checkpoint_hint = ("re-evaluate one with its methods.<name>.eval_command in summary.json, e.g. "
+                       "methods.dec.eval_command")
+
+    def __init__(self, args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+        super().__init__(args, cfg)
+        self.offline = False  # timm's weights from huggingface_hub's cache, the Hub unreachable
+        self.normalize: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+
+    @property
+    def start_dir(self) -> Path:
+        return START_DIR
+
+    def check(self) -> None:
+        self.offline = check_before_work(self.args, self.cfg)
+
+    def prepare(self) -> None:
+        """The digits (the training set rendered once), the start's Aug and the input normalisation of the model."""
+        cfg = self.cfg
+        self.device = resolve_device(self.args.device)
+        self.channels = int(cfg["model_kwargs"].get("in_chans", 3))
+        data_kw = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], scale_range=tuple(cfg["scale_range"]),
+                       digit_size=cfg["digit_size"], seed=cfg["seed"])
+        # stored with one channel (the digits are grey), expanded per batch
+        train_set = LocallyScaledDigits("train", num_samples=cfg["train_samples"], channels=1, **data_kw)
+        self.test_set = LocallyScaledDigits("test", num_samples=cfg["test_samples"], channels=self.channels, **data_kw)
+        self.augment = RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"],
+                                           generator=torch.Generator().manual_seed(cfg["seed"] + 1))
+        self.normalize = normalize_transform(resolve_data_config({}, model=self.create(cfg["model"])), self.channels)
+        self.test_set.transform = self.normalize
+        self.prob_idx = list(range(min(cfg["prob_images"], len(self.test_set))))
+        print(f"timm-dec demo (preset {self.args.preset}): {cfg['model']} on locally scaled {cfg['num_digits']}-digit "
+              f"numbers ({10 ** cfg['num_digits']} classes, label rule {cfg['label']!r}, {cfg['canvas']} px), "
+              f"{len(train_set)} train / {len(self.test_set)} test images, seed {cfg['seed']}, "
+              f"{torch.get_num_threads()} CPU threads")
+        self.images, self.targets = _render(train_set, not self.progress)
 
     def create(self, name: str, **extra: Any) -> nn.Module:
         """The timm classifier (seeded; timm's pretrained weights for a base model if asked for)."""
@@ -318,250 +345,155 @@ class _Setup:
         """``model`` scored on the whole number (`DigitwiseClassifier` for the ``digits`` label rule)."""
         return DigitwiseClassifier(model, self.cfg["num_digits"]) if self.cfg["label"] == "digits" else model
 
-    def step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage) -> Callable[[], float]:
+    def step(self, model: nn.Module, stage: Stage) -> Callable[[], float]:
         """One step of ``stage``'s training of ``model`` (a classifier of `classifier`) per call (`training_step`):
         AdamW on the stage's parameter groups, warm-up + cosine over ``stage.steps``, the gradient norm clipped at 1,
-        on `_batches` of the pre-rendered ``images`` with the stage's `_loss`."""
+        on `_batches` of the pre-rendered training images with the stage's `_loss`."""
         cfg = self.cfg
         model.to(self.device)
         inner = model.model if isinstance(model, DigitwiseClassifier) else model  # prefixes name the timm model's keys
         groups = param_groups(inner, stage.lr, cfg["weight_decay"], new_prefixes=stage.new_prefixes,
                               new_lr_mult=stage.new_lr_mult, only_new=stage.only_new)
-        batches = _batches(images, labels, stage, cfg["batch_size"], self.channels, self.device)
+        batches = _batches(self.images, self.targets, stage, cfg["batch_size"], self.channels, self.device)
         return training_step(model, batches, _loss(stage, self.normalize), groups, steps=stage.steps,
                              warmup_frac=cfg["warmup_frac"], clip_norm=1.0)
 
-    def fit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stage: Stage) -> dict[str, float]:
+    def fit(self, model: nn.Module, stage: Stage) -> dict[str, float]:
         """Train ``model`` in place for ``stage.steps`` steps (`train`): ``steps``, ``seconds``, ``final_loss``."""
-        return train(self.step(model, images, labels, stage), stage.steps, stage.name, self.progress)
+        return train(self.step(model, stage), stage.steps, stage.name, self.progress)
 
+    def train_start(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The shared start: ``plain_steps`` plain; from there ``aug_steps`` with Aug (the start of Aug, InvL, Canon and
+        DEC) and ``aug_steps`` more plain (the start of Base, so that Base has had as many steps)."""
+        cfg, seed = self.cfg, self.cfg["seed"]
+        model = self.create(cfg["model"])
+        self.fit(self.classifier(model), Stage("start: plain", cfg["plain_steps"], cfg["lr"], seed=seed))
+        plain = copy.deepcopy(model)
+        self.fit(self.classifier(plain), Stage("start: plain +", cfg["aug_steps"], cfg["finetune_lr"], seed=seed + 1))
+        self.fit(self.classifier(model), Stage("start: Aug", cfg["aug_steps"], cfg["finetune_lr"], augment=self.augment,
+                                               seed=seed + 1))
+        return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                for name, m in (("plain", plain), ("aug", model))}
 
-def _train_start(s: _Setup, images: torch.Tensor, labels: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """The shared start: ``plain_steps`` plain; from there ``aug_steps`` with Aug (the start of Aug, InvL, Canon and
-    DEC) and ``aug_steps`` more plain (the start of Base, so that Base has had as many steps)."""
-    cfg, seed = s.cfg, s.cfg["seed"]
-    model = s.create(cfg["model"])
-    s.fit(s.classifier(model), images, labels, Stage("start: plain", cfg["plain_steps"], cfg["lr"], seed=seed))
-    plain = copy.deepcopy(model)
-    s.fit(s.classifier(plain), images, labels, Stage("start: plain +", cfg["aug_steps"], cfg["finetune_lr"],
-                                                     seed=seed + 1))
-    s.fit(s.classifier(model), images, labels, Stage("start: Aug", cfg["aug_steps"], cfg["finetune_lr"],
-                                                     augment=s.augment, seed=seed + 1))
-    return {name: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-            for name, m in (("plain", plain), ("aug", model))}
-
-
-def load_start(cfg: dict[str, Any], preset: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """The shipped shared start of ``preset`` (``demo_start/<preset>_start.json``), checked against ``cfg``."""
-    return _start.load_start(START_DIR, preset, _start.start_record(cfg, START_KEYS))
-
-
-def _methods(s: _Setup, starts: dict[str, dict[str, torch.Tensor]]) -> dict[str, nn.Module]:
-    """Every method's model at the start of its steps: Base from the plain start, the rest from the Aug start."""
-    cfg, seed = s.cfg, s.cfg["seed"]
-    models: dict[str, nn.Module] = {}
-    for method in (m for m in cfg["methods"] if m != "aug_time"):  # Aug+time trains once the DEC's cost is known
+    def build(self, method: str, starts: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
+        """Base from the plain start, the rest from the Aug start; the DEC the ``<model>_dec`` twin, Canon the model
+        inside `InputCanonicalizer`, their new parts' initial weights from the run's seed."""
+        cfg, seed = self.cfg, self.cfg["seed"]
         if method == "dec":
             # the DEC's initial weights from the run's seed, not from what the methods before it drew
             torch.manual_seed(seed)
-            model = s.create(cfg["model"] + "_dec", **dec_kwargs(cfg))
+            model = self.create(cfg["model"] + "_dec", **dec_kwargs(cfg))
             load_dec_state_dict(model, starts["aug"], source="the Aug start", target=f"{cfg['model']}_dec")
-        else:
-            model = s.create(cfg["model"])
-            model.load_state_dict(starts["plain" if method == "base" else "aug"])
+            return model
+        model = self.create(cfg["model"])
+        model.load_state_dict(starts["plain" if method == "base" else "aug"])
         if method == "canon":
             torch.manual_seed(seed)
             model = InputCanonicalizer(
-                model, num_warps=cfg["canon_warps"], strength=cfg["aug_strength"], in_chans=s.channels,
+                model, num_warps=cfg["canon_warps"], strength=cfg["aug_strength"], in_chans=self.channels,
                 energy_size=cfg["canon_energy_size"], energy_widths=tuple(cfg["canon_energy_widths"]), seed=seed,
                 identity_margin=cfg["canon_margin"])
-        models[method] = model
-    return models
+        return model
 
+    def _stages(self, method: str, model: nn.Module, steps: int) -> list[Stage]:
+        """``method``'s training: ``steps`` steps (the DEC after its DEC-only warm-up)."""
+        cfg, seed, lr, mult = self.cfg, self.cfg["seed"], self.cfg["finetune_lr"], self.cfg["dec_lr_mult"]
+        if method == "base":
+            return [Stage("Base", steps, lr, seed=seed + 3)]
+        if method in ("aug", "aug_time"):
+            return [Stage(LABELS[method], steps, lr, augment=self.augmenter(), seed=seed + 3)]
+        if method == "invl":
+            aug_rng = torch.Generator().manual_seed(seed + 2)
 
-def _train_methods(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor,
-                   labels: torch.Tensor) -> dict[str, dict[str, float]]:
-    """``finetune_steps`` for every method (the DEC after its DEC-only warm-up); their timings and step counts."""
-    cfg, seed = s.cfg, s.cfg["seed"]
-    aug_rng = torch.Generator().manual_seed(seed + 2)
+            def invl_scale(x: torch.Tensor) -> torch.Tensor:
+                knots = random_knots(x.shape[0], self.augment.grid, cfg["aug_strength"], generator=aug_rng).to(x.device)
+                return monotone_warp(x, knots, inverse=True, check=False)
 
-    def invl_scale(x: torch.Tensor) -> torch.Tensor:
-        knots = random_knots(x.shape[0], s.augment.grid, cfg["aug_strength"], generator=aug_rng).to(x.device)
-        return monotone_warp(x, knots, inverse=True, check=False)
+            return [Stage("InvL", steps, lr, augment=self.augmenter(), invl=InvarianceLoss(cfg["invl_weight"]),
+                          invl_scale=invl_scale, seed=seed + 3)]
+        if method == "canon":
+            def canon_rank(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # the energy learns what the model reads
+                return cfg["canon_rank_weight"] * model.energy_loss(x, y, self.classifier(model.model),
+                                                                    cfg["canon_candidates"])
 
-    n, lr, mult = cfg["finetune_steps"], cfg["finetune_lr"], cfg["dec_lr_mult"]
-
-    def canon_rank(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # Canon's energy learns what the model reads
-        canon = models["canon"]
-        return cfg["canon_rank_weight"] * canon.energy_loss(x, y, s.classifier(canon.model), cfg["canon_candidates"])
-
-    stages = {
-        "base": [Stage("Base", n, lr, seed=seed + 3)],
-        "aug": [Stage("Aug", n, lr, augment=s.augmenter(), seed=seed + 3)],
-        "invl": [Stage("InvL", n, lr, augment=s.augmenter(), invl=InvarianceLoss(cfg["invl_weight"]),
-                       invl_scale=invl_scale, seed=seed + 3)],
-        "canon": [Stage("Canon", n, lr, augment=s.augmenter(), new_prefixes=("energy.",), new_lr_mult=mult,
-                        aux_loss=canon_rank if cfg["canon_rank_weight"] > 0 else None, seed=seed + 3)],
-        "dec": [Stage("DEC warm-up", cfg["dec_warmup_steps"], lr, augment=s.augmenter(), new_prefixes=("dec.",),
+            return [Stage("Canon", steps, lr, augment=self.augmenter(), new_prefixes=("energy.",), new_lr_mult=mult,
+                          aux_loss=canon_rank if cfg["canon_rank_weight"] > 0 else None, seed=seed + 3)]
+        return [Stage("DEC warm-up", cfg["dec_warmup_steps"], lr, augment=self.augmenter(), new_prefixes=("dec.",),
                       new_lr_mult=mult, only_new=True, seed=seed + 4),
-                Stage("DEC", n, lr, augment=s.augmenter(), new_prefixes=("dec.",), new_lr_mult=mult, seed=seed + 3)],
-    }
-    timings = {}
-    for method, model in models.items():
-        clf = s.classifier(model)
-        runs = [s.fit(clf, images, labels, stage) for stage in stages[method]]
-        timings[method] = dict(seconds=sum(r["seconds"] for r in runs),
-                               backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] + n,
-                               dec_only_steps=cfg["dec_warmup_steps"] if method == "dec" else 0)
-    return timings
+                Stage("DEC", steps, lr, augment=self.augmenter(), new_prefixes=("dec.",), new_lr_mult=mult,
+                      seed=seed + 3)]
 
+    def runs(self, method: str, model: nn.Module, models: Mapping[str, nn.Module], steps: int) -> list[Run]:
+        clf = self.classifier(model)
+        return [Run(stage.name, stage.steps, functools.partial(self.step, clf, stage), dec_only=stage.only_new)
+                for stage in self._stages(method, model, steps)]
 
-def _calibration_stages(s: _Setup) -> dict[str, Stage]:
-    """The kinds of training step the equal-compute control compares, as `_train_methods` runs them."""
-    lr, mult = s.cfg["finetune_lr"], s.cfg["dec_lr_mult"]
-    return {"aug": Stage("Aug", 1, lr, augment=copy.deepcopy(s.augment)),
-            "dec_only": Stage("DEC warm-up", 1, lr, augment=copy.deepcopy(s.augment), new_prefixes=("dec.",),
-                              new_lr_mult=mult, only_new=True),
-            "dec": Stage("DEC", 1, lr, augment=copy.deepcopy(s.augment), new_prefixes=("dec.",), new_lr_mult=mult)}
+    def calibration_step(self, kind: str, model: nn.Module) -> Callable[[], float]:
+        lr, mult = self.cfg["finetune_lr"], self.cfg["dec_lr_mult"]
+        dec = dict(new_prefixes=("dec.",), new_lr_mult=mult, only_new=kind == "dec_only")
+        stage = Stage(kind, 1, lr, augment=copy.deepcopy(self.augment), **(dec if kind != "aug" else {}))
+        return self.step(self.classifier(model), stage)
 
+    def evaluate(self, method: str, model: nn.Module) -> dict[str, Any]:
+        """`evaluate_model` on the test set (the same images, scales and bins for every method); with
+        ``prob_images``, the probability of the correct class across ``prob_scales`` (Fig. 8) as ``_prob_correct``."""
+        cfg, clf = self.cfg, self.classifier(model)
+        r = evaluate_model(clf, self.test_set, cfg["scales"], scale_bins=cfg["scale_bins"],
+                           batch_size=cfg["eval_batch"], device=self.device, seed=cfg["seed"], progress=self.progress,
+                           return_per_sample=True)
+        if self.prob_idx:
+            r["_prob_correct"] = evaluate_scale_consistency(
+                clf, self.test_set, list(cfg["prob_scales"]), indices=self.prob_idx, batch_size=cfg["eval_batch"],
+                device=self.device, progress=False, return_per_sample=True)["prob_correct"]
+        return r
 
-def _calibrate_equal_time(s: _Setup, models: dict[str, nn.Module], images: torch.Tensor,
-                          labels: torch.Tensor) -> dict[str, Any]:
-    """Aug+time's step count (`calibrate_equal_time`), timed on copies of the trained Aug and DEC models; the trained
-    DEC's solves are the training's most expensive, so this errs toward more Aug+time steps."""
-    cfg = s.cfg
-    steps = {kind: s.step(s.classifier(copy.deepcopy(models["aug" if kind == "aug" else "dec"])), images, labels,
-                          stage) for kind, stage in _calibration_stages(s).items()}
-    return calibrate_equal_time(steps, cfg["dec_warmup_steps"], cfg["finetune_steps"])
+    def compare(self, results: Mapping[str, dict[str, Any]], method: str, reference: str) -> dict[str, Any]:
+        return paired_rows(dict(results), seed=self.cfg["seed"], reference=reference, methods=[method])[method]
 
+    def write_checkpoint(self, method: str, model: nn.Module, path: Path) -> str:
+        cfg = self.cfg
+        data = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], digit_size=cfg["digit_size"],
+                    scale_range=list(cfg["scale_range"]), label=cfg["label"])
+        return str(save_checkpoint(model, path, data=data))  # creates the folder
 
-def _equal_time_control(s: _Setup, starts: dict[str, dict[str, torch.Tensor]], calibration: Optional[dict[str, Any]],
-                        images: torch.Tensor, labels: torch.Tensor) -> tuple[nn.Module, dict[str, float]]:
-    """Aug+time: Aug from the same start trained for ``calibration["steps"]`` steps (one schedule over all of them),
-    the cost of the DEC's training in Aug steps, so that a gain of the DEC is not only a gain of compute; without a
-    calibration (no DEC to match), Aug's own ``finetune_steps``."""
-    cfg = s.cfg
-    steps = cfg["finetune_steps"] if calibration is None else calibration["steps"]
-    model = s.create(cfg["model"])
-    model.load_state_dict(starts["aug"])
-    stage = Stage("Aug+time", steps, cfg["finetune_lr"], augment=s.augmenter(), seed=cfg["seed"] + 3)
-    run = s.fit(s.classifier(model), images, labels, stage)
-    timing = dict(seconds=run["seconds"], backbone_steps=cfg["plain_steps"] + cfg["aug_steps"] + steps,
-                  dec_only_steps=0)
-    if calibration is not None:
-        timing.update(calibration_noisy=calibration["noisy"], calibration_uncertainty=calibration["uncertainty"])
-    return model, timing
+    def method_record(self, method: str, checkpoint: str) -> dict[str, Any]:
+        return {"eval_command": eval_command(self.cfg, method, Path(checkpoint))}
 
+    def analyse(self, outcome: Outcome) -> dict[str, Any]:
+        """Whether the DEC learned to canonicalise (`dec_evidence`) and its backward against the true gradient."""
+        cfg, dec = self.cfg, outcome.models.get("dec")
+        if dec is None:
+            return {}
+        evidence = dec_evidence(dec, self.test_set, cfg, self.device)
+        if cfg["gradient_images"] > 0:
+            x = torch.stack([self.test_set[i][0] for i in range(min(cfg["gradient_images"], len(self.test_set)))])
+            start = time.perf_counter()
+            evidence["gradient_check"] = gradient_check(self.classifier(dec).cpu(), x, seed=cfg["seed"])
+            evidence["gradient_check"]["seconds"] = time.perf_counter() - start
+            dec.to(self.device)
+        return evidence
 
-def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[str, float]],
-              prob_idx: list[int]) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    """The same test images, scales and bins for every method; each checkpoint saved beside its result."""
-    cfg = s.cfg
-    results: dict[str, dict[str, Any]] = {}
-    curves: dict[str, torch.Tensor] = {}
-    data = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], digit_size=cfg["digit_size"],
-                scale_range=list(cfg["scale_range"]), label=cfg["label"])
-    for method, model in models.items():
-        clf = s.classifier(model)
-        start = time.perf_counter()
-        r = evaluate_model(clf, s.test_set, cfg["scales"], scale_bins=cfg["scale_bins"], batch_size=cfg["eval_batch"],
-                           device=s.device, seed=cfg["seed"], progress=s.progress, return_per_sample=True)
-        if prob_idx:
-            curves[method] = evaluate_scale_consistency(
-                clf, s.test_set, list(cfg["prob_scales"]), indices=prob_idx, batch_size=cfg["eval_batch"],
-                device=s.device, progress=False, return_per_sample=True)["prob_correct"]
-        ckpt = save_checkpoint(model, s.out / "checkpoints" / f"{method}.safetensors", data=data)  # creates the folder
-        r.update(checkpoint=str(ckpt), eval_command=eval_command(cfg, method, ckpt), **timings[method],
-                 eval_seconds=time.perf_counter() - start)
-        results[method] = r
-    return results, curves
+    def tables(self, outcome: Outcome) -> str:
+        return tables(self.cfg, outcome.results, outcome.paired, outcome.analysis, LABELS, outcome.calibration)
 
+    def figures(self, outcome: Outcome) -> list[str]:
+        curves = {m: r["_prob_correct"] for m, r in outcome.results.items() if "_prob_correct" in r}
+        return plots(self.out, self.cfg, outcome.results, curves, outcome.models.get("dec"), self.test_set,
+                     self.normalize, self.device, self.prob_idx, LABELS)
 
-def _summary(args: argparse.Namespace, s: _Setup, results: dict[str, dict[str, Any]], extra: dict[str, Any],
-             wall: float) -> dict[str, Any]:
-    """The content of ``summary.json``."""
-    return {
-        "preset": args.preset,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.cfg.items()},
-        "num_classes": 10 ** s.cfg["num_digits"],
-        "model_kwargs": {"base": dict(s.cfg["model_kwargs"], num_classes=num_outputs(s.cfg["label"],
-                                                                                     s.cfg["num_digits"])),
-                         "dec": dec_kwargs(s.cfg)},
-        "methods": {m: {k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for m, r in results.items()},
-        **extra,
-        "wall_seconds": wall,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(s.device),
-                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-    }
-
-
-def _setup(args: argparse.Namespace, cfg: dict[str, Any],
-           offline: bool = False) -> tuple[_Setup, LocallyScaledDigits]:
-    set_threads(args)
-    device = resolve_device(args.device)
-    channels = int(cfg["model_kwargs"].get("in_chans", 3))
-    data_kw = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], scale_range=tuple(cfg["scale_range"]),
-                   digit_size=cfg["digit_size"], seed=cfg["seed"])
-    # stored with one channel (the digits are grey), expanded per batch
-    train_set = LocallyScaledDigits("train", num_samples=cfg["train_samples"], channels=1, **data_kw)
-    test_set = LocallyScaledDigits("test", num_samples=cfg["test_samples"], channels=channels, **data_kw)
-    augment = RandomMonotoneScale(cfg["aug_strength"], p=cfg["aug_p"],
-                                  generator=torch.Generator().manual_seed(cfg["seed"] + 1))
-    s = _Setup(cfg, device, not args.no_progress, Path(args.out), test_set, channels, lambda x: x, augment, offline)
-    s.normalize = normalize_transform(resolve_data_config({}, model=s.create(cfg["model"])), channels)
-    test_set.transform = s.normalize
-    return s, train_set
+    def summary(self, outcome: Outcome) -> dict[str, Any]:
+        """The number of classes, the ``create_model`` kwargs of the checkpoints, the DEC's evidence, the Fig. 8
+        curves."""
+        cfg = self.cfg
+        return {"num_classes": 10 ** cfg["num_digits"],
+                "model_kwargs": {"base": dict(cfg["model_kwargs"], num_classes=num_outputs(cfg["label"],
+                                                                                           cfg["num_digits"])),
+                                 "dec": dec_kwargs(cfg)},
+                "dec_evidence": outcome.analysis,
+                "prob_correct": {m: r["_prob_correct"].tolist() for m, r in outcome.results.items()
+                                 if "_prob_correct" in r}}
 
 
 def run(args: argparse.Namespace) -> int:
     """Train and evaluate every method; print Tables 2 and 3; write the plots, checkpoints and summary."""
-    cfg = resolve_config(args)
-    offline = check_before_work(args, cfg)
-    if args.preset == "smoke":
-        print("timm-dec demo: the smoke preset only checks that the pipeline runs; its numbers mean nothing")
-    wall_start = time.perf_counter()
-    s, train_set = _setup(args, cfg, offline)
-    print(f"timm-dec demo (preset {args.preset}): {cfg['model']} on locally scaled {cfg['num_digits']}-digit numbers "
-          f"({10 ** cfg['num_digits']} classes, label rule {cfg['label']!r}, {cfg['canvas']} px), {len(train_set)} "
-          f"train / {len(s.test_set)} test images, seed {cfg['seed']}, {torch.get_num_threads()} CPU threads")
-    images, labels = _render(train_set, not s.progress)
-    start = _start.shared_start("demo", args.preset, cfg, START_KEYS, START_DIR, args.write_start,
-                                lambda: _train_start(s, images, labels))
-    if start is None:
-        return 0
-    starts, start_info = start
-    models = _methods(s, starts)
-    timings = _train_methods(s, models, images, labels)
-    calibration: Optional[dict[str, Any]] = None
-    if "aug_time" in cfg["methods"]:
-        if "dec" in models:
-            calibration = _calibrate_equal_time(s, models, images, labels)
-            print(calibration_line(calibration))
-        models["aug_time"], timings["aug_time"] = _equal_time_control(s, starts, calibration, images, labels)
-    prob_idx = list(range(min(cfg["prob_images"], len(s.test_set))))
-    results, curves = _evaluate(s, models, timings, prob_idx)
-    evidence = dec_evidence(models["dec"], s.test_set, cfg, s.device) if "dec" in models else {}
-    if "dec" in models and cfg["gradient_images"] > 0:
-        x = torch.stack([s.test_set[i][0] for i in range(min(cfg["gradient_images"], len(s.test_set)))])
-        start = time.perf_counter()
-        evidence["gradient_check"] = gradient_check(s.classifier(models["dec"]).cpu(), x, seed=cfg["seed"])
-        evidence["gradient_check"]["seconds"] = time.perf_counter() - start
-        models["dec"].to(s.device)
-    paired = paired_rows(results, seed=cfg["seed"])
-    if "aug_time" in results and "dec" in results:
-        paired["dec_vs_aug_time"] = paired_rows(results, seed=cfg["seed"], reference="aug_time", methods=["dec"])["dec"]
-    text = tables(cfg, results, paired, evidence, LABELS)
-    print("\n" + text)
-    files = plots(s.out, cfg, results, curves, models.get("dec"), s.test_set, s.normalize, s.device, prob_idx, LABELS)
-    wall = time.perf_counter() - wall_start
-    summary = _summary(args, s, results, dict(start=start_info, paired_vs_aug=paired, dec_evidence=evidence,
-                                              equal_time_calibration=calibration,
-                                              tables=text, plots=files, prob_correct={m: c.tolist() for m, c in
-                                                                                      curves.items()}), wall)
-    (s.out / "tables.txt").write_text(text + "\n", encoding="utf-8")
-    (s.out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n", encoding="utf-8")
-    print(f"\nwall time {wall / 60:.1f} min; wrote {s.out}/summary.json, tables.txt, {', '.join(files)} and "
-          f"checkpoints/ (re-evaluate one with its methods.<name>.eval_command in summary.json, e.g. "
-          f"methods.dec.eval_command)")
-    return 0
+    return run_experiment(DigitsClassification(args, resolve_config(args)))

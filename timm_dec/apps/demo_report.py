@@ -119,8 +119,9 @@ def dec_evidence(model: nn.Module, test_set: LocallyScaledDigits, cfg: dict[str,
 
 
 def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict[str, dict[str, Any]],
-           evidence: dict[str, Any], labels: dict[str, str]) -> str:
-    """Tables 2 and 3 (per scale, per bin), the paired comparison with Aug and the DEC lines, as printed."""
+           evidence: dict[str, Any], labels: dict[str, str], calibration: Optional[dict[str, Any]] = None) -> str:
+    """Tables 2 and 3 (per scale, per bin), the paired comparison with Aug, the equal-compute line (from the
+    ``calibration`` of Aug+time's steps) and the DEC lines, as printed."""
     labelled = {labels[m]: r for m, r in results.items()}
     num_test = next(iter(results.values()))["num_samples"]
     out = [f"Table 2 style: accuracy and InvE on the test set ({num_test} images; InvE over per-digit scales "
@@ -139,14 +140,14 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
                    f"  {p['inv_e_1e2']:>+12.2f}  [{p['inv_e_low']:+6.2f}, {p['inv_e_high']:+6.2f}]"
                    f"  {p['inv_e_ratio']:>10.3f}")
     control = paired.get("dec_vs_aug_time")
-    if control:
-        steps = results["aug_time"]["backbone_steps"] - results["dec"]["backbone_steps"]
+    if control and calibration:
         out += ["", f"Equal compute: DEC against Aug+time (Aug given the DEC's training cost in Aug steps, measured "
-                    f"side by side: {steps:+d} steps): dAcc {control['acc_points']:+.2f} [{control['acc_low']:+.2f}, "
-                    f"{control['acc_high']:+.2f}] pts, InvE ratio {control['inv_e_ratio']:.3f}"]
-        if results["aug_time"].get("calibration_noisy"):
+                    f"side by side: {calibration['extra_steps']:+d} steps): dAcc {control['acc_points']:+.2f} "
+                    f"[{control['acc_low']:+.2f}, {control['acc_high']:+.2f}] pts, InvE ratio "
+                    f"{control['inv_e_ratio']:.3f}"]
+        if calibration["noisy"]:
             out[-1] += (f" -- NOT an equal-compute figure: the step costs were uncertain by "
-                        f"{100 * results['aug_time']['calibration_uncertainty']:.0f}% (a busy machine)")
+                        f"{100 * calibration['uncertainty']:.0f}% (a busy machine)")
     solver = results.get("dec", {}).get("dec_solver")
     if solver:
         out += ["", f"DEC solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average "

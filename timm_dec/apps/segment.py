@@ -21,16 +21,17 @@ written by ``timm-dec segment --write-start DIR`` (its configuration and SHA-256
 Reported on the same test images: mIoU (per image, and over the test set's pixels), EquE (eq. 23) over random
 monotone scalings on the soft masks (class probabilities) and on the hard ones (the fraction of pixels whose
 predicted class changes), mIoU per per-digit scale, paired-bootstrap intervals against Aug, a figure of predicted
-masks under local scaling, ``summary.json`` and ``checkpoints/<method>.safetensors``.
+masks under local scaling, ``summary.json`` (the experiment runner's layout, as the demo's) and
+``checkpoints/<method>.safetensors``. The sequence is the runner's (`timm_dec.apps.experiment`); this module is the
+task it runs: `DigitScenesSegmentation`.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import safetensors
 import safetensors.torch
@@ -39,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._argcheck import OUTPUT_FOLDER_RULE, check_output_folder
-from .._format import json_default
+from .._argcheck import check_output_folder
 from ..baselines import InputCanonicalizer
 from ..checkpoint import write_safetensors
 from ..data import LocallyScaledDigits
@@ -49,19 +49,13 @@ from ..metrics import equi_error_from_outputs, paired_bootstrap
 from ..models import DECModelMixin, load_dec_state_dict
 from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
-from ._common import (
-    add_experiment_arguments,
-    calibrate_equal_time,
-    calibration_line,
-    check_experiment_arguments,
-    param_groups,
-    set_threads,
-)
+from ._common import add_experiment_arguments, check_experiment_arguments, param_groups
 from ._train import Batches, LossFn, train, training_step
+from .experiment import ExperimentTask, Outcome, Run, run_experiment
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint", "checkpoint_record",
-           "CHECKPOINT_KEY"]
+           "CHECKPOINT_KEY", "DigitScenesSegmentation"]
 
 METHODS = ("base", "aug", "augl", "canon", "dec", "aug_time")
 ALWAYS = ("aug",)  # the reference: it runs whatever --methods says
@@ -274,14 +268,6 @@ def _fit(model: nn.Module, data: SegDigits, steps: int, lr: float, cfg: dict[str
     return result
 
 
-def _calibrate_equal_time(models: dict[str, nn.Module], train_set: SegDigits, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Aug+time's step count (`calibrate_equal_time`), timed on copies of the trained Aug and DEC models."""
-    steps = {kind: _step(copy.deepcopy(models["aug" if kind == "aug" else "dec"]), train_set, 1, cfg["finetune_lr"],
-                         cfg, augment=True, only_dec=kind == "dec_only", seed=cfg["finetune_seed"])
-             for kind in ("aug", "dec_only", "dec")}
-    return calibrate_equal_time(steps, cfg["dec_warmup_steps"], cfg["finetune_steps"])
-
-
 @torch.no_grad()
 def _predict(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([model(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
@@ -384,43 +370,6 @@ def train_start(train_set: SegDigits, cfg: dict[str, Any], log: Callable[[str], 
                                                                                                ("aug", model))}
 
 
-def _train_methods(starts: dict[str, dict[str, torch.Tensor]], train_set: SegDigits, cfg: dict[str, Any],
-                   methods: Sequence[str], log: Callable[[str], None],
-                   progress: bool = False) -> tuple[dict[str, DigitSegmenter], dict]:
-    """Every method from the shared start, in the order that lets Aug+time measure the trained DEC's step cost."""
-    models, runs = {}, {}
-    steps, lr, seed = cfg["finetune_steps"], cfg["finetune_lr"], cfg["finetune_seed"]
-    for method in [m for m in METHODS if m in methods]:
-        model = segmenter(cfg)
-        model.load_state_dict(starts["plain" if method == "base" else "aug"])
-        bar = dict(name=LABELS[method], progress=progress)
-        if method == "dec":
-            # the DEC's initial weights from the fine-tuning seed, not from what the methods before it drew
-            torch.manual_seed(seed)
-            model = _dec_model(model, cfg)
-            warm = _fit(model, train_set, cfg["dec_warmup_steps"], lr, cfg, name="DEC warm-up", progress=progress,
-                        augment=True, only_dec=True, seed=seed)
-            joint = _fit(model, train_set, steps, lr, cfg, **bar, augment=True, seed=seed)
-            runs[method] = dict(steps=joint["steps"], dec_only_steps=warm["steps"], final_loss=joint["final_loss"],
-                                seconds=warm["seconds"] + joint["seconds"])
-        elif method == "aug_time" and "dec" not in models:  # nothing to match: Aug's own steps
-            runs[method] = _fit(model, train_set, steps, lr, cfg, **bar, augment=True, seed=seed)
-        elif method == "aug_time":
-            calibration = _calibrate_equal_time(models, train_set, cfg)
-            log("  " + calibration_line(calibration))
-            runs[method] = dict(_fit(model, train_set, calibration["steps"], lr, cfg, **bar, augment=True, seed=seed),
-                                calibration=calibration)
-        else:
-            if method == "canon":
-                model.canon = _canon(cfg["canon_warps"], seed=seed)
-            runs[method] = _fit(model, train_set, steps, lr, cfg, **bar, augment=method != "base",
-                                augl=cfg["augl_weight"] if method == "augl" else 0.0, seed=seed)
-        models[method] = model
-        log(f"  {LABELS[method]:<9} {runs[method]['steps']:>4} steps  {runs[method]['seconds']:6.1f} s  "
-            f"loss {runs[method]['final_loss']:.3f}")
-    return models, runs
-
-
 def _paired(r: dict[str, Any], ref: dict[str, Any], seed: int) -> dict[str, Any]:
     """``r`` against ``ref`` on the same test images: paired-bootstrap intervals of every per-image metric."""
     return dict(miou=paired_bootstrap(r["_per_image"], ref["_per_image"], seed=seed),
@@ -435,8 +384,9 @@ def _interval(d: dict[str, float], digits: int, width: int) -> str:
     return f"{d['diff']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]".ljust(width)
 
 
-def _tables(results: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The printed tables and the paired comparisons: every method against Aug, and the DEC against Aug+time."""
+def _tables(results: dict[str, dict[str, Any]], paired: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> str:
+    """The printed tables: the metrics, the DEC's solves, mIoU per scale and the paired comparisons (`_paired`: every
+    method against Aug, and the DEC against Aug+time as ``dec_vs_aug_time``)."""
     lines = [f"Segmentation under local scaling ({len(next(iter(results.values()))['_per_image'])} test images; "
              f"mIoU S and EquE over one random monotone scaling S per image, strength {cfg['equ_strength']})",
              f"{'Method':<10}{'mIoU':>7}{'mIoU px':>9}{'IoU dig':>9}{'IoU bg':>8}{'mIoU S':>8}{'EquE 1e-3':>11}"
@@ -455,20 +405,16 @@ def _tables(results: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> tuple[st
               f"{'Method':<10}" + "".join(f"{s:>8}" for s in cfg["scales"])]
     for m, r in results.items():
         lines.append(f"{LABELS[m]:<10}" + "".join(f"{v:8.2f}" for v in r["per_scale"].values()))
-    pairs = [(m, "aug") for m in results if m != "aug"] if "aug" in results else []
-    if "dec" in results and "aug_time" in results:
-        pairs.append(("dec", "aug_time"))
-    paired: dict[str, Any] = {}
-    if pairs:
+    if paired:
         lines += ["", "Paired differences on the same test images (95% bootstrap intervals)",
                   f"{'Methods':<20}{'dmIoU':<24}{'dmIoU S':<24}{'dEquE 1e-3':<30}{'EquE ratio':<12}dEquE hard %"]
-    for m, ref in pairs:
-        p = _paired(results[m], results[ref], cfg["seed"])
-        paired[m if ref == "aug" else f"{m}_vs_{ref}"] = p
-        lines.append(f"{LABELS[m] + ' - ' + LABELS[ref]:<20}{_interval(p['miou'], 2, 24)}"
+    for key, p in paired.items():
+        m, _, ref = key.partition("_vs_")
+        label = LABELS[m] + " - " + LABELS[ref or "aug"]
+        lines.append(f"{label:<20}{_interval(p['miou'], 2, 24)}"
                      f"{_interval(p['miou_warped'], 2, 24)}{_interval(p['eque_soft_1e3'], 3, 30)}"
                      f"{p['eque_ratio']:<12.3f}{_interval(p['eque_hard_pct'], 3, 0)}")
-    return "\n".join(lines), paired
+    return "\n".join(lines)
 
 
 def _figure(models: dict[str, DigitSegmenter], test: SegDigits, cfg: dict[str, Any], path: Path) -> Optional[str]:
@@ -508,12 +454,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-seed", type=int, default=None,
                         help="seed of the methods' batches and warps only, so that the shipped start can serve several "
                              "training seeds (default: --seed + 2)")
-    parser.add_argument("--from-scratch", action="store_const", const="scratch", dest="start", default=None,
-                        help="train the shared start (plain, then Aug) in this run instead of loading the shipped one")
-    parser.add_argument("--write-start", default=None, metavar="DIR",
-                        help=f"only train the shared start and write it to DIR (how the shipped start was made; "
-                             f"{OUTPUT_FOLDER_RULE})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     for key in _INT_OPTIONS:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: the preset's")
 
@@ -547,47 +487,93 @@ def load_start(cfg: dict[str, Any], preset: str) -> tuple[dict[str, dict[str, to
     return _start.load_start(START_DIR, preset, _start.start_record(cfg, START_KEYS))
 
 
+class DigitScenesSegmentation(ExperimentTask):
+    """The segmentation task for `run_experiment`: `DigitSegmenter` on locally scaled digit scenes; mIoU, EquE, mIoU
+    per scale, and a figure of predicted masks."""
+    name = "segment"
+    labels = LABELS
+    start_keys = START_KEYS
+    checkpoint_hint = ("one checkpoint per method: a DigitSegmenter, which timm-dec eval does not read; load one with "
+                       "timm_dec.apps.segment.load_checkpoint(PATH)")
+
+    @property
+    def start_dir(self) -> Path:
+        return START_DIR
+
+    @property
+    def methods_seed(self) -> int:
+        return self.cfg["finetune_seed"]
+
+    def check(self) -> None:
+        if self.args.write_start:
+            check_output_folder(self.args.write_start, "--write-start")
+        else:
+            check_output_folder(self.args.out, "--out")
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        print(f"timm-dec segment: preset {self.args.preset}, seed {cfg['seed']} (fine-tuning seed "
+              f"{cfg['finetune_seed']}), {torch.get_num_threads()} CPU threads")
+        torch.manual_seed(cfg["seed"])  # the start's initial weights (the scenes draw from generators of their own)
+        self.train_set = SegDigits("train", cfg["train_samples"], cfg)
+        self.test_set = SegDigits("test", cfg["test_samples"], cfg)
+
+    def train_start(self) -> dict[str, dict[str, torch.Tensor]]:
+        return train_start(self.train_set, self.cfg, print, self.progress)
+
+    def build(self, method: str, starts: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
+        """A segmenter of the start (Base's the plain one); the DEC's backbone the ``*_dec`` twin, its DEC's initial
+        weights from the fine-tuning seed; Canon's with its bank."""
+        cfg = self.cfg
+        model = segmenter(cfg)
+        model.load_state_dict(starts["plain" if method == "base" else "aug"])
+        if method == "dec":
+            # the DEC's initial weights from the fine-tuning seed, not from what the methods before it drew
+            torch.manual_seed(cfg["finetune_seed"])
+            model = _dec_model(model, cfg)
+        elif method == "canon":
+            model.canon = _canon(cfg["canon_warps"], seed=cfg["finetune_seed"])
+        return model
+
+    def runs(self, method: str, model: nn.Module, models: Mapping[str, nn.Module], steps: int) -> list[Run]:
+        """`_step` runs: Aug (image and mask warped) for all but Base, AugL's loss, the DEC's DEC-only warm-up."""
+        cfg = self.cfg
+
+        def run(name: str, n: int, **options: Any) -> Run:
+            return Run(name, n, lambda: _step(model, self.train_set, n, cfg["finetune_lr"], cfg,
+                                              seed=cfg["finetune_seed"], **options),
+                       dec_only=options.get("only_dec", False))
+
+        if method == "dec":
+            return [run("DEC warm-up", cfg["dec_warmup_steps"], augment=True, only_dec=True),
+                    run(LABELS[method], steps, augment=True)]
+        return [run(LABELS[method], steps, augment=method != "base",
+                    augl=cfg["augl_weight"] if method == "augl" else 0.0)]
+
+    def calibration_step(self, kind: str, model: nn.Module) -> Callable[[], float]:
+        return _step(model, self.train_set, 1, self.cfg["finetune_lr"], self.cfg, augment=True,
+                     only_dec=kind == "dec_only", seed=self.cfg["finetune_seed"])
+
+    def evaluate(self, method: str, model: nn.Module) -> dict[str, Any]:
+        return evaluate(model, self.test_set, self.cfg)
+
+    def compare(self, results: Mapping[str, dict[str, Any]], method: str, reference: str) -> dict[str, Any]:
+        return _paired(results[method], results[reference], self.cfg["seed"])
+
+    def write_checkpoint(self, method: str, model: nn.Module, path: Path) -> str:
+        return _checkpoint(model, path, self.cfg, method)
+
+    def tables(self, outcome: Outcome) -> str:
+        return _tables(outcome.results, outcome.paired, self.cfg)
+
+    def figures(self, outcome: Outcome) -> list[str]:
+        figure = _figure(outcome.models, self.test_set, self.cfg, self.out / "masks.png")
+        return ["masks.png"] if figure else []
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train the methods, evaluate them, print the tables and write ``--out``."""
-    cfg = resolve_config(args)
-    if args.write_start:
-        check_output_folder(args.write_start, "--write-start")
-    else:
-        check_output_folder(args.out, "--out")
-    if args.preset == "smoke":
-        print("timm-dec segment: the smoke preset only checks that the pipeline runs; its numbers mean nothing")
-    set_threads(args)
-    out, t0, progress = Path(args.out), time.perf_counter(), not getattr(args, "no_progress", False)
-    print(f"timm-dec segment: preset {args.preset}, seed {cfg['seed']} (fine-tuning seed {cfg['finetune_seed']}), "
-          f"{torch.get_num_threads()} CPU threads")
-    torch.manual_seed(cfg["seed"])
-    train_set = SegDigits("train", cfg["train_samples"], cfg)
-    start = _start.shared_start("segment", args.preset, cfg, START_KEYS, START_DIR, args.write_start,
-                                lambda: train_start(train_set, cfg, print, progress))
-    if start is None:
-        return 0
-    starts, start_info = start
-    print("  start: " + (f"the shipped one, made by {start_info['made_with']}" if "made_with" in start_info
-                         else start_info["source"]))
-    test_set = SegDigits("test", cfg["test_samples"], cfg)
-    torch.manual_seed(cfg["finetune_seed"])  # what the methods add (the DEC's H) starts from it
-    models, runs = _train_methods(starts, train_set, cfg, cfg["methods"], print, progress)
-    results = {m: evaluate(model, test_set, cfg) for m, model in models.items()}
-    text, paired = _tables(results, cfg)
-    print(text)
-    checkpoints = {m: _checkpoint(model, out / "checkpoints" / f"{m}.safetensors", cfg, m)
-                   for m, model in models.items()}
-    figure = _figure(models, test_set, cfg, out / "masks.png")
-    wall = time.perf_counter() - t0
-    summary = dict(config=cfg, start=start_info, runs=runs, checkpoints=checkpoints, figure=figure, paired=paired,
-                   results={m: {k: v for k, v in r.items() if not k.startswith("_")} for m, r in results.items()},
-                   wall_seconds=wall, threads=torch.get_num_threads())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
-    (out / "tables.txt").write_text(text + "\n")
-    files = ", ".join(["summary.json", "tables.txt"] + (["masks.png"] if figure else []) + ["checkpoints/"])
-    print(f"wall time {wall / 60:.1f} min; wrote {out}/: {files} (one checkpoint per method: a DigitSegmenter, which "
-          f"timm-dec eval does not read; load one with timm_dec.apps.segment.load_checkpoint(PATH))")
-    return 0
+    """Train the methods, evaluate them, print the tables and write ``--out`` (`run_experiment`)."""
+    return run_experiment(DigitScenesSegmentation(args, resolve_config(args)))
 
 
 def load_checkpoint(path: Union[str, Path]) -> DigitSegmenter:
