@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from timm_dec import finetune, hub
+from timm_dec import checkpoint, finetune, hub
 
 # a tiny vit_tiny_dec on 1-digit numbers (10 classes) at 32 px: 48 training images, 6 updates per epoch at a global
 # batch of 8, 2 epochs, warm-up over the first half epoch
@@ -70,7 +70,7 @@ def test_one_process_run_writes_checkpoints_final_folder_and_metrics(one_process
     final = hub.load_pretrained(one_process / "final")
     assert all(torch.equal(v, last[k]) for k, v in final.state_dict().items())
     assert "| Scale | 0.5 | 1 |" in (one_process / "final" / "README.md").read_text()
-    from_ckpt = hub.load_training_checkpoint(one_process / "checkpoint-000012")
+    from_ckpt = checkpoint.load_model(one_process / "checkpoint-000012")
     assert all(torch.equal(v, last[k]) for k, v in from_ckpt.state_dict().items())
 
 

@@ -53,7 +53,7 @@ from .._argcheck import OUTPUT_FOLDER_RULE
 from .._format import json_default
 from ..baselines import InputCanonicalizer, InvarianceLoss
 from ..bench.equilibrium import gradient_check
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_model
 from ..data import LocallyScaledDigits, RandomMonotoneScale
 from ..dec import BACKWARD_MODES, UPDATE_FORMS
 from ..metrics import evaluate_scale_consistency
@@ -470,7 +470,7 @@ def _evaluate(s: _Setup, models: dict[str, nn.Module], timings: dict[str, dict[s
             curves[method] = evaluate_scale_consistency(
                 clf, s.test_set, list(cfg["prob_scales"]), indices=prob_idx, batch_size=cfg["eval_batch"],
                 device=s.device, progress=False, return_per_sample=True)["prob_correct"]
-        ckpt = save_checkpoint(model, s.out / "checkpoints" / f"{method}.safetensors", data=data)  # creates the folder
+        ckpt = save_model(model, s.out / "checkpoints" / f"{method}.safetensors", data=data)  # creates the folder
         r.update(checkpoint=str(ckpt), eval_command=eval_command(cfg, method, ckpt), **timings[method],
                  eval_seconds=time.perf_counter() - start)
         results[method] = r
