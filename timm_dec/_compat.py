@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import tempfile
 import types
 from pathlib import Path
@@ -70,12 +71,27 @@ def timm_hub_config(model: nn.Module, model_config: Optional[Dict[str, Any]] = N
                     model_args: Optional[Dict[str, Any]] = None,
                     data_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The ``config.json`` dict that timm's ``save_for_hf`` writes for ``model`` (``save_config_for_hf``, which
-    writes only to a file: written to a temporary one and read back)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.json"
-        save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args,
-                           data_config=data_config)
-        return json.loads(path.read_text(encoding="utf-8"))
+    writes only to a file: written to a temporary one and read back). timm's note that a 3-channel pretrained mean
+    is averaged for a model of other channels (a 1-channel model) is for whoever resolves a data config, not for a
+    writer of records: it is filtered out here."""
+    logger = logging.getLogger("timm.data.model_config")
+    quiet = _ChannelMeanNote()
+    logger.addFilter(quiet)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.json"
+            save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args,
+                               data_config=data_config)
+            return json.loads(path.read_text(encoding="utf-8"))
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _ChannelMeanNote(logging.Filter):
+    """Drops timm's "Pretrained mean does not match N channels; using its mean value." (see `timm_hub_config`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "channels; using its mean value" not in record.getMessage()
 
 
 # --- capturing how timm builds a base model ------------------------------------------------------------------------
