@@ -1,23 +1,21 @@
 """Publishing ``*_dec`` models: a Hub folder with a model card, the push, and loading back.
 
-A saved folder is what timm's own Hub loader reads (`timm.models.save_for_hf` writes it):
+A saved folder is `timm_dec.checkpoint.save_model`'s, which is what timm's own Hub loader reads:
 
-* ``config.json``: ``architecture`` (the ``*_dec`` name), ``num_classes``, ``num_features``, ``label_names``,
-  ``pretrained_cfg`` (preprocessing), and ``model_args``, which ``timm.create_model`` passes back to the entrypoint
-  as keyword arguments -- the DEC options are written there as ``dec_*`` arguments, so loading rebuilds the same
-  model;
+* ``config.json``: the record (`timm_dec.checkpoint.model_record`): timm's Hub config -- ``architecture`` (the
+  ``*_dec`` name), ``num_classes``, ``num_features``, ``label_names``, ``pretrained_cfg`` (preprocessing), and
+  ``model_args``, which ``timm.create_model`` passes back to the entrypoint as keyword arguments; the DEC options are
+  written there as ``dec_*`` arguments, so loading rebuilds the same model -- and a ``timm_dec`` section (version,
+  data settings, metrics);
 * ``model.safetensors``: the full state dict, DEC parameters under ``dec.``;
 * ``README.md``: the card template (``timm_dec/templates/model_card.md``, package data) rendered with the model's
   name, options and measured metrics, which also go into the card's ``model-index`` metadata.
 
 After ``import timm_dec``, ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` or
-``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the saved model back; `load_pretrained` does the
-same after checking the folder, with clear errors. ``timm-dec push`` (`timm_dec.apps.push`) turns a training
-checkpoint (timm's ``train.py`` output, a `timm_dec.finetune` checkpoint folder or a ``.safetensors`` file) into such a
-folder and uploads it with these functions; reading checkpoints and rebuilding the model they record is
-`timm_dec.checkpoint` (its loading API re-exported here for existing callers).
-Nothing here unpickles arbitrary objects: safetensors are read as tensors, and timm's ``.pth.tar`` with
-``torch.load(weights_only=True)`` (argparse's ``Namespace`` of the training args allowed as plain data).
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the saved model back; `load_pretrained` is
+`timm_dec.checkpoint.load_model` (the one loader, which checks the folder first, with clear errors) by its Hub-facing
+name. ``timm-dec push`` (`timm_dec.apps.push`) turns any checkpoint that loader reads into such a folder and uploads
+it with these functions. Nothing here unpickles arbitrary objects.
 """
 from __future__ import annotations
 
@@ -43,14 +41,13 @@ from .checkpoint import (
     load_model,
     model_record,
     save_model,
-    saved_folder,
 )
 from .models import INPUT, DECModelMixin, base_model_name, dec_options
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
     "normalize_metrics", "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
-    "prepare_output_folder", "check_repo_id", "hub_reachable", "check_pretrained_source",
+    "prepare_output_folder", "check_repo_id", "hub_reachable",
 ]
 
 README_NAME = "README.md"
@@ -438,18 +435,7 @@ def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
 
     Raises:
         DECOptionError: a ``dec_*`` kwarg that shapes or interprets the weights and differs from the saved option.
-        OSError: an ``hf-hub:`` model that is not cached, offline (see `check_pretrained_source`).
+        OSError: an ``hf-hub:`` model that is not cached, offline (see `timm_dec.checkpoint.saved_folder`).
     """
     cache_dir = kwargs.pop("cache_dir", None)
     return load_model(os.fspath(source), model_kwargs=kwargs, cache_dir=cache_dir)
-
-
-def check_pretrained_source(source: PathLike, cache_dir: Optional[PathLike] = None) -> dict[str, Any]:
-    """`check_pretrained` for ``"hf-hub:ORG/NAME"`` (downloading or reading the cache), ``"local-dir:FOLDER"`` or a
-    folder; returns its config.
-
-    Raises:
-        OSError: an ``hf-hub:`` model that is not cached while the Hub cannot be reached or ``HF_HUB_OFFLINE`` is
-            set (said at once, not after huggingface_hub's retries).
-    """
-    return check_pretrained(saved_folder(source, cache_dir)[0])
