@@ -59,7 +59,7 @@ from .models import (
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "TRAINING_STATE_NAME", "CHECKPOINT_METADATA_KEY", "SavedModel", "model_record",
     "save_model", "write_safetensors", "check_pretrained", "read_record", "read_saved", "load_model",
-    "saved_folder", "hub_reachable",
+    "saved_folder", "hub_reachable", "upgrade_record",
 ]
 
 CONFIG_NAME = "config.json"
