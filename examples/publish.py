@@ -24,7 +24,8 @@ import torch
 from timm.utils import ParseKwargs
 
 import timm_dec  # noqa: F401  (registers the *_dec models)
-from timm_dec.hub import hub_architecture, load_training_checkpoint, push_to_hub, save_pretrained
+from timm_dec.checkpoint import load_model
+from timm_dec.hub import hub_architecture, push_to_hub, save_pretrained
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, global_pool="avg", num_classes=10,
             dec_blocks=("input",), dec_image_widths=(8, 16))
@@ -48,9 +49,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def load(args: argparse.Namespace) -> torch.nn.Module:
     if args.checkpoint:
         name = None if args.model == "vit_tiny_dec" else args.model
-        return load_training_checkpoint(args.checkpoint, model_name=name, model_kwargs=args.model_kwargs)
+        return load_model(args.checkpoint, model_name=name, model_kwargs=args.model_kwargs)
     if args.model.startswith(("local-dir:", "hf-hub:")):
-        return timm.create_model(args.model, pretrained=True).eval()
+        return load_model(args.model)
     kwargs = args.model_kwargs or (TINY if args.model == "vit_tiny_dec" else {})
     return timm.create_model(args.model, **kwargs).eval()
 

@@ -22,7 +22,7 @@ from _tiny import logits_of, off_identity
 from PIL import Image
 
 import timm_dec  # noqa: F401
-from timm_dec import cli, hub
+from timm_dec import checkpoint, cli, hub
 from timm_dec.apps.evaluate import build_eval_model, evaluate_model, resolve_digits
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, dec_widths=(8, 16),
@@ -53,8 +53,8 @@ def saved(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def ckpt(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint as the demo writes it (`save_checkpoint`: model, DEC options and data in its metadata)."""
-    return hub.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "dec.safetensors",
+    """A checkpoint as the demo writes it (`save_model`: model, DEC options and data in its metadata)."""
+    return checkpoint.save_model(model, tmp_path_factory.mktemp("ckpt") / "dec.safetensors",
                                data=dict(num_digits=1, canvas=32, digit_size=16))
 
 
@@ -238,7 +238,7 @@ def test_amp_and_channels_last_run(saved: Path, tmp_path: Path, capsys: pytest.C
 
 def test_recorded_options_are_used_and_contradictions_refused(model: torch.nn.Module, ckpt: Path, saved: Path,
                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    loaded = hub.load_training_checkpoint(ckpt)  # everything comes from the file's metadata
+    loaded = checkpoint.load_model(ckpt)  # everything comes from the file's metadata
     assert loaded.dec_cfg == model.dec_cfg
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
     rc, _, err = run_cli(["push", "--checkpoint", str(ckpt), "--model-kwargs", "dec_grid=8", "--dry-run",
@@ -274,9 +274,9 @@ def test_base_checkpoint_hint_names_a_usable_option(tmp_path: Path) -> None:
     path = tmp_path / "base.safetensors"
     safetensors.torch.save_file(base.state_dict(), str(path))
     with pytest.raises(ValueError, match="no DEC parameters .* use the base name 'vit_tiny_patch16_224'") as info:
-        hub.load_training_checkpoint(path, model_name="vit_tiny_dec", model_kwargs=TINY)
+        checkpoint.load_model(path, model_name="vit_tiny_dec", model_kwargs=TINY)
     assert "dec_blocks=[]" not in str(info.value)
-    dec = hub.load_training_checkpoint(path, model_name="vit_tiny_dec", model_kwargs=TINY, allow_base=True)
+    dec = checkpoint.load_model(path, model_name="vit_tiny_dec", model_kwargs=TINY, allow_base=True)
     torch.testing.assert_close(logits(dec), logits(base), rtol=0, atol=1e-5)
 
 
@@ -323,7 +323,7 @@ def test_readme_shows_the_current_eval_help(monkeypatch: pytest.MonkeyPatch) -> 
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_eval_label_that_contradicts_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    ckpt = hub.save_checkpoint(tiny_model(num_classes=20), tmp_path / "digits.safetensors",
+    ckpt = checkpoint.save_model(tiny_model(num_classes=20), tmp_path / "digits.safetensors",
                                data=dict(num_digits=2, canvas=32, digit_size=8, label="digits"))
     assert_one_line_error(*run_cli(EVAL + ["--checkpoint", str(ckpt), "--label", "number"], capsys)[::2], "eval",
                           r"--label number: the checkpoint was trained with label 'digits' \(10 outputs per digit\); "

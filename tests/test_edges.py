@@ -13,7 +13,7 @@ import timm
 import torch
 
 import timm_dec  # noqa: F401
-from timm_dec import cli, hub
+from timm_dec import checkpoint, cli, hub
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, dec_widths=(8, 16),
             dec_proj_chans=8)
@@ -39,7 +39,7 @@ def saved(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def ckpt(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return hub.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "dec.safetensors", data=dict(num_digits=1))
+    return checkpoint.save_model(model, tmp_path_factory.mktemp("ckpt") / "dec.safetensors", data=dict(num_digits=1))
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

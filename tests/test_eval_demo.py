@@ -150,13 +150,13 @@ class TestDemo:
 
     def test_checkpoints_record_the_dec_options_and_data(self, demo_out: Path):
         # each checkpoint records its model, every DEC option and the digits, so eval/push rebuild it by themselves
-        from timm_dec import hub
-        dec = hub.read_training_checkpoint(demo_out / "checkpoints" / "dec.safetensors")
+        from timm_dec import checkpoint
+        dec = checkpoint.read_saved(demo_out / "checkpoints" / "dec.safetensors")
         assert dec.architecture.endswith("_dec")
         assert dec.model_kwargs["dec_grid"] == PRESETS["smoke"]["dec_grid"]
         assert dec.model_kwargs["dec_blocks"] == list(PRESETS["smoke"]["dec_blocks"])
         assert dec.data["canvas"] == PRESETS["smoke"]["canvas"]
-        assert hub.read_training_checkpoint(demo_out / "checkpoints" / "canon.safetensors").wrapper == \
+        assert checkpoint.read_saved(demo_out / "checkpoints" / "canon.safetensors").wrapper == \
             "InputCanonicalizer"
 
     def test_push_then_eval_of_the_folder_matches_eval_of_the_checkpoint(self, demo_out: Path, tmp_path: Path):

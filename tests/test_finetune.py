@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import timm
 import torch
 from PIL import Image
 
-from timm_dec import finetune, hub
+from timm_dec import checkpoint, finetune, hub
 
 # a tiny vit_tiny_dec on 1-digit numbers (10 classes) at 32 px: 48 training images, 6 updates per epoch at a global
 # batch of 8, 2 epochs, warm-up over the first half epoch
@@ -60,8 +61,14 @@ def test_one_process_run_writes_checkpoints_final_folder_and_metrics(one_process
     metrics = summary["metrics"]
     assert metrics["num_samples"] == 8 and metrics["scales"] == [0.5, 1.0] and 0 <= metrics["acc"] <= 1
     assert metrics["inv_e"] >= 0 and len(metrics["per_scale_acc"]) == 2
+    # each checkpoint folder is a saved model (its record in config.json beside accelerate's model.safetensors) with
+    # the resume state, and only that, in state.json
     state = json.loads((one_process / "checkpoint-000006" / "state.json").read_text())
-    assert state["step"] == 6 and state["model_kwargs"]["dec_blocks"] == [0] and state["model_kwargs"]["dec_grid"] == 4
+    assert state["step"] == 6 and set(state) == {"step", "epoch", "signature", "scheduler", "world_size"}
+    config = json.loads((one_process / "checkpoint-000006" / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_dec"
+    assert config["model_args"]["dec_blocks"] == [0] and config["model_args"]["dec_grid"] == 4
+    assert config["timm_dec"]["data"]["num_digits"] == 1 and config["timm_dec"]["data"]["canvas"] == 32
     # training moved the weights, the DEC included
     first, last = weights(one_process / "checkpoint-000003"), weights(one_process / "final")
     assert not torch.equal(first["dec.0.head.weight"], last["dec.0.head.weight"])
@@ -70,8 +77,10 @@ def test_one_process_run_writes_checkpoints_final_folder_and_metrics(one_process
     final = hub.load_pretrained(one_process / "final")
     assert all(torch.equal(v, last[k]) for k, v in final.state_dict().items())
     assert "| Scale | 0.5 | 1 |" in (one_process / "final" / "README.md").read_text()
-    from_ckpt = hub.load_training_checkpoint(one_process / "checkpoint-000012")
+    from_ckpt = checkpoint.load_model(one_process / "checkpoint-000012")
     assert all(torch.equal(v, last[k]) for k, v in from_ckpt.state_dict().items())
+    from_timm = timm.create_model(f"local-dir:{one_process / 'checkpoint-000012'}", pretrained=True)
+    assert all(torch.equal(v, last[k]) for k, v in from_timm.state_dict().items())
 
 
 def test_resume_continues_the_same_trajectory(one_process: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import _http
 
 import timm_dec
-from timm_dec import hub
+from timm_dec import checkpoint, hub
 from timm_dec.apps import push as push_app
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, dec_widths=(8, 16),
@@ -379,50 +379,50 @@ def timm_ckpt(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_timm_train_checkpoint_loads_with_weights_only(model: torch.nn.Module, timm_ckpt: Path) -> None:
-    loaded = hub.load_training_checkpoint(timm_ckpt)
+    loaded = checkpoint.load_model(timm_ckpt)
     assert loaded.dec_cfg == model.dec_cfg
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
 
 
 def test_checkpoint_whose_dec_options_do_not_match(timm_ckpt: Path) -> None:
     with pytest.raises(ValueError, match="dec_grid=4 contradicts .* trained with dec_grid=3"):
-        hub.load_training_checkpoint(timm_ckpt, model_kwargs={"dec_grid": 4})
+        checkpoint.load_model(timm_ckpt, model_kwargs={"dec_grid": 4})
     with pytest.raises(ValueError, match=r"dec_blocks=\[0, 1\] contradicts .* trained with dec_blocks=\[1\]"):
-        hub.load_training_checkpoint(timm_ckpt, model_kwargs={"dec_blocks": [0, 1]})
+        checkpoint.load_model(timm_ckpt, model_kwargs={"dec_blocks": [0, 1]})
 
 
 def test_weights_whose_dec_blocks_do_not_match(model: torch.nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"     # a bare file records no options: the weights themselves disagree
     safetensors.torch.save_file(model.state_dict(), str(path))
     with pytest.raises(ValueError, match=r"dec_blocks=\[0, 1\] contradicts .* trained with dec_blocks=\[1\]"):
-        hub.load_training_checkpoint(path, model_name="vit_tiny_dec", model_kwargs={**TINY, **DEC,
+        checkpoint.load_model(path, model_name="vit_tiny_dec", model_kwargs={**TINY, **DEC,
                                                                                     "dec_blocks": [0, 1]})
 
 
 def test_checkpoint_with_dec_weights_into_a_base_model(model: torch.nn.Module, timm_ckpt: Path,
                                                        tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has DEC options .* but vit_tiny_patch16_224 has no DEC"):
-        hub.load_training_checkpoint(timm_ckpt, model_name="vit_tiny_patch16_224")
+        checkpoint.load_model(timm_ckpt, model_name="vit_tiny_patch16_224")
     path = tmp_path / "w.safetensors"
     safetensors.torch.save_file(model.state_dict(), str(path))
     base_kwargs = {k: v for k, v in TINY.items() if not k.startswith("dec_")}
     with pytest.raises(ValueError, match=r"DEC parameters for blocks \[1\], but vit_tiny_patch16_224 has no DEC"):
-        hub.load_training_checkpoint(path, model_name="vit_tiny_patch16_224", model_kwargs=base_kwargs)
+        checkpoint.load_model(path, model_name="vit_tiny_patch16_224", model_kwargs=base_kwargs)
 
 
 def test_checkpoint_with_code_is_not_unpickled(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth.tar"
     torch.save({"state_dict": {}, "arch": "vit_tiny_dec", "payload": Path("x")}, path)
     with pytest.raises(ValueError, match="weights_only=True"):
-        hub.load_training_checkpoint(path)
+        checkpoint.load_model(path)
 
 
 def test_bare_safetensors_needs_a_model_name(model: torch.nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
     safetensors.torch.save_file(model.state_dict(), str(path))
     with pytest.raises(ValueError, match="pass model_name"):
-        hub.load_training_checkpoint(path)
-    loaded = hub.load_training_checkpoint(path, model_name="vit_tiny_dec", model_kwargs={**TINY, **DEC})
+        checkpoint.load_model(path)
+    loaded = checkpoint.load_model(path, model_name="vit_tiny_dec", model_kwargs={**TINY, **DEC})
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
 
 

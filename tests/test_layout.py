@@ -246,9 +246,9 @@ def test_the_layer_check_sees_function_local_imports():
 SAFETENSORS_WRITER = ("timm_dec.checkpoint", "write_safetensors")
 
 
-def save_file_calls(name: str, tree: ast.Module) -> List[str]:
-    """The calls to ``save_file`` (``safetensors.torch.save_file``, however imported) in module ``name``, each as
-    ``module:function:line`` (``<module>`` outside any function)."""
+def save_file_calls(name: str, tree: ast.Module, callee: str = "save_file") -> List[str]:
+    """The calls to ``callee`` (default ``save_file``: ``safetensors.torch.save_file``, however imported) in module
+    ``name``, each as ``module:function:line`` (``<module>`` outside any function)."""
     found = []
 
     def visit(node: ast.AST, function: str) -> None:
@@ -256,7 +256,7 @@ def save_file_calls(name: str, tree: ast.Module) -> List[str]:
             if isinstance(child, ast.Call):
                 func = child.func
                 called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-                if called == "save_file":
+                if called == callee:
                     found.append(f"{name}:{function}:{child.lineno}")
             visit(child, child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function)
 
@@ -278,3 +278,18 @@ def test_one_function_writes_safetensors():
     module, function = SAFETENSORS_WRITER
     assert len(calls) == 1 and calls[0].startswith(f"{module}:{function}:"), (
         f"safetensors files must be written only by {module}.{function} (one save_file call); found: {calls}")
+
+
+# The one writer of saved models (issue 23): `write_safetensors` is called by `save_model` (a model with its record)
+# and by the shared starts (plain state dicts, hash-checked), by nothing else.
+SAVED_MODEL_WRITERS = ("timm_dec.checkpoint:save_model", "timm_dec.apps._start:write_start")
+
+
+def test_one_function_writes_saved_models():
+    """Every saved model (demo, segment and finetune checkpoints, save_pretrained folders) goes through
+    `timm_dec.checkpoint.save_model`, which writes the one record; only the shared starts write weights without it."""
+    calls = [c for name, path in MODULES.items()
+             for c in save_file_calls(name, ast.parse(path.read_text("utf-8")), "write_safetensors")]
+    callers = sorted({c.rsplit(":", 1)[0] for c in calls})
+    assert callers == sorted(SAVED_MODEL_WRITERS), (
+        f"write_safetensors must be called only by {SAVED_MODEL_WRITERS} (save models with save_model); found: {calls}")

@@ -201,13 +201,13 @@ def test_solve_budget_options_may_be_overridden_on_load_and_say_so(saved: Path) 
 
 
 def test_every_loader_refuses_a_weight_option_with_one_error(saved: Path, tmp_path: Path) -> None:
-    from timm_dec import hub
+    from timm_dec import checkpoint, hub
 
-    ckpt = hub.save_checkpoint(vit(dec_grid=3), tmp_path / "c.safetensors")
+    ckpt = checkpoint.save_model(vit(dec_grid=3), tmp_path / "c.safetensors")
     loads = [
         lambda: timm.create_model(f"local-dir:{saved}", pretrained=True, dec_grid=5),
         lambda: hub.load_pretrained(saved, dec_grid=5),
-        lambda: hub.load_training_checkpoint(ckpt, model_kwargs=dict(dec_grid=5)),
+        lambda: checkpoint.load_model(ckpt, model_kwargs=dict(dec_grid=5)),
         lambda: timm.create_model("vit_tiny_patch16_224_dec", pretrained=True, dec_grid=5,
                                   pretrained_cfg_overlay=dict(file=str(ckpt)), **VIT),
         lambda: timm_dec.load_dec_state_dict(vit(dec_grid=5), vit(dec_grid=3).state_dict()),
@@ -226,11 +226,11 @@ def test_every_loader_refuses_a_weight_option_with_one_error(saved: Path, tmp_pa
 
 @pytest.fixture(scope="module")
 def vit_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from timm_dec import hub
+    from timm_dec import checkpoint
 
     model = vit()
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.25, 0.5, 0.75)}  # trained with its own mean
-    return hub.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "vit.safetensors", data=dict(num_digits=1))
+    return checkpoint.save_model(model, tmp_path_factory.mktemp("ckpt") / "vit.safetensors", data=dict(num_digits=1))
 
 
 def test_checkpoint_under_another_architecture_is_refused_in_one_line(vit_ckpt: Path, tmp_path: Path,
@@ -253,15 +253,15 @@ def test_checkpoint_under_another_architecture_is_refused_in_one_line(vit_ckpt: 
 
 def test_checkpoint_keeps_its_preprocessing_under_its_own_architecture(vit_ckpt: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
-    from timm_dec import hub
+    from timm_dec import checkpoint
 
     for name in (None, "vit_tiny_patch16_224_dec", "vit_tiny_dec", "vit_tiny_patch16_224_dec.augreg_in21k"):
-        model = hub.load_training_checkpoint(vit_ckpt, model_name=name)
+        model = checkpoint.load_model(vit_ckpt, model_name=name)
         assert tuple(model.pretrained_cfg["mean"]) == (0.25, 0.5, 0.75), name
         assert timm.data.resolve_input_data_config(model)["mean"] == (0.25, 0.5, 0.75)
         notes = [line for line in capsys.readouterr().err.splitlines() if "preprocessing" in line]
         assert len(notes) == 1 and "mean=[0.25, 0.5, 0.75]" in notes[0] and "mean=(0.5, 0.5, 0.5)" in notes[0]
-    torch.testing.assert_close(logits(hub.load_training_checkpoint(vit_ckpt)), logits(vit()), rtol=0, atol=0)
+    torch.testing.assert_close(logits(checkpoint.load_model(vit_ckpt)), logits(vit()), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

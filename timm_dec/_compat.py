@@ -6,7 +6,11 @@ the one file to change, and `tests/test_timm_contract.py` is the test that notic
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+import tempfile
 import types
+from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
@@ -20,7 +24,12 @@ from timm.models._features import FeatureGetterNet, FeatureListNet, feature_take
 
 # timm.models._hub: ``hf_split`` splits ``repo@revision`` as timm's ``hf-hub:`` loader does, so a saved folder is
 # fetched from the revision timm would read. Public replacement: none in timm; huggingface_hub has no such split.
-from timm.models._hub import hf_split
+# ``save_config_for_hf``: the Hub ``config.json`` timm writes for a model (architecture, num_classes,
+# num_features, global_pool, model_args from ``get_model_args``, the resolved pretrained_cfg), so the record a timm_dec
+# saved model carries is the config timm's ``local-dir:`` / ``hf-hub:`` loader reads. timm builds that dict only while
+# writing it to a file. Public replacement: ``timm.models.save_for_hf`` (which also writes the weights, and not as
+# timm_dec's one writer of weights does).
+from timm.models._hub import hf_split, save_config_for_hf
 
 # timm.models._manipulate.checkpoint (re-exported as ``timm.models.checkpoint``): activation checkpointing with the
 # arguments timm's own blocks use (use_reentrant=False), so a DEC model checkpoints as its base does.
@@ -56,6 +65,33 @@ def timm_model_args(module: nn.Module) -> Optional[Dict[str, Any]]:
     reads the attribute itself in ``save_for_hf``."""
     args = vars(module).get("_model_args")
     return dict(args) if isinstance(args, Mapping) else None
+
+
+def timm_hub_config(model: nn.Module, model_config: Optional[Dict[str, Any]] = None,
+                    model_args: Optional[Dict[str, Any]] = None,
+                    data_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The ``config.json`` dict that timm's ``save_for_hf`` writes for ``model`` (``save_config_for_hf``, which
+    writes only to a file: written to a temporary one and read back). timm's note that a 3-channel pretrained mean
+    is averaged for a model of other channels (a 1-channel model) is for whoever resolves a data config, not for a
+    writer of records: it is filtered out here."""
+    logger = logging.getLogger("timm.data.model_config")
+    quiet = _ChannelMeanNote()
+    logger.addFilter(quiet)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.json"
+            save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args,
+                               data_config=data_config)
+            return json.loads(path.read_text(encoding="utf-8"))
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _ChannelMeanNote(logging.Filter):
+    """Drops timm's "Pretrained mean does not match N channels; using its mean value." (see `timm_hub_config`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "channels; using its mean value" not in record.getMessage()
 
 
 # --- capturing how timm builds a base model ------------------------------------------------------------------------

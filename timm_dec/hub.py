@@ -1,64 +1,53 @@
 """Publishing ``*_dec`` models: a Hub folder with a model card, the push, and loading back.
 
-A saved folder is what timm's own Hub loader reads (`timm.models.save_for_hf` writes it):
+A saved folder is `timm_dec.checkpoint.save_model`'s, which is what timm's own Hub loader reads:
 
-* ``config.json``: ``architecture`` (the ``*_dec`` name), ``num_classes``, ``num_features``, ``label_names``,
-  ``pretrained_cfg`` (preprocessing), and ``model_args``, which ``timm.create_model`` passes back to the entrypoint
-  as keyword arguments -- the DEC options are written there as ``dec_*`` arguments, so loading rebuilds the same
-  model;
+* ``config.json``: the record (`timm_dec.checkpoint.model_record`): timm's Hub config -- ``architecture`` (the
+  ``*_dec`` name), ``num_classes``, ``num_features``, ``label_names``, ``pretrained_cfg`` (preprocessing), and
+  ``model_args``, which ``timm.create_model`` passes back to the entrypoint as keyword arguments; the DEC options are
+  written there as ``dec_*`` arguments, so loading rebuilds the same model -- and a ``timm_dec`` section (version,
+  data settings, metrics);
 * ``model.safetensors``: the full state dict, DEC parameters under ``dec.``;
 * ``README.md``: the card template (``timm_dec/templates/model_card.md``, package data) rendered with the model's
   name, options and measured metrics, which also go into the card's ``model-index`` metadata.
 
 After ``import timm_dec``, ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` or
-``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the saved model back; `load_pretrained` does the
-same after checking the folder, with clear errors. ``timm-dec push`` (`timm_dec.apps.push`) turns a training
-checkpoint (timm's ``train.py`` output, a `timm_dec.finetune` checkpoint folder or a ``.safetensors`` file) into such a
-folder and uploads it with these functions; reading checkpoints and rebuilding the model they record is
-`timm_dec.checkpoint` (its loading API re-exported here for existing callers).
-Nothing here unpickles arbitrary objects: safetensors are read as tensors, and timm's ``.pth.tar`` with
-``torch.load(weights_only=True)`` (argparse's ``Namespace`` of the training args allowed as plain data).
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` gives the saved model back; `load_pretrained` is
+`timm_dec.checkpoint.load_model` (the one loader, which checks the folder first, with clear errors) by its Hub-facing
+name. ``timm-dec push`` (`timm_dec.apps.push`) turns any checkpoint that loader reads into such a folder and uploads
+it with these functions. Nothing here unpickles arbitrary objects.
 """
 from __future__ import annotations
 
 import importlib.resources
 import os
 import re
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
-from urllib.parse import urlsplit
 
 import timm
 from torch import nn
 
 from . import __version__
-from ._compat import hf_split
 from ._format import format_scale, jsonable
 
-# CONFIG_NAME, WEIGHTS_NAME and check_pretrained are used here; the other names are re-exported only for backward
-# compatibility: callers import this loading API from timm_dec.hub (examples/publish.py, tests); it lives in checkpoint
-from .checkpoint import (  # noqa: F401
-    CHECKPOINT_METADATA_KEY,
+# the saved format, its writer and its loader live in checkpoint; hub adds the card, the push and the Hub-facing names
+from .checkpoint import (
     CONFIG_NAME,
-    TRAINING_STATE_NAME,
     WEIGHTS_NAME,
-    TrainingCheckpoint,
     check_pretrained,
-    checkpoint_record,
-    load_training_checkpoint,
-    model_from_checkpoint,
-    read_training_checkpoint,
-    save_checkpoint,
+    hub_reachable,
+    load_model,
+    model_record,
+    save_model,
 )
-from .models import INPUT, DECModelMixin, base_model_name, check_dec_options, dec_options
+from .models import INPUT, DECModelMixin, base_model_name, dec_options
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "README_NAME", "MODEL_CARD_TEMPLATE", "hub_architecture",
     "normalize_metrics", "render_model_card", "save_pretrained", "push_to_hub", "check_pretrained", "load_pretrained",
-    "load_training_checkpoint", "read_training_checkpoint", "model_from_checkpoint", "TrainingCheckpoint",
-    "save_checkpoint", "prepare_output_folder", "check_repo_id", "hub_reachable", "check_pretrained_source",
+    "prepare_output_folder", "check_repo_id", "hub_reachable",
 ]
 
 README_NAME = "README.md"
@@ -298,9 +287,10 @@ def save_pretrained(
 ) -> Path:
     """Write a ``*_dec`` model as a Hub folder: ``config.json``, ``model.safetensors`` and a ``README.md`` card.
 
-    The weights and config go through timm's own `timm.models.save_for_hf`; the DEC options are added to the
-    config's ``model_args`` as ``dec_*`` keyword arguments (see `dec_options`), so ``timm.create_model`` rebuilds
-    the same model. Measured ``metrics`` are also kept in ``config.json`` under ``timm_dec.metrics``.
+    The folder is `timm_dec.checkpoint.save_model`'s (the record of `timm_dec.checkpoint.model_record` as
+    ``config.json``: timm's Hub config, with every DEC option among its ``model_args`` as ``dec_*`` keyword
+    arguments, so ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds the same model), plus the card.
+    Measured ``metrics`` are also kept in ``config.json`` under ``timm_dec.metrics``.
 
     Args:
         model: a ``*_dec`` model (from a ``*_dec`` name or `timm_dec.adapt`), unwrapped (no DDP wrapper).
@@ -327,8 +317,6 @@ def save_pretrained(
         ValueError: wrong number of label names, bad metrics, a DEC option that is not JSON data, or a folder
             with other weight files.
     """
-    from timm.models import save_for_hf
-
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise TypeError("save_pretrained needs the unwrapped model (model.module), not a DataParallel wrapper")
     arch = hub_architecture(model)
@@ -340,20 +328,10 @@ def save_pretrained(
     readme = render_model_card(
         model, repo_id=repo_id, metrics=checked, dataset=dataset, datasets=datasets, training=training,
         license=license, template=card_template)
+    record = model_record(model, data=data, metrics=checked, architecture=arch, label_names=label_names,
+                          label_descriptions=label_descriptions, data_config=data_config)
     folder = prepare_output_folder(folder, (CONFIG_NAME, WEIGHTS_NAME, README_NAME))
-    model_config: dict[str, Any] = {
-        "pretrained_cfg": {"architecture": arch},
-        "timm_dec": {"version": __version__, "metrics": checked},
-    }
-    if data is not None:
-        model_config["timm_dec"]["data"] = {str(k): jsonable(v, f"data setting {k}") for k, v in data.items()}
-    if label_names is not None:
-        model_config["label_names"] = label_names
-    if label_descriptions is not None:
-        model_config["label_descriptions"] = dict(label_descriptions)
-    save_for_hf(
-        model, folder, model_config=model_config, model_args=dec_options(model), safe_serialization=True,
-        data_config=dict(data_config) if data_config is not None else None)
+    save_model(model, folder, record=record)
     (folder / README_NAME).write_text(readme, encoding="utf-8")
     return folder
 
@@ -442,79 +420,22 @@ def push_to_hub(
 # ---------------------------------------------------------------------------------------------------------------------
 
 def load_pretrained(source: PathLike, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(source, pretrained=True)`` for a saved ``*_dec`` model, after `check_pretrained`.
+    """A saved ``*_dec`` model, by its Hub-facing name: `timm_dec.checkpoint.load_model` of ``source``.
 
     Args:
         source: ``"hf-hub:ORG/NAME"`` (downloads or reads huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` works),
             ``"local-dir:FOLDER"`` or a folder path.
-        **kwargs: passed to ``timm.create_model`` (e.g. ``cache_dir``); DEC options come from the config: one given
-            here must equal the saved one, except the solve budget (`timm_dec._options.OVERRIDABLE`: ``dec_max_iter``,
-            ``dec_tol``, ...), which may differ (said once, as a warning).
+        **kwargs: ``timm.create_model`` kwargs, and ``cache_dir`` (huggingface_hub's cache); DEC options come from
+            the config: one given here must equal the saved one, except the solve budget
+            (`timm_dec._options.OVERRIDABLE`: ``dec_max_iter``, ``dec_tol``, ...), which may differ (said once, as a
+            warning).
 
     Returns:
         The model, in eval mode, with the saved weights (loaded strictly, from safetensors only).
 
     Raises:
         DECOptionError: a ``dec_*`` kwarg that shapes or interprets the weights and differs from the saved option.
-        OSError: an ``hf-hub:`` model that is not cached, offline (see `check_pretrained_source`).
+        OSError: an ``hf-hub:`` model that is not cached, offline (see `timm_dec.checkpoint.saved_folder`).
     """
-    source = os.fspath(source)
-    folder, offline = _pretrained_folder(source, kwargs.get("cache_dir"))
-    config = check_pretrained(folder)
-    if offline or not source.startswith("hf-hub:"):
-        source = f"local-dir:{folder}"  # offline, the cached copy (timm's hf-hub: loader would retry the network)
-    # before anything is built; timm passes the saved model_args on, and create_dec_model says what was overridden
-    check_dec_options(kwargs, dict(config.get("model_args") or {}), f"the saved model {source}", say=False)
-    return timm.create_model(source, pretrained=True, **kwargs).eval()
-
-
-def check_pretrained_source(source: PathLike, cache_dir: Optional[PathLike] = None) -> dict[str, Any]:
-    """`check_pretrained` for ``"hf-hub:ORG/NAME"`` (downloading or reading the cache), ``"local-dir:FOLDER"`` or a
-    folder; returns its config.
-
-    Raises:
-        OSError: an ``hf-hub:`` model that is not cached while the Hub cannot be reached or ``HF_HUB_OFFLINE`` is
-            set (said at once, not after huggingface_hub's retries).
-    """
-    return check_pretrained(_pretrained_folder(os.fspath(source), cache_dir)[0])
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface_hub's endpoint (``HF_ENDPOINT``, default https://huggingface.co) accepts a TCP connection
-    within ``timeout`` seconds; no request is made. Behind a proxy (``HTTPS_PROXY``, ``ALL_PROXY``) it is assumed
-    reachable, as only the proxy knows."""
-    from huggingface_hub import constants
-
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def _pretrained_folder(source: str, cache_dir: Optional[PathLike]) -> tuple[Path, bool]:
-    """The folder a saved-model source names, and whether it was read offline: an ``hf-hub:`` model is downloaded
-    (``config.json`` and the weights), or read from huggingface_hub's cache when ``HF_HUB_OFFLINE`` is set or the
-    Hub cannot be reached."""
-    if not source.startswith("hf-hub:"):
-        return Path(source[len("local-dir:"):] if source.startswith("local-dir:") else source), False
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    repo, revision = hf_split(source[len("hf-hub:"):])
-    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
-    try:
-        paths = [hf_hub_download(repo, name, revision=revision, cache_dir=cache_dir, local_files_only=offline)
-                 for name in (CONFIG_NAME, WEIGHTS_NAME)]
-    except LocalEntryNotFoundError:
-        if not offline:
-            raise
-        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
-               f"{constants.ENDPOINT} cannot be reached (offline?)")
-        raise OSError(f"{source} is not in huggingface_hub's cache and {why}: load a downloaded folder with "
-                      f"local-dir:FOLDER, or a weights file with --checkpoint FILE") from None
-    return Path(paths[0]).parent, offline
+    cache_dir = kwargs.pop("cache_dir", None)
+    return load_model(os.fspath(source), model_kwargs=kwargs, cache_dir=cache_dir)

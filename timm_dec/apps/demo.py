@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from ..baselines import InputCanonicalizer, InvarianceLoss
 from ..bench.equilibrium import gradient_check
-from ..checkpoint import save_checkpoint
+from ..checkpoint import save_model
 from ..data import LocallyScaledDigits, RandomMonotoneScale
 from ..dec import BACKWARD_MODES, UPDATE_FORMS
 from ..metrics import evaluate_scale_consistency
@@ -454,7 +454,7 @@ class DigitsClassification(ExperimentTask):
         cfg = self.cfg
         data = dict(num_digits=cfg["num_digits"], canvas=cfg["canvas"], digit_size=cfg["digit_size"],
                     scale_range=list(cfg["scale_range"]), label=cfg["label"])
-        return str(save_checkpoint(model, path, data=data))  # creates the folder
+        return str(save_model(model, path, data=data))  # creates the folder
 
     def method_record(self, method: str, checkpoint: str) -> dict[str, Any]:
         return {"eval_command": eval_command(self.cfg, method, Path(checkpoint))}

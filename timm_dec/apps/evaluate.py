@@ -1,7 +1,7 @@
 """``timm-dec eval``: accuracy, InvE (paper eq. 24) and per-scale accuracy of ANY timm model.
 
-The model comes from ``--model`` and ``--checkpoint`` as ``timm-dec push`` reads them
-(`timm_dec.hub.read_training_checkpoint`): a ``local-dir:``/``hf-hub:`` name loads the saved model with its weights;
+The model comes from ``--model`` and ``--checkpoint`` through the one loader, as ``timm-dec push`` reads them
+(`timm_dec.checkpoint.load_model`): a ``local-dir:``/``hf-hub:`` name loads the saved model with its weights;
 a checkpoint (``.safetensors`` from the demo, timm's ``train.py`` ``.pth.tar``, a ``timm_dec.finetune`` checkpoint
 folder, a ``save_pretrained`` folder) rebuilds the architecture and ``create_model`` kwargs it records, and
 ``--model-kwargs`` DEC options that contradict them are an error; a plain name builds ``timm.create_model(name)``
@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 from .._argcheck import check_checkpoint_path, check_output_file
 from .._format import format_per_scale_table, format_scale, format_table, json_default
 from ..baselines import InputCanonicalizer
+from ..checkpoint import load_model, read_record, read_saved
 from ..data import ImageFolderVariants, LocallyScaledDigits
 from ..dec import solver_stats
 from ..metrics import evaluate_scale_consistency
@@ -218,7 +219,7 @@ def build_eval_model(
             with a ``checkpoint`` that records its architecture.
         num_classes: classifier size of a model whose checkpoint does not record it (an int, or a function of the
             recorded data settings).
-        checkpoint: a training checkpoint, read as ``timm-dec push`` reads it (`timm_dec.hub.read_training_checkpoint`:
+        checkpoint: a training checkpoint, read as ``timm-dec push`` reads it (`timm_dec.checkpoint.load_model`:
             timm ``.pth.tar``, ``timm_dec.finetune`` folder, ``save_pretrained`` folder, ``.safetensors``): the
             model is rebuilt with the options it records, and ``dec_*`` options that contradict them are an error.
             Loaded strictly, except that a base checkpoint may leave a ``*_dec`` model's DEC at the identity.
@@ -230,8 +231,6 @@ def build_eval_model(
         use_ema: take timm's ``state_dict_ema`` from a ``.pth.tar`` (an error for any other source: it has no EMA
             weights).
     """
-    from .. import hub
-
     kwargs = dict(model_kwargs or {})
     def with_canon(m: nn.Module) -> nn.Module:
         return InputCanonicalizer(m, in_chans=int(getattr(m, "in_chans", None) or in_chans or 3), **canon)
@@ -247,23 +246,22 @@ def build_eval_model(
         if canon is not None:
             raise ValueError(f"--canon wraps {name} in an untrained Canon; evaluate a trained Canon checkpoint with "
                              f"--checkpoint")
-        config = hub.check_pretrained_source(name)
-        model = hub.load_pretrained(name, **kwargs)
-        return model.eval(), dict((config.get("timm_dec") or {}).get("data") or {})
+        saved = read_saved(name)
+        return load_model(saved, model_kwargs=kwargs).eval(), dict(saved.data)
     if checkpoint:
-        ckpt = hub.read_training_checkpoint(checkpoint, use_ema=use_ema)
-        canon_weights = ckpt.wrapper == "InputCanonicalizer" or any(k.startswith("energy.") for k in ckpt.state_dict)
+        saved = read_saved(checkpoint, use_ema=use_ema)
+        canon_weights = saved.wrapper == "InputCanonicalizer" or any(k.startswith("energy.") for k in saved.state_dict)
         if canon is not None and not canon_weights:
-            holds = "a DEC model" if any(".dec." in f".{k}" for k in ckpt.state_dict) else "a model without Canon"
-            arch = ckpt.architecture or "architecture not recorded"
+            holds = "a DEC model" if any(".dec." in f".{k}" for k in saved.state_dict) else "a model without Canon"
+            arch = saved.architecture or "architecture not recorded"
             raise ValueError(f"--canon: {checkpoint} holds {holds} ({arch}), not a Canon-wrapped one (timm-dec demo's "
                              f"canon checkpoint); leave --canon out")
-        if "num_classes" not in ckpt.model_kwargs and "num_classes" not in kwargs and num_classes is not None:
-            kwargs["num_classes"] = num_classes(ckpt.data) if callable(num_classes) else num_classes
-        if "in_chans" not in ckpt.model_kwargs and in_chans is not None:
+        if "num_classes" not in saved.model_kwargs and "num_classes" not in kwargs and num_classes is not None:
+            kwargs["num_classes"] = num_classes(saved.data) if callable(num_classes) else num_classes
+        if "in_chans" not in saved.model_kwargs and in_chans is not None:
             kwargs.setdefault("in_chans", in_chans)
-        model = hub.model_from_checkpoint(ckpt, model_name=name, model_kwargs=kwargs, allow_base=True, wrap=wrap)
-        return model.eval(), dict(ckpt.data)
+        model = load_model(saved, model_name=name, model_kwargs=kwargs, allow_base=True, wrap=wrap)
+        return model.eval(), dict(saved.data)
     if not name:
         raise ValueError("--model is required (any timm model name, or local-dir:FOLDER / hf-hub:ORG/NAME)")
     if num_classes is not None:
@@ -426,18 +424,17 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _refuse_segmenter(path: str) -> None:
-    """A checkpoint of ``timm-dec segment`` (a segmenter, not a classifier) is said to be one, with what reads it."""
-    if not (Path(path).is_file() and path.endswith(".safetensors")):
-        return
-    from .segment import checkpoint_record  # the segment app, only when a .safetensors file is named
-
+    """A checkpoint of ``timm-dec segment`` (a segmenter, not a classifier; its record's ``timm_dec.wrapper`` says
+    so) is said to be one, with what reads it."""
     try:
-        record = checkpoint_record(path)
+        record = read_record(path)
     except Exception:  # noqa: BLE001  (not a valid file: the checkpoint reader says so)
         return
-    if record is not None:
+    wrapper = (record.get("timm_dec") or {}).get("wrapper") or {}
+    if wrapper.get("task") == "segmentation":
+        loader = wrapper.get("load_with") or "timm_dec.apps.segment.load_checkpoint"
         raise ValueError(f"--checkpoint {path} is a timm-dec segment checkpoint (a segmenter, not a classifier), which "
-                         f"timm-dec eval does not evaluate; load it with timm_dec.apps.segment.load_checkpoint(PATH) "
+                         f"timm-dec eval does not evaluate; load it with {loader}(PATH) "
                          f"(its numbers are in the run's summary.json)")
 
 

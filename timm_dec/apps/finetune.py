@@ -20,14 +20,16 @@ Semantics a user can rely on:
   weights (up to float rounding of the gradient all-reduce): the sampler is accelerate's seedable sampler and the
   last incomplete global batch of an epoch is dropped.
 * Every ``--checkpoint-every`` updates, ``OUTPUT/checkpoint-<step>/`` gets accelerate's ``save_state`` (weights as
-  ``model.safetensors``, optimizer, RNG) and ``state.json`` (step, model, its create_model kwargs with the DEC
-  options, schedule). ``--resume`` continues the same trajectory: the weights after N updates equal those of an
-  uninterrupted run (exactly for deterministic data such as the digits; timm's random ``--aug`` transforms draw
-  differently after a resume). Such a folder is also a ``timm-dec push --checkpoint``.
+  ``model.safetensors``, optimizer, RNG), the model's record as ``config.json`` (`timm_dec.checkpoint.save_model`:
+  the architecture, its create_model kwargs with the DEC options, the data settings), so the folder is a saved model
+  (``timm-dec eval`` / ``push --checkpoint``, ``timm.create_model("local-dir:...")``), and ``state.json`` (the
+  resume state: step, schedule, the run's signature). ``--resume`` continues the same trajectory: the weights after N
+  updates equal those of an uninterrupted run (exactly for deterministic data such as the digits; timm's random
+  ``--aug`` transforms draw differently after a resume).
 * At the end: accuracy, InvE and per-scale accuracy on the test split (`timm_dec.metrics`, sharded over processes),
-  ``OUTPUT/final/`` (a `timm_dec.hub.save_pretrained` folder with the model card; timm's ``save_for_hf`` for a base
-  model), ``OUTPUT/summary.json`` (metrics, and a SHA-256 of every rank's weights, which must agree) and, with
-  ``--push-to-hub ORG/NAME``, the push.
+  ``OUTPUT/final/`` (a `timm_dec.hub.save_pretrained` folder with the model card; the same saved folder without a
+  card for a base model), ``OUTPUT/summary.json`` (metrics, and a SHA-256 of every rank's weights, which must
+  agree) and, with ``--push-to-hub ORG/NAME``, the push.
 """
 from __future__ import annotations
 
@@ -48,13 +50,14 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from timm.data import create_transform
-from timm.models import push_to_hf_hub, save_for_hf
+from timm.models import push_to_hf_hub
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
 from torch.utils.data import DataLoader, Dataset
 
 from .._format import format_scale, plain
+from ..checkpoint import TRAINING_STATE_NAME, save_model
 from ..data import ImageFolderSplit, ImageFolderVariants, LocallyScaledDigits
 from ..dec import loss_scale
 from ..hub import push_to_hub, save_pretrained
@@ -69,7 +72,6 @@ TABLE_A1 = {
     "scheduler": "cosine", "weight_decay": 0.05, "warmup_epochs": 5, "mixup_alpha": 0.8, "label_smoothing": 0.1,
     "random_erase_prob": 0.25, "layer_decay": 0.75, "epochs": 20,
 }
-STATE_NAME = "state.json"
 DEFAULT_EVAL_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
@@ -246,8 +248,8 @@ def _find_resume(path: str, output: Path) -> Path:
             raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {output}")
         return found[-1]
     folder = Path(path)
-    if not (folder / STATE_NAME).is_file():
-        raise FileNotFoundError(f"--resume {folder}: not a checkpoint folder (no {STATE_NAME})")
+    if not (folder / TRAINING_STATE_NAME).is_file():
+        raise FileNotFoundError(f"--resume {folder}: not a checkpoint folder (no {TRAINING_STATE_NAME})")
     return folder
 
 
@@ -269,6 +271,7 @@ class _Training:
     updates_per_epoch: int
     total_updates: int
     signature: dict[str, Any]
+    data: Optional[dict[str, Any]] = None  # the data settings the saved models record
     step: int = 0
 
     def log(self, text: str) -> None:
@@ -305,7 +308,7 @@ def _resume(t: _Training) -> None:
     """Continue from ``--resume`` (a checkpoint of the same run), else start the schedule at update 0."""
     if t.args.resume:
         folder = _find_resume(t.args.resume, t.output)
-        state = json.loads((folder / STATE_NAME).read_text())
+        state = json.loads((folder / TRAINING_STATE_NAME).read_text())
         differs = {k: (state["signature"].get(k), v) for k, v in t.signature.items()
                    if state["signature"].get(k) != v}
         if differs:
@@ -318,18 +321,18 @@ def _resume(t: _Training) -> None:
 
 
 def _save_checkpoint(t: _Training) -> None:
-    """``OUTPUT/checkpoint-<step>/``: accelerate's state and ``state.json``; the oldest beyond ``--keep-checkpoints``
-    are removed."""
+    """``OUTPUT/checkpoint-<step>/``: accelerate's state (its ``model.safetensors`` made a saved model by the record
+    `save_model` adds as ``config.json``) and the resume state ``state.json``; the oldest beyond
+    ``--keep-checkpoints`` are removed."""
     args, accelerator = t.args, t.accelerator
     folder = t.output / f"checkpoint-{t.step:06d}"
     accelerator.wait_for_everyone()
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
-        state = {"step": t.step, "epoch": t.step / t.updates_per_epoch, "model": args.model,
-                 "model_kwargs": plain(t.model_kwargs), "signature": t.signature,
-                 "scheduler": plain(t.scheduler.state_dict()), "args": plain(vars(args)),
-                 "world_size": accelerator.num_processes}
-        (folder / STATE_NAME).write_text(json.dumps(state, indent=2))
+        save_model(accelerator.unwrap_model(t.model), folder, weights=False, data=t.data)
+        state = {"step": t.step, "epoch": t.step / t.updates_per_epoch, "signature": t.signature,
+                 "scheduler": plain(t.scheduler.state_dict()), "world_size": accelerator.num_processes}
+        (folder / TRAINING_STATE_NAME).write_text(json.dumps(state, indent=2))
         if args.keep_checkpoints:
             for old in sorted(t.output.glob("checkpoint-*"))[:-args.keep_checkpoints]:
                 for f in old.iterdir():
@@ -395,6 +398,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_ds, test_ds, _, label_names = _datasets(args, model_cfg)
     is_dec = bool(dec_options(model))
     t = _prepare(args, accelerator, model, model_kwargs, train_ds)
+    t.data = _data_settings(args, model_cfg)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
     _resume(t)
 
@@ -464,20 +468,25 @@ def _training_table(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _data_settings(args: argparse.Namespace, model_cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The digits settings the saved models record, so that ``timm-dec eval`` evaluates on the same kind of images
+    (None for an image folder)."""
+    if args.data != "digits":
+        return None
+    return dict(num_digits=args.num_digits, canvas=args.img_size or int(model_cfg["input_size"][-1]),
+                digit_size=args.digit_size, scale_range=list(args.scale_range))
+
+
 def _save_final(args: argparse.Namespace, model: nn.Module, folder: Path, metrics: Optional[dict],
                 label_names: Optional[list], model_cfg: dict[str, Any], is_dec: bool) -> None:
     data_config = {k: model_cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in model_cfg}
+    data = _data_settings(args, model_cfg)
     if is_dec:
-        # the digits settings, so that `timm-dec eval --model local-dir:FOLDER` evaluates on the same kind of images
-        data = None if args.data != "digits" else dict(
-            num_digits=args.num_digits, canvas=args.img_size or int(model_cfg["input_size"][-1]),
-            digit_size=args.digit_size, scale_range=list(args.scale_range))
         save_pretrained(model, folder, metrics=metrics,
                         label_names=label_names, dataset=_dataset_name(args), training=_training_table(args),
                         data_config=data_config, repo_id=args.push_to_hub, data=data)
-    else:
-        config = {"label_names": label_names} if label_names else None
-        save_for_hf(model, str(folder), model_config=config, safe_serialization=True, data_config=data_config)
+    else:  # the same saved folder, without the card (which describes a DEC)
+        save_model(model, folder, label_names=label_names, data_config=data_config, data=data)
 
 
 def _push(args: argparse.Namespace, model: nn.Module, metrics: Optional[dict], label_names: Optional[list],

@@ -1,7 +1,7 @@
 """``timm-dec push``: a training checkpoint -> a Hub folder with a model card -> one commit on the Hub.
 
-The command line over the library: `timm_dec.checkpoint` reads the checkpoint and rebuilds the model it records,
-`timm_dec.hub` writes the folder (`save_pretrained`) and pushes it (`push_to_hub`). ``timm_dec.cli`` wires
+The command line over the library: `timm_dec.checkpoint.load_model` reads the checkpoint and rebuilds the model it
+records, `timm_dec.hub` writes the folder (`save_pretrained`) and pushes it (`push_to_hub`). ``timm_dec.cli`` wires
 ``add_arguments`` and ``run`` as the ``push`` subcommand.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from timm.utils import ParseKwargs
 from .. import hub
 from .._argcheck import OUTPUT_FOLDER_RULE, check_checkpoint_path, check_output_folder, named_kwarg
 from .._format import read_json_object
-from ..checkpoint import model_from_checkpoint, read_training_checkpoint
+from ..checkpoint import load_model, read_saved
 
 __all__ = ["add_arguments", "run"]
 
@@ -105,16 +105,16 @@ def run(args: argparse.Namespace) -> int:
                                    "datasets": args.datasets}
     if args.label_names:
         save_kwargs["label_names"] = _read_label_names(args.label_names)
-    ckpt = read_training_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    saved = read_saved(args.checkpoint, use_ema=args.use_ema)
     try:
-        model = model_from_checkpoint(ckpt, model_name=args.model, model_kwargs=args.model_kwargs)
+        model = load_model(saved, model_name=args.model, model_kwargs=args.model_kwargs)
     except KeyError as e:  # timm's lookups (act_layer=..., norm_layer=...) say only the value they did not find
         refused = named_kwarg(args.model_kwargs or {}, e)
         if not refused:
             raise
         raise ValueError(f"--model-kwargs {refused}: the model refuses it (KeyError: {e})") from None
-    if ckpt.data:
-        save_kwargs["data"] = ckpt.data
+    if saved.data:
+        save_kwargs["data"] = saved.data
     if args.output:
         folder = hub.save_pretrained(model, args.output, repo_id=args.repo_id, **save_kwargs)
         print(f"saved {hub.hub_architecture(model)} to {folder}")

@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import safetensors
-import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
@@ -42,7 +39,7 @@ from torch import nn
 
 from .._argcheck import check_output_folder
 from ..baselines import InputCanonicalizer
-from ..checkpoint import write_safetensors
+from ..checkpoint import load_model, read_record, read_saved, save_model
 from ..data import LocallyScaledDigits
 from ..dec import SolverStats, solver_stats
 from ..metrics import equi_error_from_outputs, paired_bootstrap
@@ -55,7 +52,7 @@ from .experiment import ExperimentTask, Outcome, Run, run_experiment
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint", "checkpoint_record",
-           "CHECKPOINT_KEY", "DigitScenesSegmentation"]
+           "DigitScenesSegmentation"]
 
 METHODS = ("base", "aug", "augl", "canon", "dec", "aug_time")
 ALWAYS = ("aug",)  # the reference: it runs whatever --methods says
@@ -85,7 +82,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 _INT_OPTIONS = ("plain_steps", "aug_steps", "finetune_steps", "dec_warmup_steps", "train_samples", "test_samples")
 START_DIR = _start.PACKAGE_DIR / "segment_start"
-CHECKPOINT_KEY = "timm_dec_segment"  # the safetensors metadata key of a segment checkpoint's record
 # the configuration values that determine the shared start (a shipped start must have been made with these)
 START_KEYS = ("model", "model_kwargs", "num_digits", "canvas", "digit_size", "scale_range", "train_samples",
               "plain_steps", "aug_steps", "batch_size", "lr", "finetune_lr", "weight_decay", "warmup_frac",
@@ -322,20 +318,22 @@ def _canon(num_warps: int, seed: int = 0) -> InputCanonicalizer:
 
 
 def checkpoint_record(path: Union[str, Path]) -> Optional[dict[str, Any]]:
-    """The record (backbone, kwargs, Canon bank) a ``timm-dec segment`` checkpoint keeps in its safetensors metadata
-    under `CHECKPOINT_KEY`; None for a safetensors file without one."""
-    with safetensors.safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta[CHECKPOINT_KEY]) if CHECKPOINT_KEY in meta else None
+    """The record (`timm_dec.checkpoint.read_record`) of a ``timm-dec segment`` checkpoint: the backbone's
+    architecture and ``model_args``, and under ``timm_dec.wrapper`` the `DigitSegmenter`'s arguments (``patch``, the
+    Canon bank's ``num_warps`` and ``seed``); None for a saved model that is no segmenter."""
+    record = read_record(path)
+    wrapper = (record.get("timm_dec") or {}).get("wrapper") or {}
+    return record if wrapper.get("class") == DigitSegmenter.__name__ else None
 
 
 def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: str) -> str:
-    """``model``'s weights as safetensors, with the configuration that rebuilds it in the metadata."""
-    meta = dict(method=method, model=cfg["model"] + ("_dec" if method == "dec" else ""),
-                model_kwargs={**cfg["model_kwargs"], **(dict(_DEC_FIXED, **cfg["dec_kwargs"]) if method == "dec"
-                                                          else {})},
-                canon_warps=cfg["canon_warps"] if method == "canon" else None)
-    return str(write_safetensors(path, model.state_dict(), {CHECKPOINT_KEY: json.dumps(meta, default=list)}))
+    """``model`` as a single ``.safetensors`` file with the record that rebuilds it (`timm_dec.checkpoint.save_model`):
+    the backbone (architecture, ``model_args`` with the DEC options), the segmenter's arguments, the Canon bank."""
+    canon = None if model.canon is None else dict(num_warps=int(model.canon.warps.shape[0]), seed=cfg["finetune_seed"])
+    wrapper = dict(task="segmentation", method=method, args=dict(patch=model.patch, canon=canon),
+                   load_with="timm_dec.apps.segment.load_checkpoint")
+    data = {k: cfg[k] for k in ("num_digits", "canvas", "digit_size", "scale_range")}
+    return str(save_model(model, path, data=data, wrapper=wrapper))
 
 
 def segmenter(cfg: dict[str, Any]) -> DigitSegmenter:
@@ -577,14 +575,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_checkpoint(path: Union[str, Path]) -> DigitSegmenter:
-    """A segmenter that ``timm-dec segment`` saved (``checkpoints/<method>.safetensors``), rebuilt from the backbone,
-    kwargs and Canon bank its metadata records and loaded strictly, in eval mode."""
-    info = checkpoint_record(path)
-    if info is None:
-        raise ValueError(f"{path} is not a checkpoint of timm-dec segment (no {CHECKPOINT_KEY} metadata)")
-    kwargs = dict(info["model_kwargs"])
-    model = DigitSegmenter(timm.create_model(info["model"], **kwargs), kwargs["patch_size"])
-    if info.get("canon_warps"):
-        model.canon = _canon(info["canon_warps"])
-    model.load_state_dict(safetensors.torch.load_file(str(path)))
-    return model.eval()
+    """A segmenter that ``timm-dec segment`` saved (``checkpoints/<method>.safetensors``, or a file of before the
+    unified record), rebuilt from its record alone by `timm_dec.checkpoint.load_model` (backbone, `DigitSegmenter`
+    arguments, Canon bank) and loaded strictly, in eval mode.
+
+    Raises:
+        ValueError: ``path`` holds no segmenter (the message says what its record names).
+    """
+    saved = read_saved(path)
+    wrapper = (saved.record.get("timm_dec") or {}).get("wrapper") or {}
+    if wrapper.get("class") != DigitSegmenter.__name__:
+        names = wrapper.get("class") or saved.architecture or "no model"
+        raise ValueError(f"{path} is not a checkpoint of timm-dec segment (its record names {names}, not a "
+                         f"{DigitSegmenter.__name__})")
+    args = wrapper.get("args") or {}
+    canon = args.get("canon")
+
+    def rebuild(backbone: nn.Module) -> DigitSegmenter:
+        bank = _canon(int(canon["num_warps"]), seed=int(canon.get("seed", 0))) if canon else None
+        return DigitSegmenter(backbone, int(args["patch"]), bank)
+
+    return load_model(saved, wrap=rebuild)

@@ -46,7 +46,7 @@ _TIMM_FAMILY_MODULES = (
     "timm.models.swin_transformer_v2", "timm.models.swin_transformer_v2_cr",
 )
 _BASE_OF: Dict[str, str] = {}  # <name>_dec -> base name
-# the key of the safetensors metadata under which `timm_dec.checkpoint.save_checkpoint` records how to rebuild a model
+# the key of the safetensors metadata under which `timm_dec.checkpoint.save_model` records how to rebuild a model
 CHECKPOINT_METADATA_KEY = "timm_dec"
 # a DEC's options buffer (`timm_dec.dec.DEC.weight_options`; its own load hook compares it), under any prefix
 _OPTIONS_KEY = re.compile(r"(^|\.)dec\.(input|\d+)\.options$")
@@ -196,22 +196,24 @@ def _check_fit(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor
     raise ValueError(f"{source} does not fit {target}{dec_hint}: " + "; ".join(parts))
 
 
-def read_checkpoint_record(path: Path) -> Dict[str, Any]:
-    """The record `timm_dec.checkpoint.save_checkpoint` keeps in a ``.safetensors`` file's metadata (architecture,
-    ``model_args`` with every DEC option, data settings), read from its header only; {} when it has none.
+def read_checkpoint_record(path: Path, key: str = CHECKPOINT_METADATA_KEY) -> Dict[str, Any]:
+    """The JSON record a ``.safetensors`` file keeps in its metadata under ``key`` (`timm_dec.checkpoint.save_model`'s:
+    architecture, ``model_args`` with every DEC option, ...), read from its header only; {} when it has none.
 
     Raises:
-        ValueError: the record is not valid JSON.
+        ValueError: the record is not valid JSON, or not a JSON object.
     """
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if CHECKPOINT_METADATA_KEY not in meta:
+    if key not in meta:
         return {}
     try:
-        record = json.loads(meta[CHECKPOINT_METADATA_KEY])
+        record = json.loads(meta[key])
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: its {CHECKPOINT_METADATA_KEY!r} metadata is not valid JSON: {e}") from e
-    return record if isinstance(record, dict) else {}
+        raise ValueError(f"{path}: its {key!r} metadata is not valid JSON: {e}") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: its {key!r} metadata holds a {type(record).__name__}, not a record")
+    return record
 
 
 def _recorded_model_args(kwargs: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
