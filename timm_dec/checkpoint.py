@@ -59,7 +59,7 @@ from .models import (
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "TRAINING_STATE_NAME", "CHECKPOINT_METADATA_KEY", "SavedModel", "model_record",
     "save_model", "write_safetensors", "check_pretrained", "read_record", "read_saved", "load_model",
-    "saved_folder", "hub_reachable", "upgrade_record",
+    "saved_folder", "hub_reachable", "upgrade_record", "record_wrapper",
 ]
 
 CONFIG_NAME = "config.json"
@@ -270,9 +270,15 @@ def check_pretrained(folder: PathLike) -> dict[str, Any]:
     return config
 
 
+def record_wrapper(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``timm_dec.wrapper`` entry of a record (`model_record`): what wraps the timm model (``class``, ``prefix``,
+    and for a task model ``task``, ``args``, ``load_with``); {} for an unwrapped model."""
+    return dict((record.get("timm_dec") or {}).get("wrapper") or {})
+
+
 def _prefix(record: Mapping[str, Any]) -> str:
     """Where a wrapper keeps the timm model's weights in its state dict (``""`` for an unwrapped model)."""
-    return str(((record.get("timm_dec") or {}).get("wrapper") or {}).get("prefix") or "")
+    return str(record_wrapper(record).get("prefix") or "")
 
 
 # --- the records written before the unified one --------------------------------------------------------------------
@@ -381,7 +387,7 @@ def _saved(state_dict: dict[str, torch.Tensor], record: Mapping[str, Any], descr
     return SavedModel(state_dict, record.get("architecture"),
                       {k: v for k, v in (record.get("model_args") or {}).items() if k != "pretrained_model_args"},
                       description, data=dict(section.get("data") or {}),
-                      wrapper=(section.get("wrapper") or {}).get("class"),
+                      wrapper=record_wrapper(record).get("class"),
                       preprocessing=_preprocessing(record.get("pretrained_cfg")), record=dict(record))
 
 
@@ -593,7 +599,7 @@ def _wrapped(model: nn.Module, saved: SavedModel, wrap: Optional[Callable[[nn.Mo
             raise ValueError(f"{what} holds the weights of a {saved.wrapper}, not of a {type(model).__name__}")
         return model
     if saved.wrapper:
-        loader = (saved.record.get("timm_dec") or {}).get("wrapper", {}).get("load_with")
+        loader = record_wrapper(saved.record).get("load_with")
         hint = (" (the Canon baseline): pass --canon with its options" if saved.wrapper == "InputCanonicalizer" else
                 f": load it with {loader}(PATH)" if loader else ": pass wrap= to rebuild the wrapper")
         raise ValueError(f"{what} holds the weights of a {saved.wrapper} around {saved.architecture}{hint}")

@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 from .._argcheck import check_checkpoint_path, check_output_file
 from .._format import format_per_scale_table, format_scale, format_table, json_default
 from ..baselines import InputCanonicalizer
-from ..checkpoint import load_model, read_record, read_saved
+from ..checkpoint import load_model, read_record, read_saved, record_wrapper
 from ..data import ImageFolderVariants, LocallyScaledDigits
 from ..dec import solver_stats
 from ..metrics import evaluate_scale_consistency
@@ -430,7 +430,7 @@ def _refuse_segmenter(path: str) -> None:
         record = read_record(path)
     except Exception:  # noqa: BLE001  (not a valid file: the checkpoint reader says so)
         return
-    wrapper = (record.get("timm_dec") or {}).get("wrapper") or {}
+    wrapper = record_wrapper(record)
     if wrapper.get("task") == "segmentation":
         loader = wrapper.get("load_with") or "timm_dec.apps.segment.load_checkpoint"
         raise ValueError(f"--checkpoint {path} is a timm-dec segment checkpoint (a segmenter, not a classifier), which "

@@ -39,7 +39,7 @@ from torch import nn
 
 from .._argcheck import check_output_folder
 from ..baselines import InputCanonicalizer
-from ..checkpoint import load_model, read_record, read_saved, save_model
+from ..checkpoint import load_model, read_record, read_saved, record_wrapper, save_model
 from ..data import LocallyScaledDigits
 from ..dec import SolverStats, solver_stats
 from ..metrics import equi_error_from_outputs, paired_bootstrap
@@ -322,7 +322,7 @@ def checkpoint_record(path: Union[str, Path]) -> Optional[dict[str, Any]]:
     architecture and ``model_args``, and under ``timm_dec.wrapper`` the `DigitSegmenter`'s arguments (``patch``, the
     Canon bank's ``num_warps`` and ``seed``); None for a saved model that is no segmenter."""
     record = read_record(path)
-    wrapper = (record.get("timm_dec") or {}).get("wrapper") or {}
+    wrapper = record_wrapper(record)
     return record if wrapper.get("class") == DigitSegmenter.__name__ else None
 
 
@@ -583,7 +583,7 @@ def load_checkpoint(path: Union[str, Path]) -> DigitSegmenter:
         ValueError: ``path`` holds no segmenter (the message says what its record names).
     """
     saved = read_saved(path)
-    wrapper = (saved.record.get("timm_dec") or {}).get("wrapper") or {}
+    wrapper = record_wrapper(saved.record)
     if wrapper.get("class") != DigitSegmenter.__name__:
         names = wrapper.get("class") or saved.architecture or "no model"
         raise ValueError(f"{path} is not a checkpoint of timm-dec segment (its record names {names}, not a "
