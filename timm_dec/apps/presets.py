@@ -12,19 +12,32 @@ _COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, 
                canon_margin=1.0, canon_rank_weight=1.0, canon_candidates=4, dec_grid=4, dec_mode="invariant",
                dec_update="absolute", dec_backward="implicit", dec_tol=1e-3, dec_jac_reg=3.0, dec_beta=0.5,
                dec_jac_reg_fraction=1.0, dec_history=5, dec_image_widths=(8, 16), dec_image_size=64, gradient_images=16)
+_DEFAULT = dict(
+    _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
+    model_kwargs=dict(img_size=48, patch_size=6, embed_dim=64, depth=4, num_heads=2, global_pool="avg",
+                      class_token=False, in_chans=1),
+    num_digits=2, label="digits", canvas=48, digit_size=12, scale_range=(0.5, 2.0),
+    train_samples=8000, test_samples=2000, batch_size=64, lr=2e-3, finetune_lr=5e-4,
+    plain_steps=2000, aug_steps=600, finetune_steps=250, dec_warmup_steps=100, dec_lr_mult=10.0,
+    canon_energy_size=16, canon_energy_widths=(8, 16),
+    dec_blocks=("input",), dec_widths=(16, 32), dec_max_iter=16,
+    scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_bins=((0.5, 1.0), (1.0, 2.0)),
+    prob_scales=tuple(round(0.5 + 0.1 * i, 2) for i in range(16)), prob_images=4, grid_images=6,
+    stretch_images=500, eval_batch=250,
+)
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(
-        _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
-        model_kwargs=dict(img_size=48, patch_size=6, embed_dim=64, depth=4, num_heads=2, global_pool="avg",
-                          class_token=False, in_chans=1),
-        num_digits=2, label="digits", canvas=48, digit_size=12, scale_range=(0.5, 2.0),
-        train_samples=8000, test_samples=2000, batch_size=64, lr=2e-3, finetune_lr=5e-4,
-        plain_steps=2000, aug_steps=600, finetune_steps=250, dec_warmup_steps=100, dec_lr_mult=10.0,
-        canon_energy_size=16, canon_energy_widths=(8, 16),
-        dec_blocks=("input",), dec_widths=(16, 32), dec_max_iter=16,
-        scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_bins=((0.5, 1.0), (1.0, 2.0)),
-        prob_scales=tuple(round(0.5 + 0.1 * i, 2) for i in range(16)), prob_images=4, grid_images=6,
-        stretch_images=500, eval_batch=250,
+    "default": _DEFAULT,
+    # The same job on two more families (issue 25), each with its own shipped start: a three-stage Swin v1 sized for
+    # the 48 px canvas (patch 3: 16x16 tokens, windows of 4, stages of 32, 64, 128 channels) and DeiT with its
+    # distillation token (the ViT's sizes, the class and distillation tokens read by its two heads).
+    "swin": dict(
+        _DEFAULT, model="swin_tiny_patch4_window7_224",
+        model_kwargs=dict(img_size=48, patch_size=3, window_size=4, embed_dim=32, depths=(2, 2, 2),
+                          num_heads=(2, 4, 8), in_chans=1),
+    ),
+    "deit": dict(
+        _DEFAULT, model="deit_tiny_distilled_patch16_224",
+        model_kwargs=dict(img_size=48, patch_size=6, embed_dim=64, depth=4, num_heads=2, in_chans=1),
     ),
     "paper": dict(
         _COMMON, model="vit_base_patch16_224", pretrained=True, start="scratch", model_kwargs={},
