@@ -227,6 +227,19 @@ class TestDemo:
         with pytest.raises(ValueError, match="num_digits.*--from-scratch"):
             load_start(cfg, "default")
 
+    @pytest.mark.parametrize("preset", ["default", "swin", "deit"])
+    def test_each_family_preset_ships_its_start(self, preset: str):
+        """The shipped start of each architecture preset loads strictly into that preset's model, hash-checked."""
+        from timm_dec.apps.demo import load_start
+        from timm_dec.apps.heads import num_outputs
+        cfg = resolve_config(_demo_args(["--preset", preset]))
+        starts, record = load_start(cfg, preset)
+        assert set(starts) == {"plain", "aug"} and record["made_with"].startswith(f"timm-dec demo --preset {preset} ")
+        for state in starts.values():
+            model = timm.create_model(cfg["model"], **cfg["model_kwargs"],
+                                      num_classes=num_outputs(cfg["label"], cfg["num_digits"]))
+            model.load_state_dict(state)
+
     def test_warp_lines_of_identity_are_the_regular_grid(self):
         lines = warp_lines(identity_knots(1, 2, dtype=torch.float64)[0], grid=2, samples=5)
         assert len(lines) == 6

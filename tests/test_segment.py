@@ -8,10 +8,16 @@ import re
 
 import pytest
 import safetensors.torch
-import timm
 import torch
 
-from timm_dec.apps.segment import PRESETS, DigitSegmenter, SegDigits, _dec_model, load_checkpoint, miou_per_image
+from timm_dec.apps.segment import (
+    PRESETS,
+    SegDigits,
+    _dec_model,
+    load_checkpoint,
+    miou_per_image,
+    segmenter,
+)
 from timm_dec.cli import main
 from timm_dec.data import random_knots
 from timm_dec.ops import monotone_warp
@@ -154,12 +160,19 @@ def test_miou_per_image():
     assert abs(miou_per_image(torch.tensor([[[0, 0, 0, 1]]]), target).item() - 100 * (2 / 3 + 1 / 2) / 2) < 1e-4
 
 
-def test_the_dec_segmenter_unwarps_its_mask_to_the_input_geometry():
+SWIN_SMOKE = dict(PRESETS["smoke"], model="swin_tiny_patch4_window7_224",
+                  model_kwargs=dict(img_size=32, patch_size=2, window_size=4, embed_dim=8, depths=(1, 1),
+                                    num_heads=(1, 2), in_chans=1, num_classes=0))
+
+
+@pytest.mark.parametrize("cfg, stride", [(PRESETS["smoke"], 8), (SWIN_SMOKE, 4)], ids=["vit", "swin"])
+def test_the_dec_segmenter_unwarps_its_mask_to_the_input_geometry(cfg, stride):
     """S(M(S^{-1}(I))): with the input DEC's knots fixed to phi, the DEC segmenter's logits are the start's logits
-    of the canonical image, warped back with phi (a broken un-warp or a double canonicalisation fails)."""
-    cfg = PRESETS["smoke"]
+    of the canonical image, warped back with phi (a broken un-warp or a double canonicalisation fails); on a ViT's
+    tokens and on a Swin's last stage (NHWC), each decoded from its own stride."""
     torch.manual_seed(0)
-    start = DigitSegmenter(timm.create_model(cfg["model"], **cfg["model_kwargs"]), 8).eval()
+    start = segmenter(cfg).eval()
+    assert start.patch == stride
     model = _dec_model(start, cfg).eval()
     x = torch.randn(2, 1, 32, 32)
     phi = random_knots(2, grid=cfg["dec_kwargs"]["dec_grid"], strength=0.3, generator=torch.Generator().manual_seed(0))
@@ -172,6 +185,7 @@ def test_the_dec_segmenter_unwarps_its_mask_to_the_input_geometry():
     with torch.no_grad():
         expected = monotone_warp(start(monotone_warp(x, phi)), phi, inverse=True)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        assert expected.shape == (2, 11, 32, 32)
 
 
 def test_write_start_then_a_run_from_it(tmp_path, monkeypatch, capsys):
@@ -203,11 +217,12 @@ def test_write_start_then_a_run_from_it(tmp_path, monkeypatch, capsys):
     assert "does not match the SHA-256" in capsys.readouterr().err
 
 
-def test_the_shipped_start_loads_for_the_default_preset():
-    from timm_dec.apps.segment import load_start, segmenter
+@pytest.mark.parametrize("preset", ["default", "swin"])
+def test_the_shipped_start_loads_for_each_family_preset(preset):
+    from timm_dec.apps.segment import load_start
 
-    cfg = PRESETS["default"]
-    starts, record = load_start(cfg, "default")
+    cfg = PRESETS[preset]
+    starts, record = load_start(cfg, preset)
     for state in starts.values():
         segmenter(cfg).load_state_dict(state)  # strict
     assert record["config"]["plain_steps"] == cfg["plain_steps"]

@@ -34,7 +34,7 @@ def method_list(text: str) -> tuple[str, ...]:
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser, *, presets: Mapping[str, str], methods: Sequence[str],
-                             always: Sequence[str], out: str) -> None:
+                             always: Sequence[str], out: str, optional: Sequence[str] = ()) -> None:
     """The flags every experiment command (``timm-dec demo``, ``segment``) shares: ``--preset``, ``--out``,
     ``--methods``, ``--seed`` and ``--threads`` (check them with `check_experiment_arguments`), and those of the
     runner (`timm_dec.apps.experiment`): ``--no-progress``, ``--from-scratch`` (``start="scratch"``) and
@@ -42,9 +42,10 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, *, presets: Mappin
 
     Args:
         presets: name -> what the preset is for (the first is the default).
-        methods: every method of the command, in the order they run (the default: all of them).
+        methods: every method of the command, in the order they run (the default: all but ``optional``).
         always: the reference methods that run whatever ``--methods`` says.
         out: the default output folder.
+        optional: the methods that run only when ``--methods`` names them.
     """
     first = next(iter(presets))
     names = ", ".join(f"{name} ({text})" for name, text in presets.items())
@@ -54,8 +55,9 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, *, presets: Mappin
     parser.add_argument("--out", default=out, help=f"output folder (default {out}/; {OUTPUT_FOLDER_RULE})")
     verb = "runs" if len(always) == 1 else "run"
     parser.add_argument("--methods", type=method_list, default=None,
-                        help=f"comma-separated methods to run, of {','.join(methods)} (default: all; "
-                             f"{' and '.join(always)} always {verb})")
+                        help=f"comma-separated methods to run, of {','.join(methods)} (default: all"
+                             + (f" but {','.join(optional)}" if optional else "")
+                             + f"; {' and '.join(always)} always {verb})")
     parser.add_argument("--seed", type=int, default=None, help="seed of the data, the shared start and the training "
                                                                "(default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's choice)")
@@ -67,20 +69,21 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, *, presets: Mappin
                              f"{OUTPUT_FOLDER_RULE})")
 
 
-def check_experiment_arguments(args: argparse.Namespace, methods: Sequence[str],
-                               always: Sequence[str]) -> tuple[str, ...]:
+def check_experiment_arguments(args: argparse.Namespace, methods: Sequence[str], always: Sequence[str],
+                               optional: Sequence[str] = ()) -> tuple[str, ...]:
     """The shared flags of `add_experiment_arguments`, checked before any work: ``--threads`` >= 1, ``--seed`` >= 0,
     every name of ``--methods`` one of ``methods``.
 
     Returns:
-        The methods to run, in the order of ``methods``: those asked for (all without ``--methods``) and ``always``.
+        The methods to run, in the order of ``methods``: those asked for (without ``--methods``, all but
+        ``optional``) and ``always``.
     """
     threads, seed = getattr(args, "threads", None), getattr(args, "seed", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     if seed is not None and seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
-    asked = tuple(methods) if getattr(args, "methods", None) is None else args.methods
+    asked = tuple(m for m in methods if m not in optional) if getattr(args, "methods", None) is None else args.methods
     unknown = list(dict.fromkeys(m for m in asked if m not in methods))
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(methods)}")

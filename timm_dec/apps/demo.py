@@ -81,10 +81,14 @@ from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 __all__ = ["PRESETS", "METHODS", "LABELS", "add_arguments", "run", "resolve_config", "paper_lr", "load_start",
            "DigitsClassification"]
 
-METHODS = ("base", "aug", "invl", "canon", "dec", "aug_time")
+METHODS = ("base", "aug", "invl", "canon", "dec", "dec_base", "aug_time")
 ALWAYS = ("base", "aug")  # the references: they run whatever --methods says
-PRESET_HELP = {"default": "~8 min on 2 idle cores", "paper": "the paper's setting for a GPU", "smoke": "seconds"}
-LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
+OPTIONAL = ("dec_base",)  # run only when --methods names them
+PRESET_HELP = {"default": "ViT, ~15 min on 2 idle cores", "swin": "the default job on a 3-stage Swin v1",
+               "deit": "the default job on DeiT (distilled)", "paper": "the paper's setting for a GPU",
+               "smoke": "seconds"}
+LABELS = {"base": "Base", "aug": "Aug", "invl": "InvL", "canon": "Canon", "dec": "DEC", "dec_base": "DEC(Base)",
+          "aug_time": "Aug+time"}
 START_DIR = _start.PACKAGE_DIR / "demo_start"
 # the configuration values that determine the shared start (a shipped start must have been made with these)
 START_KEYS = ("model", "pretrained", "model_kwargs", "num_digits", "label", "canvas", "digit_size", "scale_range",
@@ -115,7 +119,7 @@ def _positions(text: str) -> tuple[Union[str, int], ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec demo`` options; those left out come from ``--preset``."""
     add_experiment_arguments(parser, presets={name: PRESET_HELP[name] for name in PRESETS}, methods=METHODS,
-                             always=ALWAYS, out="demo_out")
+                             always=ALWAYS, out="demo_out", optional=OPTIONAL)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g = parser.add_argument_group("model and data (default from the preset)")
     g.add_argument("--model", default=None, help="timm base model name; DEC uses <model>_dec")
@@ -187,7 +191,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg["lr"] = paper_lr(cfg["model"])
     if cfg["finetune_lr"] is None:
         cfg["finetune_lr"] = cfg["lr"] * FINETUNE_LR_RATIO
-    cfg["methods"] = check_experiment_arguments(args, METHODS, ALWAYS)
+    cfg["methods"] = check_experiment_arguments(args, METHODS, ALWAYS, OPTIONAL)
     equal_time = getattr(args, "equal_time", None)  # deprecated: --equal-time adds aug_time, --no-equal-time drops it
     if equal_time is not None:  # (aug_time is the last method)
         cfg["methods"] = tuple(m for m in cfg["methods"] if m != "aug_time") + (("aug_time",) if equal_time else ())
@@ -376,14 +380,15 @@ class DigitsClassification(ExperimentTask):
                 for name, m in (("plain", plain), ("aug", model))}
 
     def build(self, method: str, starts: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
-        """Base from the plain start, the rest from the Aug start; the DEC the ``<model>_dec`` twin, Canon the model
-        inside `InputCanonicalizer`, their new parts' initial weights from the run's seed."""
+        """Base and DEC(Base) from the plain start, the rest from the Aug start; the DECs the ``<model>_dec`` twin,
+        Canon the model inside `InputCanonicalizer`, their new parts' initial weights from the run's seed."""
         cfg, seed = self.cfg, self.cfg["seed"]
-        if method == "dec":
+        if method in ("dec", "dec_base"):
             # the DEC's initial weights from the run's seed, not from what the methods before it drew
             torch.manual_seed(seed)
             model = self.create(cfg["model"] + "_dec", **dec_kwargs(cfg))
-            load_dec_state_dict(model, starts["aug"], source="the Aug start", target=f"{cfg['model']}_dec")
+            start, what = ("aug", "Aug") if method == "dec" else ("plain", "Base")
+            load_dec_state_dict(model, starts[start], source=f"the {what} start", target=f"{cfg['model']}_dec")
             return model
         model = self.create(cfg["model"])
         model.load_state_dict(starts["plain" if method == "base" else "aug"])
@@ -396,7 +401,7 @@ class DigitsClassification(ExperimentTask):
         return model
 
     def _stages(self, method: str, model: nn.Module, steps: int) -> list[Stage]:
-        """``method``'s training: ``steps`` steps (the DEC after its DEC-only warm-up)."""
+        """``method``'s training: ``steps`` steps (the DECs after their DEC-only warm-up, both trained alike)."""
         cfg, seed, lr, mult = self.cfg, self.cfg["seed"], self.cfg["finetune_lr"], self.cfg["dec_lr_mult"]
         if method == "base":
             return [Stage("Base", steps, lr, seed=seed + 3)]

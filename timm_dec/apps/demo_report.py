@@ -24,9 +24,9 @@ __all__ = ["eval_command", "paired_rows", "first_dec_knots", "dec_evidence", "ta
 
 def eval_command(cfg: dict[str, Any], method: str, checkpoint: Path) -> str:
     """The ``timm-dec eval`` command line that re-evaluates one demo checkpoint on the demo's test set."""
-    model = cfg["model"] + ("_dec" if method == "dec" else "")
+    model = cfg["model"] + ("_dec" if method in ("dec", "dec_base") else "")
     kwargs = dict(cfg["model_kwargs"])
-    if method == "dec":
+    if method in ("dec", "dec_base"):
         kwargs.update(dec_kwargs(cfg))
     parts = ["timm-dec", "eval", "--model", model, "--checkpoint", str(checkpoint)]
     if kwargs:
@@ -118,6 +118,19 @@ def dec_evidence(model: nn.Module, test_set: LocallyScaledDigits, cfg: dict[str,
                 small_scale_max=log_s[order[third - 1]].exp().item(), large_scale_min=log_s[order[-third]].exp().item())
 
 
+def _paired_table(rows: dict[str, dict[str, Any]], labels: dict[str, str], ref: str, num_test: int) -> str:
+    """Rows of `paired_rows` against the method labelled ``ref``, as printed."""
+    w = max(8, *(len(labels[m]) for m in rows))
+    out = [f"Against {ref} on the same {num_test} test images (95% paired bootstrap intervals):",
+           f"{'Method':<{w}}  {'dAcc (pts)':>10}  {'interval':>16}  {'dInvE (1e-2)':>12}  {'interval':>16}  "
+           f"{'InvE / ' + ref:>10}"]
+    for method, p in rows.items():
+        out.append(f"{labels[method]:<{w}}  {p['acc_points']:>+10.2f}  [{p['acc_low']:+6.2f}, {p['acc_high']:+6.2f}]"
+                   f"  {p['inv_e_1e2']:>+12.2f}  [{p['inv_e_low']:+6.2f}, {p['inv_e_high']:+6.2f}]"
+                   f"  {p['inv_e_ratio']:>10.3f}")
+    return "\n".join(out)
+
+
 def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict[str, dict[str, Any]],
            evidence: dict[str, Any], labels: dict[str, str], calibration: Optional[dict[str, Any]] = None) -> str:
     """Tables 2 and 3 (per scale, per bin), the paired comparison with Aug, the equal-compute line (from the
@@ -130,15 +143,11 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
     if cfg["scale_bins"]:
         out += ["", "Table 3 style: accuracy (%) per scale bin (each digit's scale drawn in the bin)",
                 format_per_scale_table(labelled, key="per_bin_acc")]
-    out += ["", f"Against Aug on the same {num_test} test images (95% paired bootstrap intervals):",
-            f"{'Method':<8}  {'dAcc (pts)':>10}  {'interval':>16}  {'dInvE (1e-2)':>12}  {'interval':>16}  "
-            f"{'InvE / Aug':>10}"]
-    for method, p in paired.items():
-        if method not in labels:
-            continue  # the equal-compute row, printed below
-        out.append(f"{labels[method]:<8}  {p['acc_points']:>+10.2f}  [{p['acc_low']:+6.2f}, {p['acc_high']:+6.2f}]"
-                   f"  {p['inv_e_1e2']:>+12.2f}  [{p['inv_e_low']:+6.2f}, {p['inv_e_high']:+6.2f}]"
-                   f"  {p['inv_e_ratio']:>10.3f}")
+    for ref in ("aug", "base"):
+        rows = {m: p for m, p in paired.items() if m in labels} if ref == "aug" else {
+            m: paired[f"{m}_vs_base"] for m in ("dec", "dec_base") if f"{m}_vs_base" in paired}
+        if rows:
+            out += ["", _paired_table(rows, labels, labels[ref], num_test)]
     control = paired.get("dec_vs_aug_time")
     if control and calibration:
         out += ["", f"Equal compute: DEC against Aug+time (Aug given the DEC's training cost in Aug steps, measured "
@@ -148,14 +157,8 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
         if calibration["noisy"]:
             out[-1] += (f" -- NOT an equal-compute figure: the step costs were uncertain by "
                         f"{100 * calibration['uncertainty']:.0f}% (a busy machine)")
-    solver = results.get("dec", {}).get("dec_solver")
-    if solver:
-        out += ["", f"DEC solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average "
-                    f"(limit {cfg['dec_max_iter']}, tol {cfg['dec_tol']:g}), relative residual at exit "
-                    f"{solver['mean_residual']:.2e} on average, {solver['max_residual']:.2e} at most; "
-                    f"{solver['not_converged']} of {solver['samples']} solves above tol "
-                    f"({100 * (1 - solver['not_converged'] / max(1, solver['samples'])):.2f}% within), "
-                    f"{solver['fallbacks']} fallbacks"]
+    if results.get("dec", {}).get("dec_solver"):
+        out += ["", _solver_line(labels["dec"], results["dec"]["dec_solver"], cfg)]
     check = evidence.get("gradient_check")
     if check:
         out += [f"DEC backward against the true gradient (float64, {check['inputs']} test images, a random direction "
@@ -168,7 +171,18 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
                 f"{evidence['pearson_log_scale_log_magnification']:+.3f}; mean magnification "
                 f"{evidence['mean_magnification_small']:.3f} for scales <= {evidence['small_scale_max']:.2f}, "
                 f"{evidence['mean_magnification_large']:.3f} for scales >= {evidence['large_scale_min']:.2f}"]
+    if results.get("dec_base", {}).get("dec_solver"):
+        out += ["", _solver_line(labels["dec_base"], results["dec_base"]["dec_solver"], cfg)]
     return "\n".join(out)
+
+
+def _solver_line(label: str, solver: dict[str, Any], cfg: dict[str, Any]) -> str:
+    return (f"{label} solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average "
+            f"(limit {cfg['dec_max_iter']}, tol {cfg['dec_tol']:g}), relative residual at exit "
+            f"{solver['mean_residual']:.2e} on average, {solver['max_residual']:.2e} at most; "
+            f"{solver['not_converged']} of {solver['samples']} solves above tol "
+            f"({100 * (1 - solver['not_converged'] / max(1, solver['samples'])):.2f}% within), "
+            f"{solver['fallbacks']} fallbacks")
 
 
 def plots(out: Path, cfg: dict[str, Any], results: dict[str, dict[str, Any]], curves: dict[str, torch.Tensor],

@@ -6,14 +6,16 @@ models, training runs, metrics, tables, checkpoints and figures; `run_experiment
 The order is part of the result (it fixes the random-number streams): the methods are built in the task's order
 after ``torch.manual_seed(task.methods_seed)``, then trained in that order; Aug+time (``aug_time``, last) is built and
 trained once the DEC's step cost has been measured on copies of the trained Aug and DEC models. Every method is
-compared with Aug on the same test images, and the DEC also with Aug+time.
+compared with Aug on the same test images, the DEC also with Aug+time, and the DECs (from Aug's start, ``dec``, and
+from Base's, ``dec_base``) also with Base.
 
 ``summary.json`` (one layout for every task): ``command``, ``preset``, ``config`` (every configuration value),
 ``start`` (where the shared start came from), ``methods`` (per method: ``training`` with ``steps``,
 ``dec_only_steps``, ``backbone_steps``, ``seconds``, ``final_loss``; ``results``, the task's metrics; ``eval_seconds``;
 ``checkpoint``; and the task's own entries, e.g. the demo's ``eval_command``), ``paired`` (``<method>`` against Aug,
-``dec_vs_aug_time``), ``equal_time_calibration`` (null without a DEC and Aug+time), ``tables`` (as printed),
-``files`` (written beside it, checkpoints aside), ``task`` (the task's extras), ``wall_seconds`` and ``machine``.
+``dec_vs_aug_time``, ``dec_vs_base``, ``dec_base_vs_base``), ``equal_time_calibration`` (null without a DEC and
+Aug+time), ``tables`` (as printed), ``files`` (written beside it, checkpoints aside), ``task`` (the task's extras),
+``wall_seconds`` and ``machine``.
 """
 from __future__ import annotations
 
@@ -35,10 +37,13 @@ from ._common import calibrate_equal_time, calibration_line, set_threads
 from ._start import shared_start
 from ._train import train
 
-__all__ = ["REFERENCE", "CONTROL", "Run", "Outcome", "ExperimentTask", "run_experiment", "experiment_summary"]
+__all__ = ["REFERENCE", "CONTROL", "BASE", "DECS", "Run", "Outcome", "ExperimentTask", "run_experiment",
+           "experiment_summary"]
 
 REFERENCE = "aug"  # every method is compared with Aug on the same test images
 CONTROL = "aug_time"  # the equal-compute control: Aug given the DEC's training cost in Aug steps
+BASE = "base"  # the plain model: what a DEC added to it should keep
+DECS = ("dec", "dec_base")  # the DEC from Aug's start (the paper's) and from Base's
 
 
 @dataclass
@@ -222,10 +227,13 @@ def _evaluate(task: ExperimentTask, outcome: Outcome) -> None:
 
 
 def _paired(task: ExperimentTask, results: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every method against Aug (keyed by the method), and the DEC against Aug+time (``dec_vs_aug_time``)."""
+    """Every method against Aug (keyed by the method), the DEC against Aug+time (``dec_vs_aug_time``) and each DEC
+    against Base (``dec_vs_base``, ``dec_base_vs_base``)."""
     pairs = [(m, REFERENCE) for m in results if m != REFERENCE] if REFERENCE in results else []
     if "dec" in results and CONTROL in results:
         pairs.append(("dec", CONTROL))
+    if BASE in results:
+        pairs += [(m, BASE) for m in DECS if m in results]
     return {m if ref == REFERENCE else f"{m}_vs_{ref}": task.compare(results, m, ref) for m, ref in pairs}
 
 

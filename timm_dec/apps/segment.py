@@ -54,23 +54,33 @@ __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "tr
            "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint", "checkpoint_record",
            "DigitScenesSegmentation"]
 
-METHODS = ("base", "aug", "augl", "canon", "dec", "aug_time")
+METHODS = ("base", "aug", "augl", "canon", "dec", "dec_base", "aug_time")
 ALWAYS = ("aug",)  # the reference: it runs whatever --methods says
-PRESET_HELP = {"default": "the CPU-sized comparison", "smoke": "seconds, checks the pipeline only"}
-LABELS = {"base": "Base", "aug": "Aug", "augl": "AugL", "canon": "Canon", "dec": "DEC", "aug_time": "Aug+time"}
+OPTIONAL = ("dec_base",)  # run only when --methods names them
+PRESET_HELP = {"default": "the CPU-sized comparison, ViT", "swin": "the same on a 2-stage Swin v1",
+               "smoke": "seconds, checks the pipeline only"}
+LABELS = {"base": "Base", "aug": "Aug", "augl": "AugL", "canon": "Canon", "dec": "DEC", "dec_base": "DEC(Base)",
+          "aug_time": "Aug+time"}
 NUM_CLASSES = 11  # background + 10 digits
 _COMMON = dict(lr=2e-3, finetune_lr=5e-4, weight_decay=0.05, warmup_frac=0.1, bg_weight=0.1, aug_strength=0.3,
                aug_p=0.5, augl_weight=10.0, dec_lr_mult=10.0, canon_warps=32, equ_strength=0.3, seed=0,
                scale_range=(0.5, 2.0), num_digits=2)
+_DEFAULT = dict(
+    _COMMON, model="vit_tiny_patch16_224", canvas=48, digit_size=12,
+    model_kwargs=dict(img_size=48, patch_size=4, embed_dim=64, depth=4, num_heads=2, class_token=False,
+                      global_pool="avg", in_chans=1, num_classes=0),
+    train_samples=6000, test_samples=1000, batch_size=32, start="shipped", plain_steps=4000, aug_steps=1000,
+    finetune_steps=250,
+    dec_warmup_steps=100, dec_kwargs=dict(dec_widths=(16, 32), dec_image_widths=(8, 16), dec_image_size=48),
+    scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_images=300, equ_images=500, eval_batch=100, figure_images=3)
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(
-        _COMMON, model="vit_tiny_patch16_224", canvas=48, digit_size=12,
-        model_kwargs=dict(img_size=48, patch_size=4, embed_dim=64, depth=4, num_heads=2, class_token=False,
-                          global_pool="avg", in_chans=1, num_classes=0),
-        train_samples=6000, test_samples=1000, batch_size=32, start="shipped", plain_steps=4000, aug_steps=1000,
-        finetune_steps=250,
-        dec_warmup_steps=100, dec_kwargs=dict(dec_widths=(16, 32), dec_image_widths=(8, 16), dec_image_size=48),
-        scales=(0.5, 0.7, 1.0, 1.4, 2.0), scale_images=300, equ_images=500, eval_batch=100, figure_images=3),
+    "default": _DEFAULT,
+    # the same job on a two-stage Swin v1 (issue 25): patch 2 and one patch merging, so its last map has the ViT's
+    # stride 4 (12 x 12 at 48 px) and the same decoder; windows of 4; stages of 32 and 64 channels
+    "swin": dict(
+        _DEFAULT, model="swin_tiny_patch4_window7_224",
+        model_kwargs=dict(img_size=48, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                          in_chans=1, num_classes=0)),
     "smoke": dict(
         _COMMON, model="vit_tiny_patch16_224", canvas=32, digit_size=8,
         model_kwargs=dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, class_token=False,
@@ -121,15 +131,16 @@ class SegDigits:
 
 
 class DigitSegmenter(nn.Module):
-    """A timm ViT-class backbone and a pixel-shuffle decoder: per-pixel logits (B, classes, H, W).
+    """A timm backbone and a pixel-shuffle decoder on its last feature map: per-pixel logits (B, classes, H, W).
 
     With a ``*_dec`` backbone (input DEC, invariant mode) the model is S(M(S^{-1}(I))): the backbone's base forward
     runs on the canonical image and the full-resolution logits are un-warped with the same knots; with ``canon``
     the same, the knots chosen from Canon's bank.
 
     Args:
-        backbone: a timm model whose ``forward_features`` gives (B, h*w, D) tokens (no prefix tokens).
-        patch: the backbone's patch size (the decoder's upsampling factor).
+        backbone: a timm model whose ``forward_features`` gives (B, h*w, D) tokens (a ViT without prefix tokens) or
+            a (B, h, w, D) map (Swin's last stage).
+        patch: the backbone's output stride, H / h (the decoder's upsampling factor; a ViT's patch size).
         canon: an `InputCanonicalizer` (its wrapped model unused), or None.
     """
 
@@ -162,8 +173,11 @@ class DigitSegmenter(nn.Module):
             tokens = super(DECModelMixin, self.backbone).forward_features(x)
         else:
             tokens = self.backbone.forward_features(x)
-        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
-        fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        if tokens.ndim == 4:  # (B, h, w, D): a hierarchical backbone's last stage
+            fmap = tokens.permute(0, 3, 1, 2)
+        else:
+            h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+            fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
         logits = self.head(F.pixel_shuffle(self.proj(fmap), self.patch))
         return logits if knots is None else monotone_warp(logits, knots, inverse=True, check=False)
 
@@ -337,8 +351,9 @@ def _checkpoint(model: DigitSegmenter, path: Path, cfg: dict[str, Any], method: 
 
 
 def segmenter(cfg: dict[str, Any]) -> DigitSegmenter:
-    """A fresh `DigitSegmenter` of the configuration's backbone."""
-    return DigitSegmenter(timm.create_model(cfg["model"], **cfg["model_kwargs"]), cfg["model_kwargs"]["patch_size"])
+    """A fresh `DigitSegmenter` of the configuration's backbone, decoded from its last feature map's stride."""
+    backbone = timm.create_model(cfg["model"], **cfg["model_kwargs"])
+    return DigitSegmenter(backbone, int(backbone.feature_info[-1]["reduction"]))
 
 
 def _dec_model(start: DigitSegmenter, cfg: dict[str, Any]) -> DigitSegmenter:
@@ -448,7 +463,7 @@ def _figure(models: dict[str, DigitSegmenter], test: SegDigits, cfg: dict[str, A
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``timm-dec segment`` options; those left out come from ``--preset``."""
     add_experiment_arguments(parser, presets={name: PRESET_HELP[name] for name in PRESETS}, methods=METHODS,
-                             always=ALWAYS, out="segment_out")
+                             always=ALWAYS, out="segment_out", optional=OPTIONAL)
     parser.add_argument("--finetune-seed", type=int, default=None,
                         help="seed of the methods' batches and warps only, so that the shipped start can serve several "
                              "training seeds (default: --seed + 2)")
@@ -459,7 +474,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """The preset with the options given on the command line; `ValueError` for a bad one."""
     cfg = copy.deepcopy(PRESETS[args.preset])
-    methods = check_experiment_arguments(args, METHODS, ALWAYS)  # --seed, --threads, --methods
+    methods = check_experiment_arguments(args, METHODS, ALWAYS, OPTIONAL)  # --seed, --threads, --methods
     if getattr(args, "seed", None) is not None:
         cfg["seed"] = args.seed
     for key in _INT_OPTIONS:
@@ -520,12 +535,12 @@ class DigitScenesSegmentation(ExperimentTask):
         return train_start(self.train_set, self.cfg, print, self.progress)
 
     def build(self, method: str, starts: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
-        """A segmenter of the start (Base's the plain one); the DEC's backbone the ``*_dec`` twin, its DEC's initial
-        weights from the fine-tuning seed; Canon's with its bank."""
+        """A segmenter of the start (Base's and DEC(Base)'s the plain one); the DECs' backbone the ``*_dec`` twin,
+        its DEC's initial weights from the fine-tuning seed; Canon's with its bank."""
         cfg = self.cfg
         model = segmenter(cfg)
-        model.load_state_dict(starts["plain" if method == "base" else "aug"])
-        if method == "dec":
+        model.load_state_dict(starts["plain" if method in ("base", "dec_base") else "aug"])
+        if method in ("dec", "dec_base"):
             # the DEC's initial weights from the fine-tuning seed, not from what the methods before it drew
             torch.manual_seed(cfg["finetune_seed"])
             model = _dec_model(model, cfg)
@@ -542,8 +557,8 @@ class DigitScenesSegmentation(ExperimentTask):
                                               seed=cfg["finetune_seed"], **options),
                        dec_only=options.get("only_dec", False))
 
-        if method == "dec":
-            return [run("DEC warm-up", cfg["dec_warmup_steps"], augment=True, only_dec=True),
+        if method in ("dec", "dec_base"):  # both DECs trained alike, whichever start they have
+            return [run(f"{LABELS[method]} warm-up", cfg["dec_warmup_steps"], augment=True, only_dec=True),
                     run(LABELS[method], steps, augment=True)]
         return [run(LABELS[method], steps, augment=method != "base",
                     augl=cfg["augl_weight"] if method == "augl" else 0.0)]
