@@ -1,4 +1,4 @@
-"""The timm-dec command: demo | eval | segment | bench | push.
+"""The timm-dec command: demo | eval | segment | bench | push | table.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``. A user
 error (a bad file, a missing folder, options that contradict a checkpoint, no CUDA, no network, ...) ends with one
@@ -27,6 +27,8 @@ SUBCOMMANDS = {
     "bench": ("timm_dec.bench", "benchmarks: 'warp' (the warp op), 'overhead' (base vs *_dec models) or 'gpu' "
                                 "(the one-shot GPU check)"),
     "push": ("timm_dec.apps.push", "save a checkpoint as a Hub folder with a model card and push it"),
+    "table": ("timm_dec.apps.table", "runs of demo or segment side by side: one Markdown row per run, read from "
+                                     "their summary.json"),
 }
 DESCRIPTION = ("timm-dec: local scale consistency for timm vision transformers with the Deep Equilibrium "
                "Canonicalizer (DEC). Run 'timm-dec COMMAND --help' for the options of a command.")
