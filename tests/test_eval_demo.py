@@ -388,7 +388,7 @@ SMOKE = ["demo", "--preset", "smoke", "--no-progress", "--from-scratch"]
      r"--model-kwargs act_layer='nonexistent_act': vit_tiny_patch16_224 refuses it \(KeyError"),
     (["--model-kwargs", "img_sz=32"], r"--model-kwargs: vit_tiny_patch16_224 does not take img_sz=32"),
     (["--methods", "aug,foo,augl"], r"--methods: unknown method\(s\) \['foo', 'augl'\]; choose from base, aug, invl, "
-                                    r"canon, dec, aug_time$"),
+                                    r"canon, dec, dec_base, aug_time$"),
     (["--seed", "-1"], r"--seed must be >= 0, got -1$"),
     (["--threads", "0"], r"--threads must be >= 1, got 0$"),
 ])

@@ -104,7 +104,7 @@ def test_progress_bars_and_no_progress(tmp_path, capsys):
     (["--out", "{tmp}/a_file"], r"--out .*a_file is a file, not a folder"),
     (["--out", "{tmp}/missing/out"], r"the folder .*missing does not exist \(only the named folder is created"),
     (["--methods", "dec,invl"], r"--methods: unknown method\(s\) \['invl'\]; choose from base, aug, augl, canon, dec, "
-                                r"aug_time$"),
+                                r"dec_base, aug_time$"),
     (["--seed", "-1"], r"--seed must be >= 0, got -1$"),
     (["--threads", "0"], r"--threads must be >= 1, got 0$"),
 ])

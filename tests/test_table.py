@@ -103,3 +103,24 @@ def test_table_errors_name_the_run(tmp_path, segment_both_decs, capsys):
     (tmp_path / "summary.json").write_text("{")
     assert main(["table", str(tmp_path)]) == 2
     assert "is not JSON" in capsys.readouterr().err
+
+
+def test_no_dec_augment_trains_the_decs_on_the_scenes_as_they_are(tmp_path, monkeypatch):
+    """``--no-dec-augment``: every training step of both DECs (warm-up, joint, and the steps the equal-compute
+    calibration times) reads unwarped scenes; Aug's and Aug+time's still read warped ones."""
+    from timm_dec.apps import segment
+
+    seen, real = [], segment._step
+
+    def spy(model, data, steps, lr, cfg, *, augment, **kwargs):
+        if kwargs["seed"] == 2:  # the methods' steps (the fine-tuning seed), not the shared start's
+            seen.append((type(model.backbone).__name__.endswith("DEC"), augment))
+        return real(model, data, steps, lr, cfg, augment=augment, **kwargs)
+
+    monkeypatch.setattr(segment, "_step", spy)
+    assert main(["segment", "--preset", "smoke", "--threads", "1", "--no-progress", "--no-dec-augment",
+                 "--methods", "dec,dec_base,aug_time", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["config"]["dec_augment"] is False
+    assert {augment for is_dec, augment in seen if is_dec} == {False}
+    assert {augment for is_dec, augment in seen if not is_dec} == {True}
+    assert sum(is_dec for is_dec, _ in seen) >= 4 + 2  # two runs per DEC and the calibration's DEC steps

@@ -14,7 +14,9 @@ written by ``timm-dec segment --write-start DIR`` (its configuration and SHA-256
 - **AugL**: Aug plus the EquE loss ||S(M(I)) - M(S(I))||^2 on the class probabilities (the paper's baseline);
 - **Canon**: Aug with an input canonicaliser over a bank of warps (`InputCanonicalizer`), its mask un-warped;
 - **DEC**: the ``<model>_dec`` twin of the start with the input DEC (equivariant: S(M(S^{-1}(I))), the mask
-  un-warped at full resolution), ``dec_warmup_steps`` DEC-only steps, then ``finetune_steps`` joint steps;
+  un-warped at full resolution), ``dec_warmup_steps`` DEC-only steps, then ``finetune_steps`` joint steps, on Aug's
+  warped scenes (``dec_augment``, ``--no-dec-augment``: on the scenes as they are);
+- **DEC(Base)** (``dec_base``, only when ``--methods`` names it): the same from Base's start;
 - **Aug+time**: Aug given the DEC's training cost in Aug steps (step costs measured side by side), the equal-compute
   control.
 
@@ -64,7 +66,7 @@ LABELS = {"base": "Base", "aug": "Aug", "augl": "AugL", "canon": "Canon", "dec":
 NUM_CLASSES = 11  # background + 10 digits
 _COMMON = dict(lr=2e-3, finetune_lr=5e-4, weight_decay=0.05, warmup_frac=0.1, bg_weight=0.1, aug_strength=0.3,
                aug_p=0.5, augl_weight=10.0, dec_lr_mult=10.0, canon_warps=32, equ_strength=0.3, seed=0,
-               scale_range=(0.5, 2.0), num_digits=2)
+               scale_range=(0.5, 2.0), num_digits=2, dec_augment=True)
 _DEFAULT = dict(
     _COMMON, model="vit_tiny_patch16_224", canvas=48, digit_size=12,
     model_kwargs=dict(img_size=48, patch_size=4, embed_dim=64, depth=4, num_heads=2, class_token=False,
@@ -469,6 +471,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "training seeds (default: --seed + 2)")
     for key in _INT_OPTIONS:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: the preset's")
+    parser.add_argument("--dec-augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="train the DECs (dec, dec_base) on Aug's warped scenes (default) or, with "
+                             "--no-dec-augment, on the scenes as they are, as Base trains")
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -485,6 +490,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
                 why = " (the paired bootstrap needs 2 test scenes)" if key == "test_samples" else ""
                 raise ValueError(f"--{key.replace('_', '-')} must be >= {low}{why}, got {value}")
             cfg[key] = value
+    if getattr(args, "dec_augment", None) is not None:
+        cfg["dec_augment"] = args.dec_augment
     if getattr(args, "start", None):  # --from-scratch (--write-start trains its start whatever the preset says)
         cfg["start"] = args.start
     cfg["methods"] = list(methods)
@@ -558,13 +565,15 @@ class DigitScenesSegmentation(ExperimentTask):
                        dec_only=options.get("only_dec", False))
 
         if method in ("dec", "dec_base"):  # both DECs trained alike, whichever start they have
-            return [run(f"{LABELS[method]} warm-up", cfg["dec_warmup_steps"], augment=True, only_dec=True),
-                    run(LABELS[method], steps, augment=True)]
+            augment = cfg["dec_augment"]
+            return [run(f"{LABELS[method]} warm-up", cfg["dec_warmup_steps"], augment=augment, only_dec=True),
+                    run(LABELS[method], steps, augment=augment)]
         return [run(LABELS[method], steps, augment=method != "base",
                     augl=cfg["augl_weight"] if method == "augl" else 0.0)]
 
     def calibration_step(self, kind: str, model: nn.Module) -> Callable[[], float]:
-        return _step(model, self.train_set, 1, self.cfg["finetune_lr"], self.cfg, augment=True,
+        return _step(model, self.train_set, 1, self.cfg["finetune_lr"], self.cfg,
+                     augment=kind == "aug" or self.cfg["dec_augment"],
                      only_dec=kind == "dec_only", seed=self.cfg["finetune_seed"])
 
     def evaluate(self, method: str, model: nn.Module) -> dict[str, Any]:
