@@ -12,7 +12,9 @@ is Aug plus the eq. 25 loss; **Canon** is Aug with the model inside `InputCanoni
 energy also learns, by ``energy_loss``, which warps the classifier reads best); **DEC** is Aug with the
 ``<model>_dec`` twin (the Aug weights, DEC at identity), which first trains its DEC alone for ``dec_warmup_steps``
 (backbone frozen, as the authors do) and then trains everything with the DEC at ``dec_lr_mult`` times the backbone's
-learning rate. Every method ends with the same number of backbone steps; all are evaluated on the same test images.
+learning rate; **DEC(Base)** (``dec_base``, run only when ``--methods`` names it) is the same from Base's start,
+compared with Base as well as with Aug. Every method ends with the same number of backbone steps; all are evaluated
+on the same test images.
 **Aug+time** (the method ``aug_time``), the equal-compute control, is Aug from the same start given the DEC's training
 cost in Aug steps (measured side by side); without the DEC, Aug's own steps.
 
