@@ -80,7 +80,7 @@ class TestDemo:
         paired = s["paired"]["dec"]
         assert paired["acc_points"] == pytest.approx(100 * (acc["dec"] - acc["aug"]))
         assert paired["acc_low"] <= paired["acc_points"] <= paired["acc_high"]
-        assert set(s["paired"]) == {"base", "invl", "canon", "dec", "aug_time", "dec_vs_aug_time"}
+        assert set(s["paired"]) == {"base", "invl", "canon", "dec", "aug_time", "dec_vs_aug_time", "dec_vs_base"}
         assert -1 <= s["task"]["dec_evidence"]["pearson_log_scale_log_magnification"] <= 1
         prob = np.asarray(s["task"]["prob_correct"]["dec"])
         assert prob.shape == (PRESETS["smoke"]["prob_images"], len(PRESETS["smoke"]["prob_scales"]))

@@ -50,7 +50,8 @@ def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(segm
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS and summary["command"] == "segment" and summary["task"] == {}
     assert summary["files"] == ["tables.txt", "masks.png"] and summary["machine"]["torch_threads"] == 1
-    assert set(summary["paired"]) == {"base", "augl", "canon", "dec", "aug_time", "dec_vs_aug_time"}
+    assert set(summary["paired"]) == {"base", "augl", "canon", "dec", "aug_time", "dec_vs_aug_time",
+                                     "dec_vs_base"}
     assert summary["paired"]["dec"]["miou"]["low"] <= summary["paired"]["dec"]["miou"]["diff"]
     assert (tmp_path / "masks.png").stat().st_size > 0
     methods = summary["methods"]

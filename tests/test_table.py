@@ -35,7 +35,7 @@ def test_dec_base_starts_from_base_and_dec_from_aug(segment_both_decs):
     assert any(not weights["base"][k].equal(weights["aug"][k]) for k in weights["base"])
 
 
-def test_the_demo_builds_dec_base_from_base_too(tmp_path):
+def test_the_demo_builds_dec_base_from_base_too(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--preset", "smoke", "--threads", "1", "--no-progress", "--finetune-steps", "0",
                  "--dec-warmup-steps", "0", "--methods", "dec,dec_base", "--out", str(out)]) == 0
@@ -46,6 +46,15 @@ def test_the_demo_builds_dec_base_from_base_too(tmp_path):
         assert all(weights[dec][k].equal(weights[start][k]) for k in weights[dec]), dec
     text = (out / "tables.txt").read_text()
     assert "Against Base on the same" in text and "DEC(Base) solver at test time" in text
+    capsys.readouterr()
+    assert main(["table", str(out)]) == 0  # the demo's columns: accuracy, InvE, the backward check
+    row = _cells(capsys.readouterr().out, "demo --preset smoke")
+    summary = json.loads((out / "summary.json").read_text())
+    p = summary["paired"]["dec"]
+    assert row["DEC - Aug"] == f"{p['acc_points']:+.2f} [{p['acc_low']:+.2f}, {p['acc_high']:+.2f}]"
+    assert row["InvE / Aug"] == f"{p['inv_e_ratio']:.3f}"
+    error = summary["task"]["dec_evidence"]["gradient_check"]["error"]
+    assert row["backward off"] == f"{100 * error:.2f}%"
 
 
 def test_both_decs_are_compared_with_base(segment_both_decs):
