@@ -76,7 +76,7 @@ from ._train import Batches, LossFn, train, training_step
 from .demo_checks import check_before_work, check_values
 from .demo_report import dec_evidence, eval_command, paired_rows, plots, tables
 from .evaluate import evaluate_model
-from .experiment import ExperimentTask, Outcome, Run, run_experiment
+from .experiment import DECS, ExperimentTask, Outcome, Run, run_experiment
 from .heads import LABEL_RULES, DigitwiseClassifier, num_outputs
 from .presets import FINETUNE_LR_RATIO, PRESETS, dec_kwargs, paper_lr
 
@@ -385,7 +385,7 @@ class DigitsClassification(ExperimentTask):
         """Base and DEC(Base) from the plain start, the rest from the Aug start; the DECs the ``<model>_dec`` twin,
         Canon the model inside `InputCanonicalizer`, their new parts' initial weights from the run's seed."""
         cfg, seed = self.cfg, self.cfg["seed"]
-        if method in ("dec", "dec_base"):
+        if method in DECS:
             # the DEC's initial weights from the run's seed, not from what the methods before it drew
             torch.manual_seed(seed)
             model = self.create(cfg["model"] + "_dec", **dec_kwargs(cfg))

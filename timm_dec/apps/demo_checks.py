@@ -22,6 +22,7 @@ from ._common import (
     meta_build_error,
     resolve_device,
 )
+from .experiment import DECS
 from .heads import num_outputs
 from .presets import dec_kwargs
 
@@ -72,14 +73,14 @@ def check_before_work(args: argparse.Namespace, cfg: dict[str, Any]) -> bool:
         raise ValueError(f"--model-kwargs {dec_keys[0]}={kwargs[dec_keys[0]]!r}: the demo's DEC options are the "
                          f"--dec-* flags ({flag} ...), not --model-kwargs")
     name = cfg["model"]
-    if {"dec", "dec_base"} & set(cfg["methods"]) and timm.is_model(name) and not timm.is_model(name + "_dec"):
+    if set(DECS) & set(cfg["methods"]) and timm.is_model(name) and not timm.is_model(name + "_dec"):
         raise ValueError(f"--model {name}: the demo's DEC needs a ViT-class (ViT, DeiT, BEiT, EVA) or Swin model "
                          f"that timm_dec gives a {name}_dec twin (timm_dec.list_dec_models()), built with the "
                          f"--model-kwargs (img_size, ...)")
     what = "--model-kwargs" if args.model_kwargs is not None else (
         f"the preset's model_kwargs {cfg['model_kwargs']} (give --model-kwargs that fit --model {name})")
     check_model_build(name, kwargs, what)
-    if {"dec", "dec_base"} & set(cfg["methods"]) and ":" not in name:  # (a hf-hub:/local-dir: name: its loader)
+    if set(DECS) & set(cfg["methods"]) and ":" not in name:  # (a hf-hub:/local-dir: name is left to its loader)
         options = dec_kwargs(cfg)
         check_dec_config(options)
         error = meta_build_error(name + "_dec", dict(kwargs, **options))

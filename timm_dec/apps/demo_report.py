@@ -16,6 +16,7 @@ from ..data import LocallyScaledDigits
 from ..metrics import paired_bootstrap
 from ..models import INPUT
 from ..ops.folds import local_magnification
+from .experiment import BASE, DECS, REFERENCE
 from .plots import plot_per_scale, plot_prob_correct, plot_warp_grids
 from .presets import dec_kwargs
 
@@ -24,9 +25,9 @@ __all__ = ["eval_command", "paired_rows", "first_dec_knots", "dec_evidence", "ta
 
 def eval_command(cfg: dict[str, Any], method: str, checkpoint: Path) -> str:
     """The ``timm-dec eval`` command line that re-evaluates one demo checkpoint on the demo's test set."""
-    model = cfg["model"] + ("_dec" if method in ("dec", "dec_base") else "")
+    model = cfg["model"] + ("_dec" if method in DECS else "")
     kwargs = dict(cfg["model_kwargs"])
-    if method in ("dec", "dec_base"):
+    if method in DECS:
         kwargs.update(dec_kwargs(cfg))
     parts = ["timm-dec", "eval", "--model", model, "--checkpoint", str(checkpoint)]
     if kwargs:
@@ -143,9 +144,9 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
     if cfg["scale_bins"]:
         out += ["", "Table 3 style: accuracy (%) per scale bin (each digit's scale drawn in the bin)",
                 format_per_scale_table(labelled, key="per_bin_acc")]
-    for ref in ("aug", "base"):
-        rows = {m: p for m, p in paired.items() if m in labels} if ref == "aug" else {
-            m: paired[f"{m}_vs_base"] for m in ("dec", "dec_base") if f"{m}_vs_base" in paired}
+    against_aug = {m: p for m, p in paired.items() if m in labels}  # (not the *_vs_* pairs)
+    against_base = {m: paired[f"{m}_vs_{BASE}"] for m in DECS if f"{m}_vs_{BASE}" in paired}
+    for ref, rows in ((REFERENCE, against_aug), (BASE, against_base)):
         if rows:
             out += ["", _paired_table(rows, labels, labels[ref], num_test)]
     control = paired.get("dec_vs_aug_time")

@@ -50,7 +50,7 @@ from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
 from ._common import add_experiment_arguments, check_experiment_arguments, param_groups
 from ._train import Batches, LossFn, train, training_step
-from .experiment import ExperimentTask, Outcome, Run, run_experiment
+from .experiment import DECS, ExperimentTask, Outcome, Run, run_experiment
 
 __all__ = ["PRESETS", "METHODS", "DigitSegmenter", "SegDigits", "segmenter", "train_start", "load_start", "evaluate",
            "add_arguments", "resolve_config", "run", "miou_per_image", "load_checkpoint", "checkpoint_record",
@@ -401,7 +401,7 @@ def _interval(d: dict[str, float], digits: int, width: int) -> str:
 
 def _tables(results: dict[str, dict[str, Any]], paired: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> str:
     """The printed tables: the metrics, the DEC's solves, mIoU per scale and the paired comparisons (`_paired`: every
-    method against Aug, and the DEC against Aug+time as ``dec_vs_aug_time``)."""
+    method against Aug, the DEC against Aug+time as ``dec_vs_aug_time``, the DECs against Base as ``*_vs_base``)."""
     lines = [f"Segmentation under local scaling ({len(next(iter(results.values()))['_per_image'])} test images; "
              f"mIoU S and EquE over one random monotone scaling S per image, strength {cfg['equ_strength']})",
              f"{'Method':<10}{'mIoU':>7}{'mIoU px':>9}{'IoU dig':>9}{'IoU bg':>8}{'mIoU S':>8}{'EquE 1e-3':>11}"
@@ -547,7 +547,7 @@ class DigitScenesSegmentation(ExperimentTask):
         cfg = self.cfg
         model = segmenter(cfg)
         model.load_state_dict(starts["plain" if method in ("base", "dec_base") else "aug"])
-        if method in ("dec", "dec_base"):
+        if method in DECS:
             # the DEC's initial weights from the fine-tuning seed, not from what the methods before it drew
             torch.manual_seed(cfg["finetune_seed"])
             model = _dec_model(model, cfg)
@@ -564,7 +564,7 @@ class DigitScenesSegmentation(ExperimentTask):
                                               seed=cfg["finetune_seed"], **options),
                        dec_only=options.get("only_dec", False))
 
-        if method in ("dec", "dec_base"):  # both DECs trained alike, whichever start they have
+        if method in DECS:  # both DECs trained alike, whichever start they have
             augment = cfg["dec_augment"]
             return [run(f"{LABELS[method]} warm-up", cfg["dec_warmup_steps"], augment=augment, only_dec=True),
                     run(LABELS[method], steps, augment=augment)]
