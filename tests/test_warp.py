@@ -129,6 +129,24 @@ def paper_inverse_coords(knots: torch.Tensor, height: int, width: int) -> torch.
     return torch.from_numpy(out)
 
 
+def alternating_inverse_np(knots: torch.Tensor, points: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """The alternating 1D inverses of `apply_inverse_map`, point by point with `np.interp` (float64).
+
+    Each half-sweep interpolates the knot table's rows (or columns) at the other coordinate and inverts that
+    increasing piecewise-linear function at the target, starting from the other coordinate = the target's.
+    """
+    k, pts = knots.detach().double().numpy(), points.detach().double().numpy()
+    nodes = np.linspace(0, 1, k.shape[-1])
+    out = np.zeros(pts.shape)
+    for b, i in np.ndindex(*pts.shape[:2]):
+        (qx, qy), y = pts[b, i], pts[b, i, 1]
+        for _ in range(sweeps):
+            x = np.interp(qx, [np.interp(y, nodes, k[b, 0, :, n]) for n in range(len(nodes))], nodes)
+            y = np.interp(qy, [np.interp(x, nodes, k[b, 1, :, m]) for m in range(len(nodes))], nodes)
+        out[b, i] = x, y
+    return torch.from_numpy(out)
+
+
 def sample(fmap: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Border-clamped bilinear `grid_sample` of (B, C, H, W) at (B, Ho, Wo, 2) normalised (x, y) coordinates."""
     grid = coords.to(fmap.dtype) * 2 - 1
@@ -208,6 +226,48 @@ class TestForwardMap:
         expected = field.at(src).reshape(2, 3, height, height)
         out = monotone_warp(field.grid(height, height), knots, inverse=inverse)
         assert relative_error(out, expected, border=0) < 2e-3  # measured 8e-4 (bilinear error at 64 px)
+
+
+# ------------------------------------------------------------------------------------------------ inverse coords
+class TestInverseCoords:
+    """The inverse's coordinates: the per-point sweeps (binary-search count) and the pixel-grid path of dense_coords."""
+
+    @pytest.mark.parametrize("grid", range(1, 10))  # 3, 5, 6, 7, 9: probes past the last inner knot are masked
+    def test_sweeps_match_np_interp(self, grid: int) -> None:
+        knots = random_knots(2, grid, 0.3, seed=grid, dtype=torch.float64)
+        points = torch.rand(2, 40, 2, generator=torch.Generator().manual_seed(grid), dtype=torch.float64)
+        for sweeps in (1, 3):
+            expected = alternating_inverse_np(knots, points, sweeps)
+            torch.testing.assert_close(apply_inverse_map(knots, points, sweeps), expected, **TOL[torch.float64])
+
+    @pytest.mark.parametrize("grid", range(1, 10))
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_pixel_grid_path_equals_the_per_point_path_bitwise(self, grid: int, dtype: torch.dtype) -> None:
+        for height, width in ((1, 1), (1, 6), (5, 1), (9, 13)):
+            knots = random_knots(3, grid, 0.8, seed=grid + height, dtype=dtype)
+            points = pixel_coords(height, width, dtype=dtype).expand(3, -1, -1)
+            for sweeps in (1, 3):
+                got = dense_coords(knots, height, width, inverse=True, sweeps=sweeps)
+                assert torch.equal(got, apply_inverse_map(knots, points, sweeps).reshape(3, height, width, 2))
+
+    @pytest.mark.parametrize("grid", [1, 3, 4])
+    def test_gradcheck_of_the_pixel_grid_path(self, grid: int) -> None:
+        logits = (0.6 * torch.randn(2, 2, grid + 1, grid, dtype=torch.float64)).requires_grad_()
+        assert torch.autograd.gradcheck(lambda lg: dense_coords(knots_from_logits(lg), 4, 5, inverse=True), (logits,))
+        points = torch.rand(2, 7, 2, dtype=torch.float64)
+        assert torch.autograd.gradcheck(lambda lg: apply_inverse_map(knots_from_logits(lg), points), (logits,))
+
+    @pytest.mark.parametrize("inverse", [False, True])
+    def test_a_sample_alone_equals_the_sample_in_its_batch(self, inverse: bool) -> None:
+        logits = (0.5 * torch.randn(5, 2, 5, 4)).requires_grad_()
+        upstream = torch.randn(5, 14, 14, 2)
+        batch = dense_coords(knots_from_logits(logits), 14, 14, inverse=inverse)
+        (grad_batch,) = torch.autograd.grad(batch, logits, upstream)
+        for i in (0, 3):
+            alone = dense_coords(knots_from_logits(logits[i:i + 1]), 14, 14, inverse=inverse)
+            (grad_alone,) = torch.autograd.grad(alone, logits, upstream[i:i + 1])
+            assert torch.equal(alone, batch[i:i + 1])
+            assert torch.equal(grad_alone[i], grad_batch[i])
 
 
 # ------------------------------------------------------------------------------------------------------ round trip

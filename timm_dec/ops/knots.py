@@ -124,13 +124,43 @@ def _eval_pl(values: torch.Tensor, idx: torch.Tensor, frac: torch.Tensor) -> tor
     return lo + frac * (hi - lo)
 
 
+def _lerped_at(flat: torch.Tensor, s: torch.Tensor, t: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """s * flat[index] + t * flat[index + width]: knot values of two adjacent rows, interpolated; all (B, N)."""
+    return s * flat.gather(1, index) + t * flat[:, width:].gather(1, index)
+
+
+def _count_inner(flat: torch.Tensor, s: torch.Tensor, t: torch.Tensor, rowf: torch.Tensor, target: torch.Tensor,
+                 grid: int) -> torch.Tensor:
+    """Number of inner knots k in 1..G-1 of the interpolated function with value <= target, as floats (B, N).
+
+    The knot values s * T[m, k] + t * T[m+1, k] are non-decreasing in k (also after rounding), so a binary search
+    finds the count with ceil(log2 G) probes instead of G-1 (each probe is two gathers). A probe past the last inner
+    knot reads knot G and counts as a miss. ``rowf`` is the flat index of T[m, 0] as a float (exact, small).
+    """
+    width = grid + 1
+    seg = torch.zeros_like(s)
+    hit = torch.empty_like(s)
+    step, reach = 1 << max((grid - 1).bit_length() - 1, 0), 0
+    while grid > 1 and step:
+        probe = seg + step
+        beyond = reach + step > grid - 1  # can this probe pass the last inner knot?
+        index = (rowf + (probe.clamp(max=grid) if beyond else probe)).long()
+        torch.le(_lerped_at(flat, s, t, index, width), target, out=hit)  # a float 0/1 straight from the compare
+        if beyond:
+            hit *= probe <= grid - 1
+        seg.add_(hit, alpha=step)
+        step, reach = step >> 1, reach + step
+    return seg
+
+
 def _invert_lerped(table: torch.Tensor, other: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
     """One half-sweep of the inverse: solve f(c) = target for c, f the table's rows interpolated at ``other``.
 
     f is increasing and piecewise linear with knots at k/grid, so its inverse is exact: count the inner knots of f
-    <= target, then interpolate in that segment. Each knot value of f is read straight from the flat table (one
-    ``gather`` per knot, G small) instead of gathering a (B, N, G+1) copy of every point's function; the arithmetic and
-    its rounding are those of the Triton kernel's ``_invert_at``.
+    <= target (`_count_inner`), then interpolate in that segment. Each knot value of f is read straight from the
+    flat table (``gather`` of the two bracketing rows) instead of gathering a (B, N, G+1) copy of every point's
+    function; indices are formed in float (exact small integers) and converted once. The arithmetic and its
+    rounding are those of the Triton kernel's ``_invert_at``.
 
     Args:
         table: (B, G+1, G+1) rows table (or columns table) of each sample.
@@ -142,17 +172,50 @@ def _invert_lerped(table: torch.Tensor, other: torch.Tensor, target: torch.Tenso
         (B, N) c in [0, 1].
     """
     width = table.shape[-1]
-    flat = table.reshape(table.shape[0], -1)  # (B, (G+1)^2)
-    m, t = _cell(other, grid)
-    row = m * width  # index of table[b, m, 0]; table[b, m + i, k] is flat[:, i * width + k:] at that index
+    flat = table.reshape(table.shape[0], -1)  # (B, (G+1)^2); table[b, m + i, k] is flat[b, (m + i) * width + k]
+    g_other = other * grid
+    m = g_other.detach().floor().clamp_(0, grid - 1)
+    t = g_other - m
+    s = 1 - t
+    rowf = m * width  # flat index of table[b, m, 0], as a float
     with torch.no_grad():  # the segment index is piecewise constant: no gradient through the count
-        t_d, s_d, flat_d = t.detach(), 1 - t.detach(), flat.detach()
-        seg = torch.zeros_like(m)
+        seg = _count_inner(flat.detach(), s.detach(), t.detach(), rowf, target, grid)
+        at = (rowf + seg).long()
+    lo = _lerped_at(flat, s, t, at, width)
+    hi = _lerped_at(flat[:, 1:], s, t, at, width)
+    frac = ((target - lo) / (hi - lo).clamp_min(SEGMENT_EPS)).clamp(0, 1)
+    return (seg + frac) / grid
+
+
+def _invert_rows_on_grid(table: torch.Tensor, other: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
+    """`_invert_lerped` for a pixel grid whose ``other`` depends on the row only and ``target`` on the column only.
+
+    The interpolated function then belongs to the row: it is built once per row, (B, H, G+1), and inverted at every
+    column's target by broadcasting. Values and rounding are those of `_invert_lerped` at the same points.
+
+    Args:
+        table: (B, G+1, G+1) rows table (or columns table) of each sample.
+        other: (H,) the other coordinate of each row, in [0, 1].
+        target: (W,) the value f must reach in each column.
+        grid: G.
+
+    Returns:
+        (B, H, W) c in [0, 1].
+    """
+    g_other = other * grid
+    m = g_other.floor().clamp_(0, grid - 1)
+    t = (g_other - m).unsqueeze(-1)
+    index = m.long()
+    f = (1 - t) * table.index_select(1, index) + t * table.index_select(1, index + 1)  # (B, H, G+1)
+    with torch.no_grad():
+        f_d = f.detach()
+        seg = torch.zeros(f.shape[0], f.shape[1], target.shape[0], dtype=f.dtype, device=f.device)
+        hit = torch.empty_like(seg)
         for k in range(1, grid):
-            seg += s_d * flat_d[:, k:].gather(1, row) + t_d * flat_d[:, width + k:].gather(1, row) <= target
-    at, s = row + seg, 1 - t
-    lo = s * flat.gather(1, at) + t * flat[:, width:].gather(1, at)
-    hi = s * flat[:, 1:].gather(1, at) + t * flat[:, width + 1:].gather(1, at)
+            seg += torch.le(f_d[..., k:k + 1], target, out=hit)
+        at = seg.long()
+    lo = f.gather(2, at)
+    hi = f[..., 1:].gather(2, at)
     frac = ((target - lo) / (hi - lo).clamp_min(SEGMENT_EPS)).clamp(0, 1)
     return (seg + frac) / grid
 
@@ -228,10 +291,30 @@ def dense_coords(
     Returns:
         (B, H, W, 2) normalised source coordinates (x, y), in the knots' dtype.
     """
-    batch = knots.shape[0]
     if not inverse:
         # l_X and l_Y are bilinear interpolations of the knot tables (column tables transposed to [y, x]).
         tables = torch.stack((knots[:, 0], knots[:, 1].transpose(-1, -2)), dim=1)
         return F.interpolate(tables, size=(height, width), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
-    pts = pixel_coords(height, width, device=knots.device, dtype=knots.dtype).expand(batch, -1, -1)
-    return apply_inverse_map(knots, pts, sweeps).reshape(batch, height, width, 2)
+    return _inverse_pixel_coords(knots, height, width, sweeps)
+
+
+def _inverse_pixel_coords(knots: torch.Tensor, height: int, width: int, sweeps: int) -> torch.Tensor:
+    """`apply_inverse_map` at the pixels of an H x W map, (B, H, W, 2), with the same values.
+
+    The first half-sweep starts from y = the pixel's row coordinate and solves for the column's x coordinate, so it
+    is done per row (`_invert_rows_on_grid`); the later half-sweeps are per point.
+    """
+    if sweeps < 1:
+        raise ValueError(f"sweeps must be >= 1, got {sweeps}")
+    batch, grid = knots.shape[0], knots.shape[-1] - 1
+    rows, cols = knots[:, 0], knots[:, 1]
+    ys = torch.arange(height, device=knots.device, dtype=knots.dtype) / max(height - 1, 1)
+    xs = torch.arange(width, device=knots.device, dtype=knots.dtype) / max(width - 1, 1)
+    qx = xs.repeat(height).expand(batch, -1)  # (B, H*W), row-major like pixel_coords
+    qy = ys.repeat_interleave(width).expand(batch, -1)
+    x = _invert_rows_on_grid(rows, ys, xs, grid).reshape(batch, -1)
+    y = _invert_lerped(cols, x, qy, grid)
+    for _ in range(sweeps - 1):
+        x = _invert_lerped(rows, y, qx, grid)
+        y = _invert_lerped(cols, x, qy, grid)
+    return torch.stack((x, y), dim=-1).reshape(batch, height, width, 2)
