@@ -216,6 +216,21 @@ class TestForwardMap:
         points = apply_map(knots, pixel_coords(11, 7, dtype=torch.float64).expand(2, -1, -1))
         torch.testing.assert_close(dense, points, **TOL[torch.float64])
 
+    @pytest.mark.parametrize("grid", range(1, 10))
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_dense_coords_equal_f_interpolate_to_rounding(self, grid: int, dtype: torch.dtype) -> None:
+        """The separable resize against `F.interpolate` of the two tables (the paper's code), sizes 1 included."""
+        knots = random_knots(2, grid, 0.8, seed=grid, dtype=dtype)
+        tables = torch.stack((knots[:, 0], knots[:, 1].transpose(-1, -2)), dim=1)
+        for height, width in ((1, 1), (1, 6), (7, 1), (14, 14), (17, 48)):
+            expected = F.interpolate(tables, size=(height, width), mode="bilinear", align_corners=True)
+            torch.testing.assert_close(dense_coords(knots, height, width), expected.permute(0, 2, 3, 1), **TOL[dtype])
+
+    @pytest.mark.parametrize("grid", [1, 3, 4])
+    def test_gradcheck_of_dense_coords(self, grid: int) -> None:
+        logits = (0.6 * torch.randn(2, 2, grid + 1, grid, dtype=torch.float64)).requires_grad_()
+        assert torch.autograd.gradcheck(lambda lg: dense_coords(knots_from_logits(lg), 5, 7), (logits,))
+
     @pytest.mark.parametrize("inverse", [False, True])
     def test_warp_samples_the_field_at_the_mapped_points(self, inverse: bool) -> None:
         """S^{-1}(F)(p) = F(l(p)), S(F)(p) = F(l^{-1}(p)), up to bilinear interpolation error of the smooth field."""

@@ -292,10 +292,38 @@ def dense_coords(
         (B, H, W, 2) normalised source coordinates (x, y), in the knots' dtype.
     """
     if not inverse:
-        # l_X and l_Y are bilinear interpolations of the knot tables (column tables transposed to [y, x]).
-        tables = torch.stack((knots[:, 0], knots[:, 1].transpose(-1, -2)), dim=1)
-        return F.interpolate(tables, size=(height, width), mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+        return _forward_pixel_coords(knots, height, width)
     return _inverse_pixel_coords(knots, height, width, sweeps)
+
+
+def _resize_taps(size: int, grid: int, device: torch.device, dtype: torch.dtype,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Knot indices i0, i1 (size,) and weights w0, w1 (size,) of output index i when G+1 knots are resized to
+    ``size`` with align_corners=True: `F.interpolate`'s arithmetic, src = fl(G / (size-1)) * i (the Triton kernel's
+    ``_resize_index``)."""
+    scale = torch.full((), grid, device=device, dtype=dtype) / max(size - 1, 1)
+    src = scale * torch.arange(size, device=device, dtype=dtype)
+    lower = src.floor().clamp_(max=grid)
+    lam1 = (src - lower).clamp_(0, 1)
+    i0 = lower.long()
+    return i0, i0 + (i0 < grid).long(), 1 - lam1, lam1
+
+
+def _forward_pixel_coords(knots: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """l at the pixels of an H x W map, (B, H, W, 2): the bilinear resize of the two knot tables, done separably.
+
+    l_X interpolates the rows table [y, x], l_Y the columns table transposed; both are resized along x to (G+1, W),
+    then along y, with the rounding of the Triton kernel (lh0 * (lw0 * a + lw1 * b) + lh1 * (...)). Equal to
+    `F.interpolate` up to float rounding; on the CPU about half its forward+backward cost at (64, 48 x 48).
+    """
+    grid = knots.shape[-1] - 1
+    tables = torch.stack((knots[:, 0], knots[:, 1].transpose(-1, -2)), dim=-1)  # (B, G+1 [y], G+1 [x], 2)
+    w0, w1, lw0, lw1 = _resize_taps(width, grid, knots.device, knots.dtype)
+    h0, h1, lh0, lh1 = _resize_taps(height, grid, knots.device, knots.dtype)
+    along_x = tables.index_select(2, w0) * lw0.unsqueeze(-1) + tables.index_select(2, w1) * lw1.unsqueeze(-1)
+    # in place on fresh (B, H, W, 2) tensors: two allocations of the output's size instead of five
+    out = along_x.index_select(1, h0).mul_(lh0.view(-1, 1, 1))
+    return out.add_(along_x.index_select(1, h1).mul_(lh1.view(-1, 1, 1)))
 
 
 def _inverse_pixel_coords(knots: torch.Tensor, height: int, width: int, sweeps: int) -> torch.Tensor:
