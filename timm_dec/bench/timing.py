@@ -29,7 +29,10 @@ def paired_times(
     """Seconds of every timed call of each function, timed round-robin so that background load hits all alike.
 
     Keeping every round (not only the median) lets a ratio be taken per round, between calls that ran back to back
-    under the same background load, and the median taken over those ratios.
+    under the same background load, and the median taken over those ratios. The order rotates by one each round, so
+    that no function always runs right after the same one: on the CPU, a call right after one that freed a large
+    buffer pays for faulting that memory back in (measured: 13-15 ms on the warp benchmark's ViT-S shape, where the
+    composed path frees ~80 MB), which a fixed order charged to one candidate every round.
 
     Args:
         fns: name -> function of no arguments.
@@ -41,11 +44,13 @@ def paired_times(
         name -> ``repeats`` seconds, in round order.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             _sync(device)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             _sync(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
