@@ -89,7 +89,7 @@ def sample_rows(
         x: (B, P + H*W, C) tokens: P prefix tokens, then the H x W map row-major.
         coords: (B, Ho, Wo, 2) normalised source coordinates (x, y) in [0, 1].
         height, width: H and W of the map in ``x``.
-        num_prefix_tokens: P, copied to the output unchanged (a -0.0 comes back as +0.0).
+        num_prefix_tokens: P, copied to the output unchanged.
 
     Returns:
         (B, P + Ho*Wo, C) tokens, in the dtype of ``x`` promoted with ``coords``.
