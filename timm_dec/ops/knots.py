@@ -100,10 +100,11 @@ def check_knots(knots: torch.Tensor, batch: Optional[int] = None) -> int:
 
 
 def _cell(t: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cell index in [0, grid-1] and fraction in [0, 1] of coordinates ``t`` in [0, 1]."""
+    """Cell index in [0, grid-1] (a float holding an integer: callers index with ``.long()`` or do index arithmetic
+    in float) and fraction in [0, 1] of coordinates ``t`` in [0, 1]."""
     gt = t * grid
     idx = gt.detach().floor().clamp(0, grid - 1)
-    return idx.long(), gt - idx
+    return idx, gt - idx
 
 
 def _gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -173,9 +174,7 @@ def _invert_lerped(table: torch.Tensor, other: torch.Tensor, target: torch.Tenso
     """
     width = table.shape[-1]
     flat = table.reshape(table.shape[0], -1)  # (B, (G+1)^2); table[b, m + i, k] is flat[b, (m + i) * width + k]
-    g_other = other * grid
-    m = g_other.detach().floor().clamp_(0, grid - 1)
-    t = g_other - m
+    m, t = _cell(other, grid)
     s = 1 - t
     rowf = m * width  # flat index of table[b, m, 0], as a float
     with torch.no_grad():  # the segment index is piecewise constant: no gradient through the count
@@ -202,9 +201,8 @@ def _invert_rows_on_grid(table: torch.Tensor, other: torch.Tensor, target: torch
     Returns:
         (B, H, W) c in [0, 1].
     """
-    g_other = other * grid
-    m = g_other.floor().clamp_(0, grid - 1)
-    t = (g_other - m).unsqueeze(-1)
+    m, t = _cell(other, grid)
+    t = t.unsqueeze(-1)
     index = m.long()
     f = (1 - t) * table.index_select(1, index) + t * table.index_select(1, index + 1)  # (B, H, G+1)
     with torch.no_grad():
@@ -234,6 +232,7 @@ def apply_map(knots: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     x, y = points.unbind(-1)
     n, s = _cell(x, grid)
     m, t = _cell(y, grid)
+    n, m = n.long(), m.long()
     rows, cols = knots[:, 0], knots[:, 1]
     lx = (1 - t) * _eval_pl(_gather_rows(rows, m), n, s) + t * _eval_pl(_gather_rows(rows, m + 1), n, s)
     ly = (1 - s) * _eval_pl(_gather_rows(cols, n), m, t) + s * _eval_pl(_gather_rows(cols, n + 1), m, t)
@@ -259,18 +258,28 @@ def apply_inverse_map(knots: torch.Tensor, points: torch.Tensor, sweeps: int = D
     grid = knots.shape[-1] - 1
     rows, cols = knots[:, 0], knots[:, 1]
     qx, qy = points.unbind(-1)
-    x, y = qx, qy
-    for _ in range(sweeps):
+    x = _invert_lerped(rows, qy, qx, grid)  # the first x from the row functions interpolated at y = qy
+    return _sweeps_from(rows, cols, x, qx, qy, grid, sweeps)
+
+
+def _sweeps_from(rows: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
+                 grid: int, sweeps: int) -> torch.Tensor:
+    """The rest of `apply_inverse_map` after its first x half-sweep ``x`` (B, N): (B, N, 2) points (x, y)."""
+    y = _invert_lerped(cols, x, qy, grid)  # y from the column functions interpolated at the new x
+    for _ in range(sweeps - 1):
         x = _invert_lerped(rows, y, qx, grid)  # x from the row functions interpolated at the current y
-        y = _invert_lerped(cols, x, qy, grid)  # y from the column functions interpolated at the new x
+        y = _invert_lerped(cols, x, qy, grid)
     return torch.stack((x, y), dim=-1)
+
+
+def _axis_coords(size: int, device: Optional[torch.device | str], dtype: torch.dtype) -> torch.Tensor:
+    """(size,) normalised coordinates of the pixels along one axis, align_corners=True; a size of 1 sits at 0."""
+    return torch.arange(size, device=device, dtype=dtype) / max(size - 1, 1)
 
 
 def pixel_coords(height: int, width: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(H*W, 2) normalised coordinates (x, y) of the pixels of an H x W map, row-major; a size of 1 sits at 0."""
-    ys = torch.arange(height, device=device, dtype=dtype) / max(height - 1, 1)
-    xs = torch.arange(width, device=device, dtype=dtype) / max(width - 1, 1)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    gy, gx = torch.meshgrid(_axis_coords(height, device, dtype), _axis_coords(width, device, dtype), indexing="ij")
     return torch.stack((gx, gy), dim=-1).reshape(-1, 2)
 
 
@@ -336,13 +345,8 @@ def _inverse_pixel_coords(knots: torch.Tensor, height: int, width: int, sweeps: 
         raise ValueError(f"sweeps must be >= 1, got {sweeps}")
     batch, grid = knots.shape[0], knots.shape[-1] - 1
     rows, cols = knots[:, 0], knots[:, 1]
-    ys = torch.arange(height, device=knots.device, dtype=knots.dtype) / max(height - 1, 1)
-    xs = torch.arange(width, device=knots.device, dtype=knots.dtype) / max(width - 1, 1)
+    ys, xs = _axis_coords(height, knots.device, knots.dtype), _axis_coords(width, knots.device, knots.dtype)
     qx = xs.repeat(height).expand(batch, -1)  # (B, H*W), row-major like pixel_coords
     qy = ys.repeat_interleave(width).expand(batch, -1)
     x = _invert_rows_on_grid(rows, ys, xs, grid).reshape(batch, -1)
-    y = _invert_lerped(cols, x, qy, grid)
-    for _ in range(sweeps - 1):
-        x = _invert_lerped(rows, y, qx, grid)
-        y = _invert_lerped(cols, x, qy, grid)
-    return torch.stack((x, y), dim=-1).reshape(batch, height, width, 2)
+    return _sweeps_from(rows, cols, x, qx, qy, grid, sweeps).reshape(batch, height, width, 2)
