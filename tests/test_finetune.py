@@ -135,8 +135,13 @@ def test_two_processes_match_one_process(one_process: Path, tmp_path: Path) -> N
     assert sorted(two) == sorted(one)
     diff = max((two[k] - one[k]).abs().max().item() for k in one)
     assert diff < 1e-4, diff                                        # the all-reduce only reorders float sums
-    moved = max((one[k] - weights(one_process / "checkpoint-000003")[k]).abs().max().item() for k in one)
-    assert moved > 100 * diff                                       # far below how far training moved them
+    # Float sums in another order are amplified by the DEC's solves (an iteration more or less) and by AdamW's
+    # normalisation, so the yardstick is how far training moved the weights, over all of them: reordering leaves
+    # 0.1-0.2% of that, a wrong gradient (e.g. the regulariser not scaled for the accumulation) several %.
+    start = weights(one_process / "checkpoint-000003")
+    apart = torch.cat([(two[k] - one[k]).flatten() for k in one]).norm()
+    moved = torch.cat([(one[k] - start[k]).flatten() for k in one]).norm()
+    assert apart < 0.01 * moved, (apart / moved).item()
     # the sharded evaluation saw the same 8 test images
     assert summary["metrics"]["num_samples"] == 8
     reference = json.loads((one_process / "summary.json").read_text())["metrics"]
