@@ -89,7 +89,7 @@ def sample_rows(
         x: (B, P + H*W, C) tokens: P prefix tokens, then the H x W map row-major.
         coords: (B, Ho, Wo, 2) normalised source coordinates (x, y) in [0, 1].
         height, width: H and W of the map in ``x``.
-        num_prefix_tokens: P, copied to the output unchanged.
+        num_prefix_tokens: P, copied to the output unchanged (a -0.0 comes back as +0.0).
 
     Returns:
         (B, P + Ho*Wo, C) tokens, in the dtype of ``x`` promoted with ``coords``.
@@ -97,11 +97,21 @@ def sample_rows(
     batch, tokens, chans = x.shape
     dtype = torch.promote_types(x.dtype, coords.dtype)
     index, weight = _bilinear_taps(coords.to(dtype), height, width, tokens, num_prefix_tokens)
-    out = F.embedding_bag(index, x.to(dtype).reshape(batch * tokens, chans), per_sample_weights=weight, mode="sum")
-    out = out.view(batch, -1, chans)
-    if num_prefix_tokens:
-        out = torch.cat((x[:, :num_prefix_tokens].to(dtype), out), dim=1)
-    return out
+    table = x.to(dtype).reshape(batch * tokens, chans)
+    if not num_prefix_tokens:
+        return F.embedding_bag(index, table, per_sample_weights=weight, mode="sum").view(batch, -1, chans)
+    # One output tensor, not a concatenation (a second copy of a large fresh tensor): each sample's prefix rows are
+    # bags of one tap of weight 1 (a copy, up to the sign of a zero), its map rows bags of four taps.
+    pixels, dev = index.shape[0] // batch, x.device
+    samples = torch.arange(batch, device=dev).unsqueeze(1)
+    prefix = torch.arange(num_prefix_tokens, device=dev) + samples * tokens
+    index = torch.cat((prefix, index.view(batch, -1)), dim=1).reshape(-1)
+    weight = torch.cat((weight.new_ones(batch, num_prefix_tokens), weight.view(batch, -1)), dim=1).reshape(-1)
+    starts = torch.cat((torch.arange(num_prefix_tokens, device=dev),
+                        num_prefix_tokens + 4 * torch.arange(pixels, device=dev)))
+    offsets = (starts + samples * (num_prefix_tokens + 4 * pixels)).reshape(-1)
+    out = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
+    return out.view(batch, -1, chans)
 
 
 def monotone_warp_ref(
