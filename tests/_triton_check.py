@@ -96,15 +96,20 @@ def _logits_grad(logits: torch.Tensor, grad_knots: torch.Tensor) -> torch.Tensor
 
 def check_reference(max_examples: int) -> None:
     """Every layout and direction, shapes drawn by hypothesis: B, C, H, W, G in 1..16, P in 0..5."""
+    import dataclasses
+
     from triton.runtime import interpreter
 
     # The interpreter's int32 overflow sanitiser costs a third of the run; these maps are far from 2^31 elements,
-    # and the "details" group runs with it on (and on the int64 path).
-    sanitize, interpreter.InterpreterOptions.sanitize_overflow = interpreter.InterpreterOptions.sanitize_overflow, False
+    # and the "details" group runs with it on (and on the int64 path). The interpreter reads the options of its one
+    # builder instance, made at import (setting the dataclass's default afterwards changes nothing).
+    builder = interpreter.interpreter_builder
+    saved = builder.options
+    builder.options = dataclasses.replace(saved, sanitize_overflow=False)
     try:
         _check_reference(max_examples)
     finally:
-        interpreter.InterpreterOptions.sanitize_overflow = sanitize
+        builder.options = saved
 
 
 def _check_reference(max_examples: int) -> None:
