@@ -371,8 +371,9 @@ class TestSolverStats:
         assert summary["blocks.0.dec"] == dict(calls=1, samples=3, mean_iterations=1.0, max_iterations=1,
                                                max_residual=0.0, fallbacks=0, not_converged=0, fold_guarded=0,
                                                jacobian_free=0)
-        assert outer.records[0] == SolveRecord("blocks.0.dec", 3, 1.0, 1, 0.0, 0, 0, 0)
+        assert outer.records[0] == SolveRecord("blocks.0.dec", 3, 1.0, 1, 0.0, 0, 0, 0, iteration_counts=(0, 3))
         assert outer.total_fallbacks == 0 and outer.mean_iterations == 1.0
+        assert outer.iteration_counts == [0, 8] and outer.iterations_sd == 0.0
 
     def test_iteration_counts_match_the_solver(self):
         dec = perturbed(small_dec(tol=1e-4, max_iter=40, update="absolute"), std=0.1).eval()
@@ -387,6 +388,12 @@ class TestSolverStats:
         assert record.mean_iterations == pytest.approx(info.iterations.double().mean().item())
         assert record.max_iterations == info.iterations.max().item() > 1
         assert record.max_residual == pytest.approx(info.residual.max().item())
+        # the histogram is the solver's per-sample counts, and the spread is theirs
+        iterations = info.iterations.long()
+        assert sum(record.iteration_counts) == 4 and len(record.iteration_counts) == iterations.max().item() + 1
+        assert all(record.iteration_counts[k] == (iterations == k).sum().item() for k in range(iterations.max() + 1))
+        assert stats.iterations_sd == pytest.approx(iterations.double().std().item())
+        assert stats.iterations_sd > 0  # the four inputs end at different iterations, or the check above is void
 
 
 class TestOptionsAndCopies:

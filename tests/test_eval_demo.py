@@ -88,6 +88,12 @@ class TestDemo:
         text = (demo_out / "tables.txt").read_text()
         for label in ("Base", "Aug", "InvL", "Canon", "DEC", "InvE (1e-2)", "Overall", "paired bootstrap"):
             assert label in text
+        # the DEC's solves at test time: how many took each iteration count, and the mean's standard error
+        solver = s["methods"]["dec"]["results"]["dec_solver"]
+        counts = solver["iteration_counts"]
+        assert sum(counts) == solver["samples"] and len(counts) <= PRESETS["smoke"]["dec_max_iter"] + 1
+        assert sum(k * c for k, c in enumerate(counts)) / sum(counts) == pytest.approx(solver["mean_iterations"])
+        assert f"(sd {solver['iterations_sd']:.2f}, standard error " in text
 
     def test_checkpoints_load_into_plain_timm_models(self, demo_out: Path):
         s = json.loads((demo_out / "summary.json").read_text())

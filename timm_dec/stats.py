@@ -1,12 +1,14 @@
 """Solver statistics of DEC calls, collected through a context variable, never stored on modules.
 
-``with solver_stats() as stats: model(x)`` collects a `SolveRecord` per DEC call: mean and largest iterations,
-residuals at exit, fallbacks, unconverged, fold-guarded and Jacobian-free samples. Outside such a context (and always
-under ``torch.compile``) nothing is recorded and nothing is read on the host.
+``with solver_stats() as stats: model(x)`` collects a `SolveRecord` per DEC call: mean and largest iterations and
+how many samples took each count, residuals at exit, fallbacks, unconverged, fold-guarded and Jacobian-free
+samples. Outside such a context (and always under ``torch.compile``) nothing is recorded and nothing is read on the
+host.
 """
 from __future__ import annotations
 
 import contextvars
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -34,6 +36,9 @@ class SolveRecord:
         jacobian_free: finite samples whose residual stayed above ``NEAR_TOL_FACTOR`` x ``tol``: with the implicit
             backward they get the Jacobian-free gradient (`DEC._adjoint`).
         fold_guarded: samples whose warp the fold guard blended toward the identity.
+        mean_residual: mean final relative residual of the finite samples (0 if none).
+        iteration_counts: entry k is the number of samples that took k evaluations of H (k = 0 .. max_iterations);
+            empty in records made without it.
     """
 
     name: str
@@ -46,6 +51,7 @@ class SolveRecord:
     jacobian_free: int = 0
     fold_guarded: int = 0
     mean_residual: float = 0.0
+    iteration_counts: tuple[int, ...] = ()
 
 
 _SUMMED = ("fallbacks", "not_converged", "fold_guarded", "jacobian_free")
@@ -91,6 +97,28 @@ class SolverStats:
         """Mean evaluations of H per sample over every recorded call (sample-weighted); 0 when empty."""
         samples = self.total_samples
         return sum(r.mean_iterations * r.batch for r in self.records) / samples if samples else 0.0
+
+    @property
+    def iteration_counts(self) -> list[int]:
+        """Entry k: samples over every recorded call that took k evaluations of H (how far ``max_iter`` is from
+        where the solves end); [] when empty."""
+        counts = [0] * max((len(r.iteration_counts) for r in self.records), default=0)
+        for r in self.records:
+            for k, n in enumerate(r.iteration_counts):
+                counts[k] += n
+        return counts
+
+    @property
+    def iterations_sd(self) -> float:
+        """Standard deviation of the evaluations of H per sample over every recorded call (from
+        `iteration_counts`); 0 when fewer than 2 samples. ``iterations_sd / sqrt(total_samples)`` is the standard
+        error of `mean_iterations` for independent inputs."""
+        counts = self.iteration_counts
+        n = sum(counts)
+        if n < 2:
+            return 0.0
+        mean = sum(k * c for k, c in enumerate(counts)) / n
+        return math.sqrt(sum(c * (k - mean) ** 2 for k, c in enumerate(counts)) / (n - 1))
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per DEC name: ``calls``, ``samples``, ``mean_iterations`` (sample-weighted), ``max_iterations``,
@@ -162,6 +190,7 @@ def record_solve(name: str, info: SolverInfo, guard: torch.Tensor, near: torch.T
         max_residual=float(max_res), fallbacks=int(info.failed.sum().item()),
         not_converged=int((finite & ~info.converged).sum().item()), fold_guarded=int((guard < 1).sum().item()),
         jacobian_free=int((finite & ~near).sum().item()),
-        mean_residual=float(mean_res))
+        mean_residual=float(mean_res),
+        iteration_counts=tuple(torch.bincount(info.iterations.long().flatten()).tolist()))
     for stats in _COLLECTORS.get():
         stats.add(record)

@@ -178,7 +178,11 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
 
 
 def _solver_line(label: str, solver: dict[str, Any], cfg: dict[str, Any]) -> str:
-    return (f"{label} solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average "
+    spread = ""
+    if solver.get("iterations_sd") is not None:  # summaries written before it was recorded have none
+        error = solver["iterations_sd"] / math.sqrt(max(1, solver["samples"]))
+        spread = f" (sd {solver['iterations_sd']:.2f}, standard error {error:.3f})"
+    return (f"{label} solver at test time: {solver['mean_iterations']:.2f} iterations per sample on average{spread} "
             f"(limit {cfg['dec_max_iter']}, tol {cfg['dec_tol']:g}), relative residual at exit "
             f"{solver['mean_residual']:.2e} on average, {solver['max_residual']:.2e} at most; "
             f"{solver['not_converged']} of {solver['samples']} solves above tol "

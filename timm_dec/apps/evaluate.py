@@ -314,8 +314,9 @@ def evaluate_model(
 
     Returns:
         The metrics dict (``acc``, ``inv_e``, ``per_scale_acc``, ``per_scale_prob_correct``, ``scales``,
-        ``num_samples``, and ``per_bin_acc`` with bins), with ``dec_solver`` (``mean_iterations``, ``fallbacks``,
-        ``samples``, ``not_converged``, ``mean_residual`` and ``max_residual`` at exit) when the model ran a DEC.
+        ``num_samples``, and ``per_bin_acc`` with bins), with ``dec_solver`` (``mean_iterations``, ``iterations_sd``,
+        ``iteration_counts`` (samples per number of evaluations of H), ``fallbacks``, ``samples``,
+        ``not_converged``, ``mean_residual`` and ``max_residual`` at exit) when the model ran a DEC.
     """
     model = model.to(device)
     if channels_last:
@@ -326,7 +327,8 @@ def evaluate_model(
             runner, dataset, list(scales), scale_bins=scale_bins or None, batch_size=batch_size, device=device,
             num_workers=num_workers, seed=seed, progress=progress, return_per_sample=return_per_sample)
     if len(stats):
-        result["dec_solver"] = dict(mean_iterations=stats.mean_iterations, fallbacks=stats.total_fallbacks,
+        result["dec_solver"] = dict(mean_iterations=stats.mean_iterations, iterations_sd=stats.iterations_sd,
+                                    iteration_counts=stats.iteration_counts, fallbacks=stats.total_fallbacks,
                                     samples=stats.total_samples, not_converged=stats.total_not_converged,
                                     mean_residual=stats.mean_residual,
                                     max_residual=max(r.max_residual for r in stats.records))
@@ -500,7 +502,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_per_scale_table({name: result}, key="per_bin_acc"))
     if "dec_solver" in result:
         s = result["dec_solver"]
-        print(f"\nDEC solver: {s['mean_iterations']:.2f} iterations per sample on average, {s['fallbacks']} fallbacks")
+        print(f"\nDEC solver: {s['mean_iterations']:.2f} iterations per sample on average "
+              f"(sd {s['iterations_sd']:.2f}), {s['fallbacks']} fallbacks")
     if args.results_file:
         variants = getattr(dataset, "variant_kind", "digits_rescaled")
         out = dict(result, model=model_name, checkpoint=args.checkpoint, model_kwargs=model_kwargs,
