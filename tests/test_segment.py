@@ -65,6 +65,7 @@ def test_segment_smoke_prints_the_tables_and_writes_summary_and_checkpoints(segm
     assert methods["aug_time"]["training"]["steps"] == summary["equal_time_calibration"]["steps"] >= own
     solver = methods["dec"]["results"]["dec_solver"]  # the DEC's solves, reported beside its result
     assert solver["solves"] == summary["config"]["test_samples"] and 0 <= solver["within_tol"] <= 1
+    assert sum(solver["iteration_counts"]) == solver["solves"] and solver["iterations_sd"] >= 0
     assert "solves within tol" in text and methods["aug"]["results"]["dec_solver"] is None
     x = SegDigits("test", 2, PRESETS["smoke"]).images
     for method, entry in methods.items():

@@ -320,11 +320,13 @@ def evaluate(model: nn.Module, test: SegDigits, cfg: dict[str, Any]) -> dict[str
 
 
 def _solver_summary(stats: SolverStats) -> Optional[dict[str, float]]:
-    """The DEC solves of an evaluation: how many, the share within tol, mean iterations; None without a DEC."""
+    """The DEC solves of an evaluation: how many, the share within tol, mean iterations, their sd and how many
+    solves took each count; None without a DEC."""
     if not stats.total_samples:
         return None
     return dict(solves=stats.total_samples, within_tol=1 - stats.total_not_converged / stats.total_samples,
-                mean_iterations=stats.mean_iterations, fallbacks=stats.total_fallbacks)
+                mean_iterations=stats.mean_iterations, iterations_sd=stats.iterations_sd,
+                iteration_counts=stats.iteration_counts, fallbacks=stats.total_fallbacks)
 
 
 def _canon(num_warps: int, seed: int = 0) -> InputCanonicalizer:
@@ -414,8 +416,9 @@ def _tables(results: dict[str, dict[str, Any]], paired: dict[str, dict[str, Any]
         if r.get("dec_solver"):
             d = r["dec_solver"]
             lines.append(f"{LABELS[m]} solver on the clean test images: {100 * d['within_tol']:.2f}% of "
-                         f"{d['solves']} solves within tol, {d['mean_iterations']:.2f} iterations on average, "
-                         f"{d['fallbacks']} fallbacks")
+                         f"{d['solves']} solves within tol, {d['mean_iterations']:.2f} iterations on average"
+                         + (f" (sd {d['iterations_sd']:.2f})" if "iterations_sd" in d else "")
+                         + f", {d['fallbacks']} fallbacks")
     lines += ["", "mIoU (%) per per-digit scale (every digit at that scale)",
               f"{'Method':<10}" + "".join(f"{s:>8}" for s in cfg["scales"])]
     for m, r in results.items():
