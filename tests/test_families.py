@@ -193,9 +193,12 @@ def test_meta_device_builds_the_7b_dinov3_without_memory():
 
 @pytest.mark.slow
 def test_torch_compile_of_a_rope_model_matches_eager():
-    # a solve that converges (the absolute update with this head), so eager and compiled agree to rounding; an
-    # unconverged residual solve from random heads magnifies AOTAutograd's rounding changes (tests/test_compile.py)
-    model = timm_dec.adapt(make_base("dinov3_reg"), blocks=(0, 1), update="absolute", max_iter=8,
+    # the absolute update with this head is a contraction, so eager and compiled agree to rounding (measured: equal);
+    # an unconverged residual solve from random heads magnifies AOTAutograd's rounding changes (tests/test_compile.py).
+    # 4 iterations: Dynamo unrolls each one (8 took 85 s here, 4 take 53 s), and the graphs are the same whatever the
+    # count: every sample runs all of them in eager too (at 8, one sample of two reached tol at the eighth), and a
+    # compiled solve reads nothing on the host
+    model = timm_dec.adapt(make_base("dinov3_reg"), blocks=(0, 1), update="absolute", max_iter=4,
                            **SMALL_DEC).eval()
     perturb_dec(model, std=0.3)
     x = make_input("dinov3_reg")
