@@ -3,6 +3,7 @@ the knots at that position, a DEC trained on warped inputs learns the inverse wa
 reach it from the first step, and it is thread safe."""
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -116,27 +117,60 @@ def canonicalisation_task(seed: int, size: int = 24, chans: int = 4, grid: int =
     return sample, feature_error, gen
 
 
+class _Training:
+    """One training run of `train_dec`, which a later call with the same seed and DEC options continues: the DEC is
+    kept (a copy) every `KEEP_EVERY` steps and at the last one. test_equilibrium trains for 100 steps the DEC that
+    `test_dec_learns_the_inverse_warp` trains for 300; on one xdist worker that is now 300 steps, not 400 (~15 s).
+    Nothing but the run itself draws from its generators, and the steps after the first draw from none but its own,
+    so its DEC after n steps is the one a fresh run of n steps ends with."""
+
+    KEEP_EVERY = 100
+
+    def __init__(self, seed: int, head_logits=None, **dec_options) -> None:
+        torch.manual_seed(seed)
+        self.sample, self.feature_error, self.gen = canonicalisation_task(seed)
+        self.dec = DEC(4, grid=4, widths=(16, 32), proj_chans=8, **dec_options).train()
+        if head_logits is not None:
+            self.dec.head_logits = head_logits
+        self.opt = torch.optim.Adam(self.dec.parameters(), lr=3e-3)
+        self.step, self.first_grad = 0, None
+        self.kept: dict[int, tuple[DEC, torch.Tensor]] = {}  # steps -> (the DEC then, the gradient of its last step)
+
+    def train_to(self, steps: int) -> None:
+        while self.step < steps:
+            x, _ = self.sample(12, self.gen)
+            self.opt.zero_grad()
+            self.feature_error(x, self.dec(x, layout="nchw")).mean().backward()
+            grad = torch.cat([q.grad.flatten() for q in self.dec.parameters()])
+            self.first_grad = grad if self.step == 0 else self.first_grad
+            self.opt.step()
+            self.step += 1
+            if self.step % self.KEEP_EVERY == 0 or self.step == steps:
+                self.kept[self.step] = (copy.deepcopy(self.dec), grad)
+
+
+_RUNS: dict[tuple, _Training] = {}  # (seed, DEC options) -> the run, in this process
+
+
 def train_dec(seed: int, steps: int, head_logits=None, **dec_options):
-    torch.manual_seed(seed)
-    sample, feature_error, gen = canonicalisation_task(seed)
-    dec = DEC(4, grid=4, widths=(16, 32), proj_chans=8, **dec_options).train()
-    if head_logits is not None:
-        dec.head_logits = head_logits
-    opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
-    grads = []
-    for step in range(steps):
-        x, _ = sample(12, gen)
-        opt.zero_grad()
-        feature_error(x, dec(x, layout="nchw")).mean().backward()
-        if step in (0, steps - 1):
-            grads.append(torch.cat([q.grad.flatten() for q in dec.parameters()]))
-        opt.step()
-    x_test, true = sample(64, torch.Generator().manual_seed(1000 + seed))
+    """A DEC trained for ``steps`` Adam steps on `canonicalisation_task` (a run per seed and options, continued by
+    later calls: `_Training`), evaluated on 64 test inputs."""
+    key = (seed, tuple(sorted(dec_options.items())))
+    run = _RUNS.get(key) if head_logits is None else None
+    if run is None or (run.step > steps and steps not in run.kept):
+        run = _Training(seed, head_logits, **dec_options)
+        if head_logits is None:
+            _RUNS.setdefault(key, run)
+    run.train_to(steps)
+    kept, last_grad = run.kept[steps]
+    dec = copy.deepcopy(kept)  # the caller's own: the kept one stays as it was
+    grads = [run.first_grad] if steps == 1 else [run.first_grad, last_grad]
+    x_test, true = run.sample(64, torch.Generator().manual_seed(1000 + seed))
     dec.eval()
     with torch.no_grad(), solver_stats() as stats:
         knots = dec(x_test, layout="nchw")
-        before = feature_error(x_test, identity_knots(64, 4)).mean().item()
-        after = feature_error(x_test, knots).mean().item()
+        before = run.feature_error(x_test, identity_knots(64, 4)).mean().item()
+        after = run.feature_error(x_test, knots).mean().item()
     interior = (slice(None), slice(None), slice(None), slice(1, 4))
     ident = identity_knots(1, 4)
     learned, wanted = (knots - ident)[interior].flatten(), (true - ident)[interior].flatten()
