@@ -20,6 +20,7 @@ from timm_dec.apps.segment import (
 )
 from timm_dec.cli import main
 from timm_dec.data import random_knots
+from timm_dec.dec import DEC
 from timm_dec.ops import monotone_warp
 
 SUMMARY_KEYS = {"command", "preset", "config", "start", "methods", "paired", "equal_time_calibration", "tables",
@@ -90,6 +91,16 @@ def test_a_subset_of_methods_trains_them_as_the_full_run_does(segment_run, tmp_p
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
 
 
+def test_dec_solver_options_reach_the_dec_and_its_checkpoint(tmp_path):
+    """--dec-beta / --dec-jac-reg are the DECs' options (not the preset's): trained with, recorded, rebuilt."""
+    assert main(["segment", "--preset", "smoke", "--threads", "1", "--no-progress", "--methods", "aug,dec",
+                 "--finetune-steps", "1", "--dec-beta", "0.25", "--dec-jac-reg", "0", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["dec_kwargs"]["dec_beta"] == 0.25 and summary["config"]["dec_kwargs"]["dec_jac_reg"] == 0
+    decs = [m for m in load_checkpoint(tmp_path / "checkpoints" / "dec.safetensors").modules() if isinstance(m, DEC)]
+    assert decs and all((d.cfg.beta, d.cfg.jac_reg) == (0.25, 0) for d in decs)
+
+
 def test_progress_bars_and_no_progress(tmp_path, capsys):
     argv = ["segment", "--preset", "smoke", "--threads", "1", "--methods", "aug", "--finetune-steps", "2"]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
@@ -109,6 +120,8 @@ def test_progress_bars_and_no_progress(tmp_path, capsys):
                                 r"dec_base, aug_time$"),
     (["--seed", "-1"], r"--seed must be >= 0, got -1$"),
     (["--threads", "0"], r"--threads must be >= 1, got 0$"),
+    (["--dec-beta", "1.5"], r"--dec-beta: dec beta .* must be in \(0, 1\] .*got 1.5"),
+    (["--dec-jac-reg", "-1"], r"--dec-jac-reg: dec jac_reg must be a finite number >= 0, got -1.0$"),
 ])
 def test_segment_options_are_checked_before_any_work(extra, message, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")

@@ -43,7 +43,7 @@ from .._argcheck import check_output_folder
 from ..baselines import InputCanonicalizer
 from ..checkpoint import load_model, read_record, read_saved, record_wrapper, save_model
 from ..data import LocallyScaledDigits
-from ..dec import SolverStats, solver_stats
+from ..dec import DECConfig, SolverStats, solver_stats
 from ..metrics import equi_error_from_outputs, paired_bootstrap
 from ..models import DECModelMixin, load_dec_state_dict
 from ..ops import identity_knots, monotone_warp, random_knots
@@ -474,6 +474,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "training seeds (default: --seed + 2)")
     for key in _INT_OPTIONS:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: the preset's")
+    parser.add_argument("--dec-beta", type=float, default=None,
+                        help="damping of the DECs' solver (DECConfig.beta; default: the library's)")
+    parser.add_argument("--dec-jac-reg", type=float, default=None,
+                        help="weight of the DECs' Jacobian regulariser in training (DECConfig.jac_reg; 0: off)")
     parser.add_argument("--dec-augment", action=argparse.BooleanOptionalAction, default=None,
                         help="train the DECs (dec, dec_base) on Aug's warped scenes (default) or, with "
                              "--no-dec-augment, on the scenes as they are, as Base trains")
@@ -495,6 +499,14 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             cfg[key] = value
     if getattr(args, "dec_augment", None) is not None:
         cfg["dec_augment"] = args.dec_augment
+    for key in ("dec_beta", "dec_jac_reg"):
+        value = getattr(args, key, None)
+        if value is not None:
+            try:
+                DECConfig(**{key[len("dec_"):]: value})
+            except ValueError as e:
+                raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
+            cfg["dec_kwargs"][key] = value
     if getattr(args, "start", None):  # --from-scratch (--write-start trains its start whatever the preset says)
         cfg["start"] = args.start
     cfg["methods"] = list(methods)
