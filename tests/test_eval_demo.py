@@ -81,7 +81,11 @@ class TestDemo:
         assert paired["acc_points"] == pytest.approx(100 * (acc["dec"] - acc["aug"]))
         assert paired["acc_low"] <= paired["acc_points"] <= paired["acc_high"]
         assert set(s["paired"]) == {"base", "invl", "canon", "dec", "aug_time", "dec_vs_aug_time", "dec_vs_base"}
-        assert -1 <= s["task"]["dec_evidence"]["pearson_log_scale_log_magnification"] <= 1
+        evidence = s["task"]["dec_evidence"]
+        assert -1 <= evidence["pearson_log_scale_log_magnification"] <= 1
+        # the regression slope of log m on log s shares the correlation's sign (slope = r sd(log m) / sd(log s))
+        assert np.sign(evidence["slope_log_magnification_log_scale"]) == np.sign(
+            evidence["pearson_log_scale_log_magnification"])
         prob = np.asarray(s["task"]["prob_correct"]["dec"])
         assert prob.shape == (PRESETS["smoke"]["prob_images"], len(PRESETS["smoke"]["prob_scales"]))
         assert ((prob >= 0) & (prob <= 1)).all()

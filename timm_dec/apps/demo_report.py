@@ -86,8 +86,9 @@ def dec_evidence(model: nn.Module, test_set: LocallyScaledDigits, cfg: dict[str,
     """Does the first DEC stretch small digits and squeeze large ones? Per digit of ``stretch_images`` test images:
     its true scale s and the local magnification m of the canonicalisation at the digit's centre (in the coordinates
     of the DEC's map: image pixels for the input DEC, tokens for a block's). Returns the Pearson correlation of
-    log s with log m (negative when small digits are enlarged), the mean m for the smallest and the largest third of
-    scales, and the number of digits."""
+    log s with log m (negative when small digits are enlarged), the least-squares slope of log m on log s (-1 for a
+    perfect canonicaliser, which brings every digit to one scale; 0 for none), the mean m for the smallest and the
+    largest third of scales, and the number of digits."""
     n = min(cfg["stretch_images"], len(test_set))
     if n == 0:
         return {}
@@ -111,9 +112,12 @@ def dec_evidence(model: nn.Module, test_set: LocallyScaledDigits, cfg: dict[str,
     log_s = torch.tensor(scales, dtype=torch.float64).log()
     log_m = torch.cat(mags).log()
     pearson = torch.corrcoef(torch.stack((log_s, log_m)))[0, 1].item()
+    centred = log_s - log_s.mean()
+    slope = (centred * (log_m - log_m.mean())).sum() / centred.pow(2).sum().clamp_min(1e-300)
     order = log_s.argsort()
     third = max(1, len(order) // 3)
-    return dict(pearson_log_scale_log_magnification=pearson, digits=len(order),
+    return dict(pearson_log_scale_log_magnification=pearson, slope_log_magnification_log_scale=slope.item(),
+                digits=len(order),
                 mean_magnification_small=log_m[order[:third]].exp().mean().item(),
                 mean_magnification_large=log_m[order[-third:]].exp().mean().item(),
                 small_scale_max=log_s[order[third - 1]].exp().item(), large_scale_min=log_s[order[-third]].exp().item())
@@ -169,7 +173,8 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
                 f"those solves within tol), {100 * check['error_at_equilibrium']:.2f}% at the equilibrium"]
     if "pearson_log_scale_log_magnification" in evidence:
         out += [f"DEC warp at each digit ({evidence['digits']} digits): corr(log scale, log magnification) = "
-                f"{evidence['pearson_log_scale_log_magnification']:+.3f}; mean magnification "
+                f"{evidence['pearson_log_scale_log_magnification']:+.3f}, slope "
+                f"{evidence.get('slope_log_magnification_log_scale', float('nan')):+.3f}; mean magnification "
                 f"{evidence['mean_magnification_small']:.3f} for scales <= {evidence['small_scale_max']:.2f}, "
                 f"{evidence['mean_magnification_large']:.3f} for scales >= {evidence['large_scale_min']:.2f}"]
     if results.get("dec_base", {}).get("dec_solver"):
