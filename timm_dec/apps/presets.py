@@ -10,7 +10,7 @@ __all__ = ["PRESETS", "paper_lr", "dec_kwargs", "FINETUNE_LR_RATIO"]
 # the token map). Classification runs in the invariant mode: the head reads the canonical image's features.
 _COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, invl_weight=1.0, canon_warps=64,
                canon_margin=1.0, canon_rank_weight=1.0, canon_candidates=4, dec_grid=4, dec_mode="invariant",
-               dec_update="absolute", dec_backward="implicit", dec_tol=1e-3, dec_jac_reg=3.0, dec_beta=0.5,
+               dec_update="absolute", dec_backward="implicit", dec_tol=1e-3, dec_jac_reg=3.0, dec_beta=0.35,
                dec_jac_reg_fraction=1.0, dec_history=5, dec_image_widths=(8, 16), dec_image_size=64, gradient_images=16,
                dec_backward_tol=1e-3)
 _DEFAULT = dict(
