@@ -174,7 +174,7 @@ def tables(cfg: dict[str, Any], results: dict[str, dict[str, Any]], paired: dict
     if "pearson_log_scale_log_magnification" in evidence:
         out += [f"DEC warp at each digit ({evidence['digits']} digits): corr(log scale, log magnification) = "
                 f"{evidence['pearson_log_scale_log_magnification']:+.3f}, slope "
-                f"{evidence.get('slope_log_magnification_log_scale', float('nan')):+.3f}; mean magnification "
+                f"{evidence['slope_log_magnification_log_scale']:+.3f}; mean magnification "
                 f"{evidence['mean_magnification_small']:.3f} for scales <= {evidence['small_scale_max']:.2f}, "
                 f"{evidence['mean_magnification_large']:.3f} for scales >= {evidence['large_scale_min']:.2f}"]
     if results.get("dec_base", {}).get("dec_solver"):

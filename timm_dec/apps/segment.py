@@ -43,12 +43,12 @@ from .._argcheck import check_output_folder
 from ..baselines import InputCanonicalizer
 from ..checkpoint import load_model, read_record, read_saved, record_wrapper, save_model
 from ..data import LocallyScaledDigits
-from ..dec import DECConfig, SolverStats, solver_stats
+from ..dec import SolverStats, solver_stats
 from ..metrics import equi_error_from_outputs, paired_bootstrap
 from ..models import DECModelMixin, load_dec_state_dict
 from ..ops import identity_knots, monotone_warp, random_knots
 from . import _start
-from ._common import add_experiment_arguments, check_experiment_arguments, param_groups
+from ._common import add_experiment_arguments, check_dec_config, check_experiment_arguments, param_groups
 from ._train import Batches, LossFn, train, training_step
 from .experiment import DECS, ExperimentTask, Outcome, Run, run_experiment
 
@@ -500,13 +500,9 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "dec_augment", None) is not None:
         cfg["dec_augment"] = args.dec_augment
     for key in ("dec_beta", "dec_jac_reg"):
-        value = getattr(args, key, None)
-        if value is not None:
-            try:
-                DECConfig(**{key[len("dec_"):]: value})
-            except ValueError as e:
-                raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
-            cfg["dec_kwargs"][key] = value
+        if getattr(args, key, None) is not None:
+            cfg["dec_kwargs"][key] = getattr(args, key)
+    check_dec_config(cfg["dec_kwargs"])  # before any work; a bad value names its --dec-* flag
     if getattr(args, "start", None):  # --from-scratch (--write-start trains its start whatever the preset says)
         cfg["start"] = args.start
     cfg["methods"] = list(methods)
