@@ -21,7 +21,7 @@ __all__ = ["DECOptionError", "OVERRIDABLE", "same_dec_option", "check_dec_option
            "encode_options", "decode_options"]
 
 # DECConfig fields that saved weights do not fix: the forward solve's budget and the training-only backward options
-OVERRIDABLE = ("max_iter", "tol", "check_every", "history", "solver", "backward", "phantom_steps",
+OVERRIDABLE = ("max_iter", "tol", "grad_tol", "check_every", "history", "solver", "backward", "phantom_steps",
                "backward_max_iter", "backward_tol", "backward_solver", "jac_reg", "jac_reg_fraction")
 _PREFIX = "dec_"
 

@@ -169,6 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the image H reads the image resized to at most this side (0: full resolution)")
     g.add_argument("--dec-backward-tol", type=float, default=None,
                    help="relative residual at which the DEC's adjoint solve stops (DECConfig.backward_tol)")
+    g.add_argument("--dec-grad-tol", type=float, default=None,
+                   help="the DEC's forward tolerance when it is differentiated (DECConfig.grad_tol; 0: --dec-tol)")
     g.add_argument("--equal-time", action=argparse.BooleanOptionalAction, default=None,
                    help="deprecated: use --methods (--equal-time adds aug_time, --no-equal-time leaves it out)")
     g.add_argument("--dec-update", choices=UPDATE_FORMS, default=None, help="the DEC's update form (DECConfig)")

@@ -12,7 +12,7 @@ _COMMON = dict(weight_decay=0.05, warmup_frac=0.1, aug_strength=0.2, aug_p=0.5, 
                canon_margin=1.0, canon_rank_weight=1.0, canon_candidates=4, dec_grid=4, dec_mode="invariant",
                dec_update="absolute", dec_backward="implicit", dec_tol=1e-3, dec_jac_reg=3.0, dec_beta=0.35,
                dec_jac_reg_fraction=1.0, dec_history=5, dec_image_widths=(8, 16), dec_image_size=64, gradient_images=16,
-               dec_backward_tol=1e-3)
+               dec_backward_tol=1e-3, dec_grad_tol=1e-4)
 _DEFAULT = dict(
     _COMMON, model="vit_tiny_patch16_224", pretrained=False, start="shipped",
     model_kwargs=dict(img_size=48, patch_size=6, embed_dim=64, depth=4, num_heads=2, global_pool="avg",
@@ -81,7 +81,8 @@ def dec_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
                dec_max_iter=cfg["dec_max_iter"], dec_tol=cfg["dec_tol"], dec_update=cfg["dec_update"],
                dec_backward=cfg["dec_backward"], dec_jac_reg=cfg["dec_jac_reg"], dec_beta=cfg["dec_beta"],
                dec_jac_reg_fraction=cfg["dec_jac_reg_fraction"],
-               dec_history=cfg["dec_history"], dec_backward_tol=cfg["dec_backward_tol"])
+               dec_history=cfg["dec_history"], dec_backward_tol=cfg["dec_backward_tol"],
+               dec_grad_tol=cfg["dec_grad_tol"])
     if cfg["dec_blocks"] is not None:
         out["dec_blocks"] = tuple(cfg["dec_blocks"])
     return out
