@@ -7,7 +7,8 @@
 - the Jacobian regulariser leaves the loss value alone, adds exactly the gradient of its penalty, and makes a DEC
   trained on a canonicalisation task reach tol where the unregularised one does not;
 - `timm_dec.bench.equilibrium.gradient_check` agrees with finite differences where the equilibrium is reached and
-  reports the error where it is not;
+  reports the error where it is not; a solve that autograd records runs to ``grad_tol``, so its backward is the
+  equilibrium's even under a loose ``tol``;
 - the equal-compute control's step count is bounded and never below the control's own steps.
 """
 from __future__ import annotations
