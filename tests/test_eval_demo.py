@@ -19,6 +19,7 @@ from timm_dec.apps.demo import PRESETS, paper_lr, resolve_config
 from timm_dec.apps.demo import add_arguments as demo_arguments
 from timm_dec.apps.evaluate import format_per_scale_table, format_table, parse_bins, parse_scales
 from timm_dec.apps.plots import warp_lines
+from timm_dec.apps.presets import dec_kwargs
 from timm_dec.data import ImageFolderVariants, rescale_object
 from timm_dec.ops import identity_knots
 
@@ -224,6 +225,9 @@ class TestDemo:
             "base", "aug", "dec", "aug_time")
         assert resolve_config(parser.parse_args(["--from-scratch"]))["start"] == "scratch"
         assert resolve_config(parser.parse_args([]))["start"] == "shipped"
+        # the DEC's gradient tolerance reaches the model's kwargs (0: its tol, as create_model passes None)
+        assert dec_kwargs(resolve_config(parser.parse_args([])))["dec_grad_tol"] == 1e-4
+        assert dec_kwargs(resolve_config(parser.parse_args(["--dec-grad-tol", "0"])))["dec_grad_tol"] == 0
         paper = resolve_config(parser.parse_args(["--preset", "paper", "--model", "swin_tiny_patch4_window7_224"]))
         assert paper["lr"] == 8e-4 and paper["finetune_lr"] == 4e-4 and paper_lr("vit_base_patch16_224") == 1e-4
         with pytest.raises(ValueError, match="unknown method"):

@@ -92,13 +92,15 @@ def test_a_subset_of_methods_trains_them_as_the_full_run_does(segment_run, tmp_p
 
 
 def test_dec_solver_options_reach_the_dec_and_its_checkpoint(tmp_path):
-    """--dec-beta / --dec-jac-reg are the DECs' options (not the preset's): trained with, recorded, rebuilt."""
+    """--dec-beta / --dec-jac-reg / --dec-grad-tol are the DECs' options (not the preset's): trained with, recorded,
+    rebuilt."""
     assert main(["segment", "--preset", "smoke", "--threads", "1", "--no-progress", "--methods", "aug,dec",
-                 "--finetune-steps", "1", "--dec-beta", "0.25", "--dec-jac-reg", "0", "--out", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["config"]["dec_kwargs"]["dec_beta"] == 0.25 and summary["config"]["dec_kwargs"]["dec_jac_reg"] == 0
+                 "--finetune-steps", "1", "--dec-beta", "0.25", "--dec-jac-reg", "0", "--dec-grad-tol", "1e-5",
+                 "--out", str(tmp_path)]) == 0
+    recorded = json.loads((tmp_path / "summary.json").read_text())["config"]["dec_kwargs"]
+    assert (recorded["dec_beta"], recorded["dec_jac_reg"], recorded["dec_grad_tol"]) == (0.25, 0, 1e-5)
     decs = [m for m in load_checkpoint(tmp_path / "checkpoints" / "dec.safetensors").modules() if isinstance(m, DEC)]
-    assert decs and all((d.cfg.beta, d.cfg.jac_reg) == (0.25, 0) for d in decs)
+    assert decs and all((d.cfg.beta, d.cfg.jac_reg, d.cfg.grad_tol) == (0.25, 0, 1e-5) for d in decs)
 
 
 def test_progress_bars_and_no_progress(tmp_path, capsys):
@@ -122,6 +124,7 @@ def test_progress_bars_and_no_progress(tmp_path, capsys):
     (["--threads", "0"], r"--threads must be >= 1, got 0$"),
     (["--dec-beta", "1.5"], r"--dec-beta: dec beta .* must be in \(0, 1\] .*got 1.5"),
     (["--dec-jac-reg", "-1"], r"--dec-jac-reg: dec jac_reg must be a finite number >= 0, got -1.0$"),
+    (["--dec-grad-tol", "-1"], r"--dec-grad-tol: dec grad_tol must be a positive finite number \(or None\), got -1.0$"),
 ])
 def test_segment_options_are_checked_before_any_work(extra, message, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")

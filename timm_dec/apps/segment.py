@@ -478,6 +478,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="damping of the DECs' solver (DECConfig.beta; default: the library's)")
     parser.add_argument("--dec-jac-reg", type=float, default=None,
                         help="weight of the DECs' Jacobian regulariser in training (DECConfig.jac_reg; 0: off)")
+    parser.add_argument("--dec-grad-tol", type=float, default=None,
+                        help="the DECs' forward tolerance when differentiated, in training (DECConfig.grad_tol; "
+                             "0: their tol)")
     parser.add_argument("--dec-augment", action=argparse.BooleanOptionalAction, default=None,
                         help="train the DECs (dec, dec_base) on Aug's warped scenes (default) or, with "
                              "--no-dec-augment, on the scenes as they are, as Base trains")
@@ -499,7 +502,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             cfg[key] = value
     if getattr(args, "dec_augment", None) is not None:
         cfg["dec_augment"] = args.dec_augment
-    for key in ("dec_beta", "dec_jac_reg"):
+    for key in ("dec_beta", "dec_jac_reg", "dec_grad_tol"):
         if getattr(args, key, None) is not None:
             cfg["dec_kwargs"][key] = getattr(args, key)
     check_dec_config(cfg["dec_kwargs"])  # before any work; a bad value names its --dec-* flag
