@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
@@ -245,6 +246,27 @@ def test_a_differentiated_solve_runs_to_grad_tol():
     dec.cfg = dataclasses.replace(dec.cfg, grad_tol=None)
     loose = gradient_check(readout, x)
     assert loose["error"] > 1e-3, loose
+    # train mode (the regulariser off, so the backward is the task's alone): the same against finite differences
+    # of equilibria solved to 1e-10, in float64 (gradient_check runs in eval mode)
+    train_dec = copy.deepcopy(readout).double().train()
+    train_dec.dec.cfg = dataclasses.replace(dec.cfg, grad_tol=1e-10, jac_reg=0.0)
+    xd, params = x.double(), list(train_dec.dec.parameters())
+    direction = [torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(3)) for q in params]
+    train_dec(xd).sum().backward()
+    backward = sum(float((q.grad * d).sum()) for q, d in zip(params, direction))
+
+    def shifted(h: float) -> float:
+        with torch.no_grad(), solve_options(train_dec, tol=1e-10):
+            for q, d in zip(params, direction):
+                q.add_(d, alpha=h)
+            value = float(train_dec(xd).sum())
+            for q, d in zip(params, direction):
+                q.sub_(d, alpha=h)
+        return value
+
+    fd = [(shifted(h) - shifted(-h)) / (2 * h) for h in (1e-5, 1e-6)]
+    assert abs(fd[0] - fd[1]) <= 1e-6 * abs(fd[0]), fd
+    assert abs(backward - fd[0]) <= 1e-5 * abs(fd[0]), (backward, fd)
     # no grad: the solve stops at tol; with grad it goes on to grad_tol, yet counts against tol (float64: 1e-10)
     dec.cfg = dataclasses.replace(dec.cfg, grad_tol=1e-10)
     dec, x = dec.double(), x.double()
